@@ -18,7 +18,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
-class ConfigError(ValueError):
+class LmforgeError(Exception):
+    """Base of every error a user can cause and fix (bad config, data, checkpoint, request).
+
+    The command line prints these as one line (exit status 2) instead of a traceback."""
+
+
+class ConfigError(LmforgeError, ValueError):
     """A user-facing configuration problem; the message names the field and the value."""
 
 

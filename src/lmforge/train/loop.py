@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmforge.config import RunConfig
+from lmforge.config import LmforgeError, RunConfig
 from lmforge.data import BlockSampler, PreparedData, Tokenizer, eval_batches, full_batches, prepare_data
 from lmforge.models import build_model
 from lmforge.models.base import LanguageModel
@@ -43,7 +43,7 @@ from lmforge.train.optim import build_optimizer
 from lmforge.train.schedule import build_scheduler
 
 
-class TrainingError(RuntimeError):
+class TrainingError(LmforgeError):
     """Training cannot go on (diverged, nothing to train on, run directory in the way...)."""
 
 

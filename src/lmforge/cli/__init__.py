@@ -8,12 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import ConfigError
+from lmforge.config import LmforgeError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, list[str]], int]] = {}
 
 
-class UserError(Exception):
+class UserError(LmforgeError):
     """Anything the user can fix; printed as one line, exit status 2."""
 
 
@@ -25,7 +25,7 @@ def command(name: str) -> Callable[[Callable[[argparse.Namespace, list[str]], in
     return deco
 
 
-def _config_from_args(args: argparse.Namespace, overrides: list[str], base: dict[str, Any] | None = None):
+def config_from_args(args: argparse.Namespace, overrides: list[str], base: dict[str, Any] | None = None):
     from lmforge.config import load_config
 
     extra = list(overrides)
@@ -34,7 +34,7 @@ def _config_from_args(args: argparse.Namespace, overrides: list[str], base: dict
     return load_config(args.config, extra, base=base)
 
 
-def _print_sample(model_dir: Path, prompt: str, max_new_tokens: int, seed: int) -> None:
+def print_sample(model_dir: Path, prompt: str, max_new_tokens: int, seed: int) -> None:
     from lmforge.predict import GenerationConfig, generate_text
     from lmforge.train.checkpoint import load_model
 
@@ -44,31 +44,24 @@ def _print_sample(model_dir: Path, prompt: str, max_new_tokens: int, seed: int) 
     print(f"\n--- sample from {model_dir} ---\n{prompt}{text}\n---")
 
 
-@command("train")
-def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from lmforge.train.loop import train
-
-    cfg = _config_from_args(args, overrides)
-    if not cfg.data.path:
-        raise UserError("no data: pass --data PATH|demo|hf:NAME")
-    result = train(cfg, args.out)
-    if args.sample > 0:
-        _print_sample(Path(args.out) / "best", args.prompt, args.sample, cfg.train.seed)
-    return 0 if result.step > 0 else 1
+# Each module adds its sub-command parser in ``add_parser(sub)`` and registers its handler with
+# ``@command(name)``; a module imports heavy dependencies only inside its handler.
+COMMAND_MODULES = ["train", "generate", "finetune", "evaluate", "export", "tune", "report", "worker", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
     p = argparse.ArgumentParser(prog="lmforge", description="Train, search and use language models.")
     sub = p.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser("train", help="train a language model on a corpus",
-                       description="Train a model. Any config field can be overridden as --section.field VALUE "
-                                   "(e.g. --model.n_layer 4 --optim.lr 3e-3).")
-    t.add_argument("--data", help="text file, folder, glob, .jsonl, hf:NAME[:CONFIG] or demo")
-    t.add_argument("--out", required=True, help="run directory")
-    t.add_argument("--config", help="YAML file with sections data/tokenizer/model/optim/schedule/train")
-    t.add_argument("--sample", type=int, default=200, help="print a sample of N tokens from the best model (0: none)")
-    t.add_argument("--prompt", default="\n", help="prompt of the sample")
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(f"lmforge.cli.{name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"lmforge.cli.{name}":
+                continue  # command not built yet
+            raise
+        mod.add_parser(sub)
     return p
 
 
@@ -81,18 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     try:
         return COMMANDS[args.command](args, rest)
-    except (ConfigError, UserError) as err:
+    except LmforgeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as err:  # user-facing errors from lower layers carry their own clear message
-        name = type(err).__name__
-        if name in {"DataError", "TrainingError", "CheckpointError", "GenerationError", "ModelError"}:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        raise
 
 
 if __name__ == "__main__":
