@@ -216,6 +216,8 @@ def train(
     model: LanguageModel | None = None,
     tokenizer: Tokenizer | None = None,
     callbacks: Sequence[Callback] = (),
+    sampler: Any = None,
+    val_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     verbose: bool = True,
 ) -> TrainResult:
     """Train ``config`` into ``out_dir`` and return a summary.
@@ -280,8 +282,10 @@ def train(
 
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.total_steps, cfg.optim.lr)
-    sampler = BlockSampler(data.train, block, tc.batch_size, seed=tc.seed)
-    val_batches = eval_batches(data.val, block, tc.batch_size, tc.eval_batches)
+    if sampler is None:
+        sampler = BlockSampler(data.train, block, tc.batch_size, seed=tc.seed)
+    if val_batches is None:
+        val_batches = eval_batches(data.val, block, tc.batch_size, tc.eval_batches)
     val_bytes_per_token = (data.stats.get("val_bytes") or 0) / max(1, data.stats.get("val_tokens") or len(data.val))
     autocast = autocast_context(device, tc.dtype)
     scaler = torch.amp.GradScaler(device.type) if (tc.dtype == "float16" and device.type == "cuda") else None
