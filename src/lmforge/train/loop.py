@@ -252,12 +252,23 @@ def train(
     # -- data and tokenizer ---------------------------------------------------------------------
     if resume_ckpt is not None and tokenizer is None:
         tokenizer = Tokenizer.load(resume_ckpt.path)
+    # >>> task fine-tuning (lmforge.data.tasks): an injected sampler and val_batches replace the LM token
+    # streams, so no corpus is prepared; empty stand-in streams keep the rest of the loop unchanged.
+    injected = data is None and sampler is not None and val_batches is not None
+    if injected:
+        if tokenizer is None:
+            raise TrainingError("training from an injected sampler needs its tokenizer")
+        if cfg.optim.name == "gd":
+            raise TrainingError("optim.name 'gd' (full-batch) needs a language-modelling corpus, not task examples")
+        empty = np.zeros(0, dtype=np.int64)
+        data = PreparedData(train=empty, val=empty, tokenizer=tokenizer, stats={})
+    # <<< task fine-tuning
     if data is None:
         data = prepare_data(cfg, tokenizer)
     tokenizer = data.tokenizer
     block = cfg.data.block_size
     for name, arr in (("training", data.train), ("validation", data.val)):
-        if len(arr) < block + 1:
+        if len(arr) < block + 1 and not injected:
             raise TrainingError(
                 f"the {name} split has {len(arr)} tokens, fewer than one block of {block}+1; "
                 "use more data or a smaller data.block_size"
@@ -397,7 +408,7 @@ def train(
                 # full-batch GD: weight each chunk by its share of all blocks, so the gradient is the full mean
                 scale = x.size(0) / gd_blocks if cfg.optim.name == "gd" else 1.0 / tc.grad_accum
                 (scaler.scale(loss * scale) if scaler else loss * scale).backward()
-                step_loss += float(loss)
+                step_loss += float(loss.detach())
                 n_micro += 1
             if finite and cfg.optim.grad_clip > 0:
                 if scaler:

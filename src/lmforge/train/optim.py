@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmforge.config import OptimConfig
+from lmforge.config import LmforgeError, OptimConfig
 
 HEAD_NAMES = ("lm_head", "head", "output", "output_head", "out_head")
 """Module names (last component) treated as the output head, which Muon leaves to AdamW."""
 
 
-class OptimizerError(ValueError):
+class OptimizerError(LmforgeError, ValueError):
     """A model/optimizer combination that cannot work; the message names the parameter or option."""
 
 
@@ -52,8 +52,9 @@ def decay_groups(params: Iterable[tuple[str, nn.Parameter]], weight_decay: float
 
 
 def _head_params(model: nn.Module) -> set[int]:
-    """ids of the output-head parameters: HF ``get_output_embeddings()``, modules named like a head,
-    or a Linear producing ``config.vocab_size`` outputs."""
+    """ids of the output-head parameters: HF ``get_output_embeddings()`` or modules named like a head
+    (:data:`HEAD_NAMES`); only when neither exists, a Linear producing ``config.vocab_size`` outputs
+    (a hidden layer may have that width too, so this is the last resort)."""
     ids: set[int] = set()
     get_out = getattr(model, "get_output_embeddings", None)
     if callable(get_out):
@@ -63,12 +64,14 @@ def _head_params(model: nn.Module) -> set[int]:
             head = None
         if isinstance(head, nn.Module):
             ids.update(id(p) for p in head.parameters())
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     for name, module in model.named_modules():
-        last = name.rsplit(".", 1)[-1]
-        is_vocab_linear = isinstance(module, nn.Linear) and vocab is not None and module.out_features == vocab
-        if last in HEAD_NAMES or is_vocab_linear:
+        if name.rsplit(".", 1)[-1] in HEAD_NAMES:
             ids.update(id(p) for p in module.parameters(recurse=False))
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not ids and vocab is not None:
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and module.out_features == vocab:
+                ids.update(id(p) for p in module.parameters(recurse=False))
     return ids
 
 
