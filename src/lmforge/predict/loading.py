@@ -1,0 +1,112 @@
+"""Load any model lmforge can generate with: ``load_pretrained(path) -> (model, tokenizer, RunConfig)``.
+
+``path`` may be
+- an lmforge run directory (``OUT/``): its ``best/`` checkpoint, else its newest complete step checkpoint;
+- an lmforge checkpoint directory (has ``COMPLETE`` and ``config.yaml``), e.g. ``OUT/best`` or a recurrent export;
+- a Hugging Face causal-LM directory (has ``config.json``), e.g. an ``lmforge export`` of a transformer: wrapped
+  as model family ``hf`` with the directory's own ``tokenizer.json`` (tokenizer kind ``hf``);
+- ``hf:NAME``: a Hugging Face Hub model, downloaded (needs a network) and then loaded as a local directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.config import LmforgeError, RunConfig
+
+HF_PREFIX = "hf:"
+DEFAULT_BLOCK_SIZE = 128
+
+
+class ModelLoadError(LmforgeError):
+    """A path that holds no loadable model; the message names the path and what was expected."""
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory -> its ``best/`` (else its newest complete checkpoint); any other path unchanged."""
+    from lmforge.train.checkpoint import BEST_DIR, is_complete, list_checkpoints
+
+    p = Path(path).expanduser()
+    if is_complete(p):
+        return p
+    if is_complete(p / BEST_DIR):
+        return p / BEST_DIR
+    steps = list_checkpoints(p)
+    return steps[-1] if steps else p
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / "config.json").is_file() and not (p / "COMPLETE").is_file()
+
+
+def load_pretrained(path: str | Path, *, map_location: str | torch.device = "cpu") -> tuple[Any, Any, RunConfig]:
+    """``(model, tokenizer, RunConfig)`` from an lmforge run/checkpoint directory, a Hugging Face directory or
+    ``hf:NAME``; the model is on ``map_location`` in eval mode. Raises :class:`ModelLoadError` (or the
+    checkpoint/config error of the layer below) with a one-line message naming the path."""
+    text = str(path)
+    if text.startswith(HF_PREFIX):
+        return load_hf_dir(_download(text[len(HF_PREFIX) :]), map_location=map_location)
+    p = Path(text).expanduser()
+    if not p.exists():
+        raise ModelLoadError(f"model path {text!r}: no such file or directory")
+    if not p.is_dir():
+        raise ModelLoadError(f"model path {text!r} is a file; give an lmforge run/checkpoint or Hugging Face directory")
+    ckpt = resolve_checkpoint(p)
+    if (ckpt / "COMPLETE").is_file():
+        from lmforge.train.checkpoint import load_model
+
+        model, tokenizer, cfg = load_model(ckpt, map_location=map_location)
+        return model.eval(), tokenizer, cfg
+    if is_hf_dir(p):
+        return load_hf_dir(p, map_location=map_location)
+    if (p / "config.yaml").is_file() or (p / "checkpoints").is_dir():
+        raise ModelLoadError(f"model path {text!r}: an lmforge run directory without a complete checkpoint")
+    raise ModelLoadError(
+        f"model path {text!r}: neither an lmforge run/checkpoint directory (config.yaml + COMPLETE) nor a "
+        "Hugging Face model directory (config.json)"
+    )
+
+
+def load_hf_dir(path: str | Path, *, map_location: str | torch.device = "cpu") -> tuple[Any, Any, RunConfig]:
+    """A local Hugging Face causal-LM directory -> (family ``hf`` model, its tokenizer, a RunConfig saying so)."""
+    from lmforge.config import HFModelConfig, build_config
+    from lmforge.data.tokenizer import Tokenizer
+    from lmforge.models import build_model
+
+    p = Path(path).expanduser().resolve()  # recorded in the config: later checkpoints load from anywhere
+    if not (p / "tokenizer.json").is_file():
+        raise ModelLoadError(
+            f"{p} has no tokenizer.json (a fast tokenizer file); create one with "
+            "AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)"
+        )
+    tokenizer = Tokenizer.load(p)
+    model = build_model(HFModelConfig(path=str(p)), vocab_size=tokenizer.vocab_size)
+    positions = model.max_seq_len or DEFAULT_BLOCK_SIZE
+    cfg = build_config(
+        {
+            "tokenizer": {"kind": "hf", "path": str(p)},
+            "model": {**model.config.model_dump(mode="json"), "max_seq_len": model.max_seq_len},
+            "data": {"block_size": min(DEFAULT_BLOCK_SIZE, positions)},
+        }
+    )
+    return model.to(map_location).eval(), tokenizer, cfg
+
+
+def _download(name: str) -> Path:
+    """Snapshot of a Hub model's config, weights and tokenizer files (needs a network)."""
+    if not name:
+        raise ModelLoadError("model path 'hf:': expected hf:NAME (a Hugging Face Hub model id)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    except ImportError as err:
+        raise ModelLoadError(f"hf:{name} needs huggingface_hub (pip install 'lmforge[hf]'): {err}") from None
+    except Exception as err:  # network, authentication or unknown-repository errors of huggingface_hub
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"cannot download hf:{name}: {first}") from None
+    return Path(folder)

@@ -1,0 +1,153 @@
+"""Composable logits processors ``(input_ids, scores) -> scores`` (as in HF transformers' generation).
+
+``input_ids`` (B, T) long holds each row's tokens so far (prompt and completion); NEGATIVE ids mark
+left padding and are ignored. ``scores`` (B, V) float are the next-token logits (log-probabilities in
+beam search). A processor returns new scores and never changes its inputs.
+
+:func:`build_processors` assembles them in the order HF applies them: repetition penalty,
+no-repeat-ngram, then, only when sampling, temperature, top-k, top-p.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from lmforge.predict.generate import GenerationConfig
+
+LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(input_ids (B, T), scores (B, V)) -> scores (B, V)``."""
+
+
+class TemperatureProcessor:
+    """Divide the logits by ``temperature`` (> 0; below 1 sharpens, above 1 flattens)."""
+
+    def __init__(self, temperature: float) -> None:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores / self.temperature
+
+
+class TopKProcessor:
+    """Keep the ``top_k`` highest scores (ties with the k-th are kept), set the rest to ``-inf``."""
+
+    def __init__(self, top_k: int, min_tokens_to_keep: int = 1) -> None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        self.top_k = max(int(top_k), int(min_tokens_to_keep))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        k = min(self.top_k, scores.size(-1))
+        kth = torch.topk(scores, k, dim=-1).values[..., -1:]  # (B, 1)
+        return scores.masked_fill(scores < kth, float("-inf"))
+
+
+class TopPProcessor:
+    """Nucleus filtering: keep the smallest set of most likely tokens whose probability reaches ``top_p``."""
+
+    def __init__(self, top_p: float, min_tokens_to_keep: int = 1) -> None:
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        self.top_p = float(top_p)
+        self.min_tokens_to_keep = int(min_tokens_to_keep)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        sorted_scores, sorted_idx = torch.sort(scores, dim=-1, descending=False)
+        cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)  # (B, V), ascending probabilities
+        # drop the low tail whose mass stays within 1 - top_p; the most likely tokens always survive
+        remove = cum <= (1.0 - self.top_p)
+        remove[..., -self.min_tokens_to_keep :] = False
+        remove = remove.scatter(-1, sorted_idx, remove)
+        return scores.masked_fill(remove, float("-inf"))
+
+
+def _seen_mask(input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(B, T) ids with negative padding -> (B, V) bool: the token occurs in the row."""
+    ids = input_ids.masked_fill(input_ids < 0, vocab_size)  # padding goes to a spare column
+    seen = torch.zeros(input_ids.size(0), vocab_size + 1, dtype=torch.bool, device=input_ids.device)
+    return seen.scatter_(1, ids, True)[:, :vocab_size]
+
+
+class RepetitionPenaltyProcessor:
+    """CTRL repetition penalty (as HF): every token already in the row has its score divided by
+    ``penalty`` when positive and multiplied by it when negative (``penalty > 1`` discourages repeats)."""
+
+    def __init__(self, penalty: float) -> None:
+        if not penalty > 0:
+            raise ValueError(f"repetition penalty must be > 0, got {penalty}")
+        self.penalty = float(penalty)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        seen = _seen_mask(input_ids, scores.size(-1))
+        penalized = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
+        return torch.where(seen, penalized, scores)
+
+
+class NoRepeatNGramProcessor:
+    """Ban every token that would complete an n-gram already present in the row (prompt included)."""
+
+    def __init__(self, ngram_size: int) -> None:
+        if ngram_size < 1:
+            raise ValueError(f"no_repeat_ngram_size must be >= 1, got {ngram_size}")
+        self.n = int(ngram_size)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        n = self.n
+        B, T = input_ids.shape
+        if T < n:
+            return scores
+        if n == 1:
+            return scores.masked_fill(_seen_mask(input_ids, scores.size(-1)), float("-inf"))
+        windows = input_ids.unfold(1, n, 1)  # (B, T - n + 1, n): every n-gram of the row
+        suffix = input_ids[:, T - n + 1 :]  # (B, n - 1): the n-gram the next token would complete
+        match = (windows[:, :, :-1] == suffix[:, None, :]).all(-1)
+        match &= (windows >= 0).all(-1) & (suffix >= 0).all(-1, keepdim=True)
+        banned = torch.zeros(B, scores.size(-1) + 1, dtype=torch.bool, device=scores.device)
+        targets = windows[:, :, -1].masked_fill(~match, scores.size(-1))  # unmatched -> spare column
+        banned.scatter_(1, targets, True)
+        return scores.masked_fill(banned[:, :-1], float("-inf"))
+
+
+class LogitsProcessorList(list):
+    """Apply processors in order; an empty list returns the scores unchanged."""
+
+    def __init__(self, processors: Sequence[LogitsProcessor] = ()) -> None:
+        super().__init__(processors)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for p in self:
+            scores = p(input_ids, scores)
+        return scores
+
+    @property
+    def needs_history(self) -> bool:
+        """Whether a processor may read ``input_ids`` (the engine then keeps the token history)."""
+        return not all(isinstance(p, (TemperatureProcessor, TopKProcessor, TopPProcessor)) for p in self)
+
+
+def build_processors(config: GenerationConfig, num_eos: int = 0) -> LogitsProcessorList:
+    """The processors a :class:`GenerationConfig` asks for, in HF order; only enabled ones are built.
+
+    Sampling warpers (temperature, top-k, top-p) are used only with ``do_sample`` (and temperature > 0);
+    with beam sampling they keep at least ``num_eos + 1`` tokens so a beam can always continue.
+    """
+    procs: list[LogitsProcessor] = []
+    if config.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyProcessor(config.repetition_penalty))
+    if config.no_repeat_ngram_size > 0:
+        procs.append(NoRepeatNGramProcessor(config.no_repeat_ngram_size))
+    if config.do_sample and config.temperature > 0:
+        keep = num_eos + 1 if config.num_beams > 1 else 1
+        if config.temperature != 1.0:
+            procs.append(TemperatureProcessor(config.temperature))
+        if config.top_k:
+            procs.append(TopKProcessor(config.top_k, min_tokens_to_keep=keep))
+        if config.top_p < 1.0:
+            procs.append(TopPProcessor(config.top_p, min_tokens_to_keep=keep))
+    return LogitsProcessorList(procs)
