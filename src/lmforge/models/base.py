@@ -22,8 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmforge.config import LmforgeError
+
 IGNORE_INDEX = -100
 """Targets equal to this are left out of the loss (prompt tokens of a prompt -> completion task)."""
+
+
+class ContextLengthError(LmforgeError, ValueError):
+    """A forward pass or a ``step`` would go past the model's ``max_seq_len`` (the engine should crop or stop)."""
 
 
 class LanguageModel(nn.Module):

@@ -1,0 +1,165 @@
+"""Recurrent-convolutional language model (RCNN).
+
+Design. Tokens are embedded (width ``d_model``) and pass through ``n_layer`` blocks, then a final LayerNorm
+and the output projection (tied to the embedding when ``tie_embeddings``). Each block has two sub-layers,
+each pre-normalized and, with ``residual``, added to its input (``x = x + f(LN(x))``; without it ``x = f(LN(x))``):
+
+1. a causal depthwise-separable convolution with gating: a depthwise ``Conv1d`` over time with
+   ``kernel_size`` taps (one filter per channel, the input left-padded with ``kernel_size - 1`` zeros so
+   position t sees only t-k+1 .. t: no future leak), then a pointwise ``Linear(d, 2d)`` and a GLU
+   (``a * sigmoid(b)``). It mixes local n-gram context cheaply before the recurrence;
+2. a recurrent layer (``GRU`` or ``LSTM`` per ``rnn``, hidden width ``d_model``) that carries long context.
+
+Dropout is applied to the embeddings and to each sub-layer's output.
+
+Incremental state (:class:`RCNNState`): per block, the convolution buffer (B, kernel_size - 1, d) of the last
+normalized inputs of the convolution (zeros at the start, as the training-time left padding) and the recurrent
+hidden state. With left padding (``valid`` not all True) both are updated token by token and padding tokens
+leave them unchanged; otherwise a whole chunk is processed at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import ConfigError, RCNNConfig
+from lmforge.models.base import LanguageModel, lm_loss
+from lmforge.models.recurrent import Hidden, non_embedding_params, run_rnn, select_hidden, zero_hidden
+
+
+@dataclass
+class RCNNState:
+    conv: list[torch.Tensor]
+    """Per block (B, kernel_size - 1, d): the convolution's last normalized inputs, oldest first."""
+    hidden: list[Hidden]
+    """Per block, the recurrent state (h or (h, c), each (1, B, d))."""
+    length: int
+    """Tokens consumed (padding included)."""
+
+
+class CausalConv(nn.Module):
+    """Depthwise causal convolution over time, pointwise projection and GLU gate."""
+
+    def __init__(self, d: int, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.dw = nn.Conv1d(d, d, kernel_size, groups=d)  # no padding: the caller prepends the past inputs
+        self.pw = nn.Linear(d, 2 * d)
+
+    def forward(
+        self, x: torch.Tensor, buf: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, d), buf (B, k-1, d) -> y (B, T, d), new buf."""
+        B, T, _ = x.size()
+        if valid is None or bool(valid.all()):
+            xp = torch.cat([buf.to(x.dtype), x], dim=1)  # (B, k-1+T, d)
+            y = self.dw(xp.transpose(1, 2)).transpose(1, 2)  # (B, T, d)
+            new_buf = xp[:, T:]  # last k-1 inputs
+        else:
+            ys = []
+            new_buf = buf.to(x.dtype)
+            for t in range(T):
+                window = torch.cat([new_buf, x[:, t : t + 1]], dim=1)  # (B, k, d)
+                ys.append(self.dw(window.transpose(1, 2)).transpose(1, 2))  # (B, 1, d)
+                new_buf = torch.where(valid[:, t].view(B, 1, 1), window[:, 1:], new_buf)  # padding: no shift
+            y = torch.cat(ys, dim=1)
+        return F.glu(self.pw(y), dim=-1), new_buf
+
+
+class RCNNBlock(nn.Module):
+    def __init__(self, cfg: RCNNConfig):
+        super().__init__()
+        self.residual = cfg.residual
+        self.ln_conv = nn.LayerNorm(cfg.d_model)
+        self.conv = CausalConv(cfg.d_model, cfg.kernel_size)
+        self.ln_rnn = nn.LayerNorm(cfg.d_model)
+        self.rnn = (nn.GRU if cfg.rnn == "gru" else nn.LSTM)(cfg.d_model, cfg.d_model, batch_first=True)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self, x: torch.Tensor, buf: torch.Tensor, hidden: Hidden | None, valid: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, Hidden]:
+        y, buf = self.conv(self.ln_conv(x), buf, valid)  # (B, T, d)
+        x = x + self.drop(y) if self.residual else self.drop(y)
+        y, hidden = run_rnn(self.rnn, self.ln_rnn(x), hidden, valid)  # (B, T, d)
+        x = x + self.drop(y) if self.residual else self.drop(y)
+        return x, buf, hidden
+
+
+class RCNNModel(LanguageModel):
+    """Recurrent-convolutional language model; see the module docstring."""
+
+    def __init__(self, cfg: RCNNConfig):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ConfigError("model.vocab_size is not set (build the model with build_model(cfg, vocab_size=...))")
+        self.config = cfg
+        self.max_seq_len = None
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([RCNNBlock(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        nn.init.normal_(self.wte.weight, std=cfg.init_std)
+        if not cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+
+    def _run(self, idx: torch.Tensor, state: RCNNState, valid: torch.Tensor | None) -> tuple[torch.Tensor, RCNNState]:
+        x = self.drop(self.wte(idx))  # (B, T, d)
+        bufs, hidden = [], []
+        for i, block in enumerate(self.blocks):
+            x, buf, h = block(x, state.conv[i], state.hidden[i], valid)
+            bufs.append(buf)
+            hidden.append(h)
+        return self.lm_head(self.ln_f(x)), RCNNState(bufs, hidden, state.length + idx.size(1))  # (B, T, V)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B = idx.size(0)
+        buf = self.wte.weight.new_zeros(B, self.config.kernel_size - 1, self.config.d_model)
+        start = RCNNState([buf] * len(self.blocks), [None] * len(self.blocks), 0)
+        logits, _ = self._run(idx, start, None)
+        return logits, (lm_loss(logits, targets) if targets is not None else None)
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> RCNNState:
+        p = self.wte.weight
+        device = p.device if device is None else torch.device(device)
+        k, d = self.config.kernel_size, self.config.d_model
+        return RCNNState(
+            conv=[torch.zeros(batch_size, k - 1, d, device=device, dtype=p.dtype) for _ in self.blocks],
+            hidden=[zero_hidden(b.rnn, batch_size, device, p.dtype) for b in self.blocks],
+            length=0,
+        )
+
+    def step(
+        self, idx: torch.Tensor, state: RCNNState, valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, RCNNState]:
+        return self._run(idx, state, None if valid is None else valid.to(torch.bool))
+
+    def reorder_state(self, state: RCNNState, index: torch.Tensor) -> RCNNState:
+        return RCNNState(
+            conv=[b.index_select(0, index) for b in state.conv],
+            hidden=[select_hidden(h, index) for h in state.hidden],
+            length=state.length,
+        )
+
+    def state_length(self, state: RCNNState) -> int:
+        return state.length
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (tied weights once); ``exclude_embeddings`` leaves out the token lookup table
+        unless it is tied (then it is also the output layer)."""
+        if exclude_embeddings:
+            return non_embedding_params(self, self.wte, self.config.tie_embeddings)
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """6 x (convolution, recurrent and output weights): each is used once per token."""
+        return 6.0 * self.num_params(exclude_embeddings=True)

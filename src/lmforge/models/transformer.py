@@ -1,0 +1,292 @@
+"""Decoder-only transformer (nanoGPT-style, readable top to bottom).
+
+Options (``TransformerConfig``): grouped-query attention (``n_kv_head``), GELU (tanh approximation, as GPT-2's
+``gelu_new``) or SwiGLU MLP, LayerNorm or RMSNorm, learned or rotary positions, sequential or parallel
+(GPT-J) blocks, biases, tied embeddings.
+
+Weight names follow GPT-2 (``wte``, ``wpe``, ``h.{i}.ln_1``, ``h.{i}.attn.c_attn`` ...) so that
+``hf_mapping`` writes Hugging Face GPT-2 and Llama checkpoints by copying, transposing or splitting tensors:
+- ``attn.c_attn`` is the fused projection ``[q; k; v]`` with ``n_head + 2 * n_kv_head`` heads of ``head_dim`` rows,
+- ``mlp.c_fc`` is ``Linear(d, hidden)`` for GELU, and the fused ``[gate; up]`` ``Linear(d, 2 * hidden)`` for SwiGLU.
+RoPE uses the rotate-half (non-interleaved) convention of Hugging Face Llama.
+
+Incremental decoding keeps a preallocated KV cache (:class:`KVCache`); see the state contract in ``base.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import ConfigError, TransformerConfig
+from lmforge.models.base import ContextLengthError, LanguageModel, lm_loss
+
+
+@dataclass
+class KVCache:
+    """Incremental state of the transformer. ``step`` fills it in place and returns it."""
+
+    k: list[torch.Tensor]
+    """Per layer (B, n_kv_head, max_seq_len, head_dim); slots ``[:length]`` are filled."""
+    v: list[torch.Tensor]
+    key_valid: torch.Tensor
+    """(B, max_seq_len) bool: which slots hold real tokens (left padding is False)."""
+    pos: torch.Tensor
+    """(B,) long: valid tokens seen per row, i.e. the position id of the row's next token."""
+    length: int
+    """Slots used (padding included)."""
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (max_len, head_dim), computed as Hugging Face Llama does (float32, halves repeated)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))  # (hd/2,)
+    freqs = torch.arange(max_len, dtype=torch.float)[:, None] * inv_freq[None, :]  # (max_len, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (max_len, hd)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, hd); cos/sin broadcastable to it: (T, hd) or (B, 1, T, hd)."""
+    half = x.size(-1) // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _norm(cfg: TransformerConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def mlp_hidden(cfg: TransformerConfig) -> int:
+    """Hidden width of the MLP (the same rule for GELU and SwiGLU: ``round(mlp_ratio * d_model)``)."""
+    return max(1, round(cfg.mlp_ratio * cfg.d_model))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.n_kv_head = cfg.kv_heads
+        self.head_dim = cfg.d_model // cfg.n_head
+        # fused [q; k; v] projection: one matmul instead of three
+        self.c_attn = nn.Linear(cfg.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=cfg.bias)
+        self.c_proj = nn.Linear(self.n_head * self.head_dim, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.gqa = self.n_kv_head != self.n_head
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T, C = x.size()
+        hd = self.head_dim
+        q, k, v = self.c_attn(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=2)
+        q = q.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv_head, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        if rope is not None:
+            cos, sin = rope[0].to(q.dtype), rope[1].to(q.dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            # training / full forward: causal attention over the sequence itself
+            dropout_p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=self.gqa)
+        else:
+            k_cache, v_cache, start = cache  # (B, nkv, max_len, hd) each
+            k_cache[:, :, start : start + T] = k
+            v_cache[:, :, start : start + T] = v
+            k_all, v_all = k_cache[:, :, : start + T], v_cache[:, :, : start + T]  # (B, nkv, S, hd)
+            y = F.scaled_dot_product_attention(q.to(k_all.dtype), k_all, v_all, attn_mask=mask, enable_gqa=self.gqa)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * hd)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        hidden = mlp_hidden(cfg)
+        self.swiglu = cfg.mlp == "swiglu"
+        # SwiGLU: fused [gate; up] projection, split exactly into Llama's gate_proj / up_proj
+        self.c_fc = nn.Linear(cfg.d_model, 2 * hidden if self.swiglu else hidden, bias=cfg.bias)
+        self.c_proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c_fc(x)  # (B, T, hidden) or (B, T, 2 * hidden)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.parallel = cfg.layout == "parallel"
+        self.ln_1 = _norm(cfg)
+        self.attn = CausalSelfAttention(cfg)
+        # parallel (GPT-J): attention and MLP read the same normalized input, so one norm per block
+        self.ln_2 = None if self.parallel else _norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C); ``cache`` = (k_cache, v_cache, first free slot) when decoding."""
+        if self.parallel:
+            h = self.ln_1(x)
+            return x + self.attn(h, rope, cache, mask) + self.mlp(h)
+        x = x + self.attn(self.ln_1(x), rope, cache, mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class TransformerModel(LanguageModel):
+    """Decoder-only transformer; see the module docstring."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ConfigError("model.vocab_size is not set (build the model with build_model(cfg, vocab_size=...))")
+        if cfg.max_seq_len is None:
+            raise ConfigError("model.max_seq_len is not set (build the model with build_model(cfg, max_seq_len=...))")
+        self.config = cfg
+        self.max_seq_len = cfg.max_seq_len
+        self.head_dim = cfg.d_model // cfg.n_head
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = _norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if cfg.position == "rope":
+            cos, sin = rope_tables(self.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (max_len, hd)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self._init_weights(cfg)
+
+    def _init_weights(self, cfg: TransformerConfig) -> None:
+        # GPT-2: N(0, init_std) everywhere, residual output projections scaled by 1/sqrt(2 * n_layer)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                if name.endswith("bias"):
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.ones_(p)  # norm gains
+            elif name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+            else:
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std)
+
+    # ------------------------------------------------------------------------------------- training
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T = idx.size()
+        if T > self.max_seq_len:
+            raise ContextLengthError(f"sequence of {T} tokens is longer than model.max_seq_len ({self.max_seq_len})")
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe.weight[:T]  # (T, C) broadcast over the batch
+        rope = (self.rope_cos[:T], self.rope_sin[:T]) if self.wpe is None else None  # (T, hd) each
+        x = self.drop(x)
+        for block in self.h:
+            x = block(x, rope)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        loss = lm_loss(logits, targets) if targets is not None else None
+        return logits, loss
+
+    # ------------------------------------------------------------------------------ incremental state
+    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> KVCache:
+        p = self.wte.weight
+        device = p.device if device is None else torch.device(device)
+        shape = (batch_size, self.config.kv_heads, self.max_seq_len, self.head_dim)
+        return KVCache(
+            k=[torch.zeros(shape, dtype=p.dtype, device=device) for _ in self.h],
+            v=[torch.zeros(shape, dtype=p.dtype, device=device) for _ in self.h],
+            key_valid=torch.zeros(batch_size, self.max_seq_len, dtype=torch.bool, device=device),
+            pos=torch.zeros(batch_size, dtype=torch.long, device=device),
+            length=0,
+        )
+
+    def step(
+        self, idx: torch.Tensor, state: KVCache, valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, KVCache]:
+        B, T = idx.size()
+        start, end = state.length, state.length + T
+        if end > self.max_seq_len:
+            raise ContextLengthError(
+                f"KV cache is full: {start} cached + {T} new tokens exceed model.max_seq_len ({self.max_seq_len})"
+            )
+        valid = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid.to(torch.bool)
+        # position ids count only valid tokens; left padding gets position 0 (it is never attended to)
+        pos = (state.pos[:, None] + valid.cumsum(1) - 1).clamp_(min=0)  # (B, T)
+        state.key_valid[:, start:end] = valid
+        state.pos = state.pos + valid.sum(1)
+
+        key_valid = state.key_valid[:, :end]  # (B, S)
+        if T == 1 and bool(key_valid.all()):
+            mask = None  # one query that may see every cached key
+        else:
+            q_slot = torch.arange(start, end, device=idx.device)[:, None]  # (T, 1)
+            k_slot = torch.arange(end, device=idx.device)[None, :]  # (1, S)
+            # causal and not padding; a padding query also sees itself so its softmax stays finite
+            mask = ((k_slot <= q_slot) & key_valid[:, None, :]) | (k_slot == q_slot)  # (B, T, S)
+            mask = mask[:, None]  # (B, 1, T, S)
+
+        x = self.wte(idx)  # (B, T, C)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(pos)
+        else:
+            rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])  # (B, 1, T, hd) each
+        x = self.drop(x)
+        for i, block in enumerate(self.h):
+            x = block(x, rope, (state.k[i], state.v[i], start), mask)
+        state.length = end
+        return self.lm_head(self.ln_f(x)), state
+
+    def reorder_state(self, state: KVCache, index: torch.Tensor) -> KVCache:
+        return KVCache(
+            k=[t.index_select(0, index) for t in state.k],
+            v=[t.index_select(0, index) for t in state.v],
+            key_valid=state.key_valid.index_select(0, index),
+            pos=state.pos.index_select(0, index),
+            length=state.length,
+        )
+
+    def state_length(self, state: KVCache) -> int:
+        return state.length
+
+    # ------------------------------------------------------------------------------------- accounting
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (tied weights once). ``exclude_embeddings`` leaves out the lookup tables
+        (positions; tokens unless tied: a tied matrix also does the output projection's matmul)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            if self.wpe is not None:
+                n -= self.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.wte.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        T = seq_len or self.max_seq_len
+        cfg = self.config
+        return 6.0 * self.num_params(exclude_embeddings=True) + 12.0 * cfg.n_layer * cfg.d_model * T
