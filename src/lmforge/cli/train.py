@@ -17,16 +17,35 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--config", help="YAML file with sections data/tokenizer/model/optim/schedule/train")
     t.add_argument("--sample", type=int, default=200, help="print a sample of N tokens from the best model (0: none)")
     t.add_argument("--prompt", default="\n", help="prompt of the sample")
+    t.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel processes on this machine (torchrun; train.batch_size is per process)")
 
 
 @command("train")
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    from lmforge.train.distributed import dist_env, is_main_process, launch
     from lmforge.train.loop import train
 
     cfg = config_from_args(args, overrides)
     if not cfg.data.path:
         raise UserError("no data: pass --data PATH|demo|hf:NAME")
+    # >>> data-parallel: --nproc N > 1 re-runs this command in N processes under torchrun's launcher
+    if args.nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc > 1 and dist_env() is None:
+        return launch(args.nproc, _worker_argv(args, overrides))
+    # <<< data-parallel
     result = train(cfg, args.out)
-    if args.sample > 0 and (Path(args.out) / "best").exists():
+    if args.sample > 0 and is_main_process() and (Path(args.out) / "best").exists():
         print_sample(Path(args.out) / "best", args.prompt, args.sample, cfg.train.seed)
     return 0 if result.step > 0 else 1
+
+
+def _worker_argv(args: argparse.Namespace, overrides: list[str]) -> list[str]:
+    """This command's arguments without ``--nproc`` (``--opt=value`` keeps values that start with ``-``)."""
+    argv = ["train", f"--out={args.out}", f"--sample={args.sample}", f"--prompt={args.prompt}"]
+    if args.data:
+        argv.append(f"--data={args.data}")
+    if args.config:
+        argv.append(f"--config={args.config}")
+    return argv + list(overrides)

@@ -263,9 +263,17 @@ class TransformerModel(LanguageModel):
         return self.lm_head(self.ln_f(x)), state
 
     def reorder_state(self, state: KVCache, index: torch.Tensor) -> KVCache:
+        L = state.length
+
+        def select(t: torch.Tensor) -> torch.Tensor:
+            # copy only the filled slots: beam search reorders every step, and the cache is max_seq_len long
+            out = t.new_empty((index.numel(), *t.shape[1:]))
+            out[:, :, :L] = t[:, :, :L].index_select(0, index)
+            return out
+
         return KVCache(
-            k=[t.index_select(0, index) for t in state.k],
-            v=[t.index_select(0, index) for t in state.v],
+            k=[select(t) for t in state.k],
+            v=[select(t) for t in state.v],
             key_valid=state.key_valid.index_select(0, index),
             pos=state.pos.index_select(0, index),
             length=state.length,

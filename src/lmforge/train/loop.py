@@ -39,6 +39,7 @@ from lmforge.train.checkpoint import (
     save_checkpoint,
     write_config,
 )
+from lmforge.train.distributed import Distributed, RankSlice
 from lmforge.train.optim import build_optimizer
 from lmforge.train.schedule import build_scheduler
 
@@ -60,6 +61,9 @@ class LoopState:
     best_val_loss: float = math.inf
     best_step: int = -1
     last_record: dict[str, Any] = field(default_factory=dict)
+    rank: int = 0
+    """Data-parallel rank of this process (callbacks run on every rank; write files only on rank 0)."""
+    world_size: int = 1
 
 
 class Callback:
@@ -138,27 +142,38 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 @torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                  device: torch.device, autocast: contextlib.AbstractContextManager[Any] | None = None
-                  ) -> tuple[float, int]:
-    """Token-weighted mean loss over ``batches`` -> (loss, counted tokens)."""
+                  device: torch.device, autocast: contextlib.AbstractContextManager[Any] | None = None,
+                  dist: Distributed | None = None) -> tuple[float, int]:
+    """Token-weighted mean loss over ``batches`` -> (loss, counted tokens).
+
+    With ``dist`` (data-parallel), each rank scores its share of every batch's rows and the sums are
+    all-reduced: every rank returns the loss over all the rows.
+    """
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for x, y in batches:
+    for batch in batches:
+        x, y = dist.shard(batch) if dist is not None else batch
+        n = int((y != -100).sum())
+        if n == 0:  # nothing to score (an empty shard, all targets masked): the mean loss would be NaN
+            continue
         x, y = x.to(device), y.to(device)
         with autocast or contextlib.nullcontext():
             _, loss = model(x, y)
-        n = int((y != -100).sum())
         total += float(loss) * n
         count += n
     model.train(was_training)
+    if dist is not None:
+        total, count_f = dist.sum([total, float(count)])
+        count = int(count_f)
     if count == 0:
         raise TrainingError("validation set has no tokens to score")
     return total / count, count
 
 
-def _truncate_metrics(out: Path, step: int) -> list[dict[str, Any]]:
-    """On resume, drop the records a killed run wrote after its last checkpoint (they are redone)."""
+def _truncate_metrics(out: Path, step: int, write: bool = True) -> list[dict[str, Any]]:
+    """On resume, drop the records a killed run wrote after its last checkpoint (they are redone);
+    ``write=False`` only reads them (data-parallel ranks other than 0)."""
     import json
 
     path = out / "metrics.jsonl"
@@ -172,6 +187,8 @@ def _truncate_metrics(out: Path, step: int) -> list[dict[str, Any]]:
             continue
         if rec.get("step", 0) <= step:
             kept.append(rec)
+    if not write:
+        return kept
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
     os.replace(tmp, path)
@@ -225,11 +242,43 @@ def train(
     ``model``/``tokenizer`` start from given weights (fine-tuning, a mutated child); otherwise a fresh
     model is built. ``data`` skips data preparation (search trials share it). ``config.train.resume``
     decides what happens when ``out_dir`` already holds checkpoints.
+
+    Under torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set, ``WORLD_SIZE > 1``) every process calls
+    this and they train one model with DistributedDataParallel (see :mod:`lmforge.train.distributed`):
+    ``train.batch_size`` is per process, rank 0 alone writes the run directory and prints.
     """
+    # >>> data-parallel: join the process group for the whole run (a no-op stand-in outside torchrun)
+    with Distributed.from_env(resolve_device(config.train.device)) as dist:
+        return _train(config, out_dir, data=data, model=model, tokenizer=tokenizer, callbacks=callbacks,
+                      sampler=sampler, val_batches=val_batches, verbose=verbose, dist=dist)
+    # <<< data-parallel
+
+
+def _train(
+    config: RunConfig,
+    out_dir: str | Path,
+    *,
+    data: PreparedData | None,
+    model: LanguageModel | None,
+    tokenizer: Tokenizer | None,
+    callbacks: Sequence[Callback],
+    sampler: Any,
+    val_batches: list[tuple[torch.Tensor, torch.Tensor]] | None,
+    verbose: bool,
+    dist: Distributed,
+) -> TrainResult:
     cfg = config
     tc = cfg.train
     out = Path(out_dir)
-    log = print if verbose else (lambda *a, **k: None)
+    log = print if verbose and dist.is_main else (lambda *a, **k: None)
+    if dist.enabled and sampler is not None:
+        raise TrainingError("data-parallel training (torchrun) with an injected sampler is not supported; "
+                            "run task fine-tuning in a single process")
+    # >>> data-parallel: rank 0 repairs and reads the run directory and prepares (caches) the data first;
+    # the other ranks wait here, then read what it left instead of racing it (released after prepare_data)
+    if not dist.is_main:
+        dist.barrier()
+    # <<< data-parallel
 
     # -- resume policy first: never overwrite a run by accident ----------------------------------
     resume_ckpt = None
@@ -246,8 +295,9 @@ def train(
         except (CheckpointError, FileNotFoundError, OSError) as err:
             raise TrainingError(f"train.resume = {tc.resume!r}: {err}") from None
 
-    seed_everything(tc.seed, tc.deterministic)
-    device = resolve_device(tc.device)
+    # every rank gets its own dropout stream; rank 0 is seeded as a single process would be
+    seed_everything(tc.seed + dist.rank, tc.deterministic)
+    device = dist.device
 
     # -- data and tokenizer ---------------------------------------------------------------------
     if resume_ckpt is not None and tokenizer is None:
@@ -265,6 +315,8 @@ def train(
     # <<< task fine-tuning
     if data is None:
         data = prepare_data(cfg, tokenizer)
+    if dist.is_main:
+        dist.barrier()  # data-parallel: the token cache is written, let the other ranks read it
     tokenizer = data.tokenizer
     block = cfg.data.block_size
     for name, arr in (("training", data.train), ("validation", data.val)):
@@ -288,21 +340,34 @@ def train(
     model.to(device)
     if resume_ckpt is not None:
         model.load_state_dict(resume_ckpt.state_dict, strict=True)
-    out.mkdir(parents=True, exist_ok=True)
-    write_config(out, config_yaml)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_config(out, config_yaml)
 
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.total_steps, cfg.optim.lr)
+    # data-parallel: the sampler draws the global batch of batch_size * world_size blocks (what one process
+    # with that batch size would draw) and this rank keeps its rows; the evaluation batches are global too
+    global_batch = tc.batch_size * dist.world_size
     if sampler is None:
-        sampler = BlockSampler(data.train, block, tc.batch_size, seed=tc.seed)
+        sampler = BlockSampler(data.train, block, global_batch, seed=tc.seed)
+        if dist.enabled:
+            sampler = RankSlice(sampler, dist.rank, dist.world_size)
     if val_batches is None:
-        val_batches = eval_batches(data.val, block, tc.batch_size, tc.eval_batches)
+        val_batches = eval_batches(data.val, block, global_batch, tc.eval_batches)
     val_bytes_per_token = (data.stats.get("val_bytes") or 0) / max(1, data.stats.get("val_tokens") or len(data.val))
     autocast = autocast_context(device, tc.dtype)
     scaler = torch.amp.GradScaler(device.type) if (tc.dtype == "float16" and device.type == "cuda") else None
-    fwd = torch.compile(model) if tc.compile else model
+    gd = cfg.optim.name == "gd"
+    # >>> data-parallel: `ddp` is the DistributedDataParallel wrapper (the model itself in one process).
+    # Evaluation and full-batch GD call the bare model (no collectives inside; GD all-reduces its gradients).
+    ddp = dist.wrap(model)
+    fwd = torch.compile(ddp) if tc.compile else ddp
+    eval_fwd = model if dist.enabled else fwd
+    train_fwd = model if dist.enabled and gd else fwd
+    # <<< data-parallel
 
-    state = LoopState(config=cfg, out_dir=out, model=model)
+    state = LoopState(config=cfg, out_dir=out, model=model, rank=dist.rank, world_size=dist.world_size)
     bad_evals = 0
     rollbacks = 0
     history: list[dict[str, Any]] = []
@@ -311,16 +376,27 @@ def train(
         optimizer.load_state_dict(ts["optimizer"])
         scheduler.load_state_dict(ts["scheduler"])
         sampler.load_state_dict(ts["sampler"])
-        _set_rng_state(ts["rng"])
+        saved_batch = ts["sampler"].get("batch_size") if isinstance(ts["sampler"], dict) else None
+        if isinstance(sampler, (BlockSampler, RankSlice)) and saved_batch not in (None, global_batch):
+            if dist.is_main:
+                warnings.warn(
+                    f"resuming a run with global batch {saved_batch} blocks with global batch {global_batch} "
+                    f"(train.batch_size {tc.batch_size} x {dist.world_size} processes): training continues at the "
+                    "same data position, but its batches differ from those of an uninterrupted run",
+                    RuntimeWarning, stacklevel=2)
+        # data-parallel checkpoints hold every rank's RNG state; a rank without one keeps its fresh seed
+        rank_rngs = ts.get("rng_ranks") or [ts["rng"]]
+        if dist.rank < len(rank_rngs):
+            _set_rng_state(rank_rngs[dist.rank])
         state.step, state.tokens, state.elapsed_s = int(ts["step"]), int(ts["tokens"]), float(ts["elapsed_s"])
         state.best_val_loss, state.best_step = float(ts["best_val_loss"]), int(ts["best_step"])
         bad_evals = int(ts["bad_evals"])
-        history = _truncate_metrics(out, state.step)
+        history = _truncate_metrics(out, state.step, write=dist.is_main)
         log(f"resumed from {resume_ckpt.path} at step {state.step}")
 
     n_params = model.num_params()
     gd_blocks = len(data.train) // (block + 1)
-    tokens_per_step = gd_blocks * block if cfg.optim.name == "gd" else tc.batch_size * block * tc.grad_accum
+    tokens_per_step = gd_blocks * block if gd else global_batch * block * tc.grad_accum
 
     def trainer_state() -> dict[str, Any]:
         return {
@@ -332,13 +408,21 @@ def train(
 
     def checkpoint(val_loss: float | None) -> Path:
         meta = {"step": state.step, "tokens": state.tokens, "val_loss": val_loss, "elapsed_s": state.elapsed_s}
-        path = save_checkpoint(out / "checkpoints" / f"step-{state.step:07d}", model=model, config_yaml=config_yaml,
-                               tokenizer=tokenizer, trainer_state=trainer_state(), meta=meta)
-        prune_checkpoints(out, tc.keep_last)
+        path = out / "checkpoints" / f"step-{state.step:07d}"
+        rngs = dist.gather_object(_rng_state()) if dist.enabled else None
+        if dist.is_main:
+            ts = trainer_state()
+            if rngs is not None:
+                ts["rng_ranks"] = rngs
+            save_checkpoint(path, model=model, config_yaml=config_yaml, tokenizer=tokenizer, trainer_state=ts,
+                            meta=meta)
+            prune_checkpoints(out, tc.keep_last)
+        dist.barrier()  # data-parallel: nobody reads (rolls back to) a half-written checkpoint
         return path
 
     def rollback() -> None:
-        ck = latest_checkpoint(out)
+        with dist.main_first():  # rank 0 repairs an interrupted checkpoint write before the others read
+            ck = latest_checkpoint(out)
         if ck is None or ck.trainer_state is None:
             raise TrainingError(f"loss is NaN/inf for {tc.max_bad_steps} steps in a row and there is no checkpoint "
                                 "to roll back to; lower optim.lr or enable clipping (optim.grad_clip)")
@@ -350,8 +434,8 @@ def train(
         log(f"rolled back to {ck.path} after {tc.max_bad_steps} non-finite losses")
 
     def micro_batches() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        if cfg.optim.name == "gd":
-            return full_batches(data.train, block, tc.batch_size)
+        if gd:  # data-parallel: the ranks share the pass, each taking every world_size-th chunk
+            return dist.shard_chunks(full_batches(data.train, block, tc.batch_size))
         return (sampler.next_batch() for _ in range(tc.grad_accum))
 
     def stop_reason() -> str | None:
@@ -367,7 +451,7 @@ def train(
         return None
 
     def do_eval(train_loss: float) -> dict[str, Any]:
-        val_loss, _ = evaluate_loss(fwd, val_batches, device, autocast)
+        val_loss, _ = evaluate_loss(eval_fwd, val_batches, device, autocast, dist if dist.enabled else None)
         rec = {
             "step": state.step, "tokens": state.tokens, "elapsed_s": round(state.elapsed_s, 3),
             "train_loss": train_loss, "val_loss": val_loss,
@@ -385,7 +469,7 @@ def train(
         cb.on_train_start(state)
     reason = stop_reason()
     model.train()
-    bar = _progress(tc.max_steps, tc.progress and verbose, state.step)
+    bar = _progress(tc.max_steps, tc.progress and verbose and dist.is_main, state.step)
     losses: list[float] = []
     consecutive_bad = 0
     last_val: float = math.nan
@@ -398,18 +482,32 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             batches = list(micro_batches()) if cfg.optim.name != "gd" else micro_batches()
             step_loss, n_micro, finite = 0.0, 0, True
-            for x, y in batches:
+            for i, (x, y) in enumerate(batches):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast:
-                    _, loss = fwd(x, y)
-                if not torch.isfinite(loss):
-                    finite = False
-                    break
-                # full-batch GD: weight each chunk by its share of all blocks, so the gradient is the full mean
-                scale = x.size(0) / gd_blocks if cfg.optim.name == "gd" else 1.0 / tc.grad_accum
-                (scaler.scale(loss * scale) if scaler else loss * scale).backward()
+                # data-parallel: only the last micro-batch's backward all-reduces the accumulated gradients
+                last = gd or i == tc.grad_accum - 1
+                with ddp.no_sync() if dist.enabled and not last else contextlib.nullcontext():
+                    with autocast:
+                        _, loss = train_fwd(x, y)
+                    if not torch.isfinite(loss):
+                        finite = False
+                        if not dist.enabled:
+                            break
+                        # data-parallel: go on, so every rank makes the same collective calls; skipped below
+                    # full-batch GD: weight each chunk by its share of all blocks, so the gradient is the full mean
+                    scale = x.size(0) / gd_blocks if gd else 1.0 / tc.grad_accum
+                    (scaler.scale(loss * scale) if scaler else loss * scale).backward()
                 step_loss += float(loss.detach())
                 n_micro += 1
+            # >>> data-parallel: GD sums each rank's share of the gradient (and of the chunk losses, as ranks
+            # may hold different numbers of chunks); all ranks skip the step if any saw NaN/inf
+            if dist.enabled:
+                if gd:
+                    dist.all_reduce_grads(model)
+                    step_loss, n_chunks = dist.sum([step_loss, float(n_micro)])
+                    n_micro = int(n_chunks)
+                finite = dist.all_true(finite)
+            # <<< data-parallel
             if finite and cfg.optim.grad_clip > 0:
                 if scaler:
                     scaler.unscale_(optimizer)
@@ -419,7 +517,8 @@ def train(
                 # skip: weights, optimizer, schedule and step counter untouched
                 optimizer.zero_grad(set_to_none=True)
                 consecutive_bad += 1
-                warnings.warn(f"non-finite loss at step {state.step}; step skipped", RuntimeWarning, stacklevel=1)
+                if dist.is_main:
+                    warnings.warn(f"non-finite loss at step {state.step}; step skipped", RuntimeWarning, stacklevel=1)
                 if consecutive_bad >= tc.max_bad_steps:
                     if tc.on_bad_steps == "stop" or rollbacks >= tc.max_rollbacks:
                         raise TrainingError(
@@ -442,6 +541,9 @@ def train(
             tok_window += tokens_per_step
             losses.append(step_loss / max(1, n_micro))
             state.elapsed_s += time.perf_counter() - t0
+            if dist.enabled:  # the same stop decision on every rank: their clocks and SIGTERMs differ
+                state.elapsed_s, any_term = dist.max([state.elapsed_s, float(term.requested)])
+                term.requested = any_term > 0
             reason = stop_reason()
             if term.requested:
                 reason = "sigterm"
@@ -457,12 +559,14 @@ def train(
             is_eval = state.step % tc.eval_interval == 0 or reason is not None
             if is_eval:
                 t_eval = time.perf_counter()
-                rec = do_eval(float(np.mean(losses)) if losses else math.nan)
+                # data-parallel: every rank holds as many step losses; their mean over ranks is the global one
+                rec = do_eval(dist.mean(float(np.mean(losses))) if losses else math.nan)
                 losses = []
                 last_val = rec["val_loss"]
                 state.last_record = rec
                 history.append(rec)
-                append_metrics(out, rec)
+                if dist.is_main:
+                    append_metrics(out, rec)
                 scheduler.observe(rec["val_loss"])
                 improved = rec["val_loss"] < state.best_val_loss - tc.min_delta
                 if improved:
@@ -473,11 +577,13 @@ def train(
                 bar.set_postfix(loss=f"{rec['train_loss']:.4f}", val=f"{rec['val_loss']:.4f}", refresh=False)
                 if tc.patience is not None and bad_evals >= tc.patience and reason is None:
                     reason = "early_stopping"
+                cb_stop = False
                 for cb in callbacks:
-                    if cb.on_eval(state, rec) and reason is None:
-                        reason = "callback"
+                    cb_stop = bool(cb.on_eval(state, rec)) or cb_stop
+                if dist.any_true(cb_stop) and reason is None:  # any rank's callback stops every rank
+                    reason = "callback"
                 state.elapsed_s += time.perf_counter() - t_eval
-                if improved:
+                if improved and dist.is_main:
                     save_best(out, model=model, config_yaml=config_yaml, tokenizer=tokenizer,
                               meta={"step": state.step, "tokens": state.tokens, "val_loss": rec["val_loss"],
                                     "elapsed_s": state.elapsed_s})
