@@ -1,0 +1,125 @@
+"""``lmforge eval MODEL --data ... [--task ...] [--json OUT]``: perplexity or task metrics of a model.
+
+``--task lm`` scores a corpus (perplexity, bits per byte); a task predicts every record and scores the
+predictions (ROUGE, BLEU/chrF, accuracy/macro-F1, exact match) and the reference completions'
+perplexity. Without ``--task``, the task (fields, label set) a model was fine-tuned on is read from its
+run's ``task.json``, else ``lm``. ``--json`` writes the report with every example's prompt, reference,
+prediction and scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from lmforge.cli import UserError, command
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from lmforge.cli.finetune import TASK_CHOICES
+
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a model: perplexity / bits per byte, or task metrics",
+        description="Evaluate MODEL (an lmforge run/checkpoint or a Hugging Face directory) on --data.",
+    )
+    p.add_argument("model", metavar="MODEL", help="run dir (uses best/), checkpoint dir or Hugging Face dir")
+    p.add_argument("--data", required=True, help="text corpus (lm) or task records (.jsonl/.json/.csv, hf:NAME)")
+    p.add_argument(
+        "--task",
+        default=None,
+        choices=TASK_CHOICES,
+        help="default: the task the model was fine-tuned on (its run's task.json), else lm",
+    )
+    p.add_argument("--fields", default=None, help="ROLE=FIELD pairs, e.g. document=article,summary=highlights")
+    p.add_argument("--labels", default=None, help="classification label set, comma separated")
+    p.add_argument("--json", default=None, metavar="OUT", help="write the report (with every example) to OUT")
+    p.add_argument("--max-examples", type=int, default=None, help="evaluate only the first N records/documents")
+    p.add_argument("--split", default="train", help="split of an hf:NAME dataset")
+    p.add_argument("--text-field", default="text", help="lm: field of JSONL/dataset documents")
+    p.add_argument("--block-size", type=int, default=None, help="lm: context window (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="generative tasks (default: per task)")
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--show", type=int, default=3, help="print this many example predictions")
+
+
+def _task_info(model: str) -> dict[str, Any]:
+    from lmforge.cli.finetune import task_info_path
+
+    path = task_info_path(model)
+    if path is None:
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read {path}: {err}") from None
+
+
+@command("eval")
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    import torch
+
+    from lmforge.evaluate import evaluate_lm, evaluate_task
+    from lmforge.predict import GenerationConfig, GenerationError
+    from lmforge.predict.loading import load_pretrained
+
+    if overrides:
+        raise UserError(f"unexpected arguments: {' '.join(overrides)}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    info = _task_info(args.model)
+    task = args.task or info.get("task") or "lm"
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model, tokenizer, _ = load_pretrained(args.model, map_location=device)
+
+    if task == "lm":
+        from lmforge.data import read_documents
+
+        docs = read_documents(
+            args.data, text_field=args.text_field, hf_split=args.split, max_documents=args.max_examples
+        )
+        report = evaluate_lm(model, tokenizer, docs.texts, block_size=args.block_size, batch_size=args.batch_size)
+    else:
+        from lmforge.data.tasks import read_task_records
+
+        same = info.get("task") == task
+        fields = args.fields or (info.get("fields") if same else None)
+        records = read_task_records(args.data, task, fields, hf_split=args.split, max_records=args.max_examples)
+        labels = [s.strip() for s in args.labels.split(",") if s.strip()] if args.labels else None
+        if task == "classification" and labels is None and same and info.get("labels"):
+            labels = list(info["labels"])
+            extra = sorted({r["label"] for r in records} - set(labels))
+            if extra:
+                raise UserError(f"{args.data}: label(s) {extra} are not among the fine-tuned labels {labels}")
+        try:
+            gen = (
+                None
+                if args.max_new_tokens is None and args.num_beams == 1
+                else GenerationConfig(max_new_tokens=args.max_new_tokens or 64, num_beams=args.num_beams)
+            )
+        except GenerationError as err:
+            raise UserError(str(err)) from None
+        report = evaluate_task(model, tokenizer, task, records, labels=labels, config=gen, batch_size=args.batch_size)
+    report.info["model"] = str(args.model)
+    report.info["data"] = str(args.data)
+
+    print(f"{task} on {args.data} ({len(report.examples)} {'documents' if task == 'lm' else 'examples'})")
+    print(report.table())
+    if task != "lm":
+        for ex in report.examples[: max(0, args.show)]:
+            print(
+                f"--- example {ex['index']}\nprompt:     {_short(ex['prompt'])}\nreference:  {_short(ex['reference'])}"
+                f"\nprediction: {_short(ex['prediction'])}"
+            )
+    if args.json:
+        path = report.save(args.json)
+        print(f"report written to {path}")
+    return 0
+
+
+def _short(text: str, n: int = 160) -> str:
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= n else text[: n - 3] + "..."

@@ -1,0 +1,184 @@
+"""``lmforge finetune``: continue training a model (lmforge or Hugging Face) on a corpus or a task.
+
+The model keeps its own architecture and tokenizer (``model``/``tokenizer`` sections cannot be changed);
+``data``, ``optim``, ``schedule`` and ``train`` come from ``--config`` and ``--section.field`` overrides,
+as for ``lmforge train``, and the run goes through the same training loop and run-directory layout.
+
+- ``--task lm`` (the default, e.g. ``--data train.txt``): causal language modelling on the normal data path.
+- ``--task summarization|translation|classification|semantic-parsing|generation|chat``: records from
+  JSONL/JSON/CSV; loss on the completion only (see :mod:`lmforge.data.tasks`). ``OUT/task.json`` records
+  the task, its field mapping and (classification) the label set, for ``lmforge eval``.
+
+When ``train.max_steps`` is null and ``train.max_epochs`` is set, the schedule's length
+(``schedule.total_steps``) is derived from the data: ``ceil(max_epochs * units / (batch_size * grad_accum))``
+with units = blocks (lm) or examples (tasks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from lmforge.cli import UserError, command
+
+TASK_FILE = "task.json"
+TASK_CHOICES = ("lm", "summarization", "translation", "classification", "semantic-parsing", "generation", "chat")
+"""``lmforge.data.tasks.TASK_NAMES``, spelled out so that building the parser imports no torch."""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a model on a corpus or a task (summarization, translation, ...)",
+        description="Fine-tune MODEL (an lmforge run/checkpoint or a Hugging Face directory) on --data. "
+        "Override data/optim/schedule/train fields as --section.field VALUE, e.g. "
+        "--data.block_size 128 --train.max_epochs 3 --train.max_steps null --optim.lr 1e-4.",
+    )
+    p.add_argument("--model", required=True, help="lmforge run/checkpoint directory or Hugging Face model directory")
+    p.add_argument(
+        "--data", required=True, help="training data: a text corpus (lm) or task records (.jsonl/.json/.csv)"
+    )
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--task", default="lm", choices=TASK_CHOICES, help="what to learn (default: lm)")
+    p.add_argument(
+        "--fields",
+        default=None,
+        help="field names of the task records as ROLE=FIELD pairs, e.g. document=article,summary=highlights",
+    )
+    p.add_argument(
+        "--labels", default=None, help="classification: the label set, comma separated (default: from the data)"
+    )
+    p.add_argument("--config", help="YAML file with data/optim/schedule/train sections")
+    p.add_argument("--sample", type=int, default=0, help="lm: print a sample of N tokens from the best model (0: none)")
+    p.add_argument("--prompt", default="\n", help="lm: prompt of the sample")
+
+
+def finetune_config(model_cfg: Any, config_file: str | None, overrides: list[str], data: str) -> dict[str, Any]:
+    """The raw (unvalidated) config of a fine-tune: the model's own ``model``/``tokenizer`` sections and
+    ``data.block_size``; the user's ``data``/``optim``/``schedule``/``train``."""
+    from lmforge.config import apply_overrides, load_yaml
+
+    base = model_cfg.to_dict()
+    raw: dict[str, Any] = {
+        "model": base["model"],
+        "tokenizer": base["tokenizer"],
+        "data": {"block_size": base["data"]["block_size"], "path": data},
+    }
+    if config_file:
+        for section, values in load_yaml(config_file).items():
+            raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
+    raw = apply_overrides(raw, ["--data.path", data, *overrides])
+    for section in ("model", "tokenizer"):
+        if raw.get(section) != base[section]:
+            changed = sorted(
+                k
+                for k in set(raw.get(section) or {}) | set(base[section])
+                if (raw.get(section) or {}).get(k) != base[section].get(k)
+            )
+            raise UserError(
+                f"finetune keeps the model's own {section} section; cannot change "
+                f"{', '.join(f'{section}.{k}' for k in changed)}"
+            )
+    return raw
+
+
+def _set_schedule_length(raw: dict[str, Any], units: int, what: str) -> None:
+    """With ``train.max_steps: null`` and ``train.max_epochs``: ``schedule.total_steps`` from the data."""
+    tr, sch = raw.setdefault("train", {}), raw.setdefault("schedule", {})
+    if "max_steps" not in tr or tr["max_steps"] is not None or sch.get("total_steps") or not tr.get("max_epochs"):
+        return
+    from lmforge.config import TrainConfig
+
+    defaults = TrainConfig()
+    per_step = int(tr.get("batch_size", defaults.batch_size)) * int(tr.get("grad_accum", defaults.grad_accum))
+    sch["total_steps"] = max(1, math.ceil(float(tr["max_epochs"]) * units / per_step))
+    print(f"{units} {what} per epoch: {float(tr['max_epochs']):g} epochs = {sch['total_steps']} steps")
+
+
+def task_info_path(model_dir: str | Path) -> Path | None:
+    """The ``task.json`` of a fine-tuned run: in ``model_dir`` or the run directory above a checkpoint."""
+    p = Path(model_dir)
+    for d in (p, p.parent, p.parent.parent):
+        if (d / TASK_FILE).is_file():
+            return d / TASK_FILE
+    return None
+
+
+@command("finetune")
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    from lmforge.config import build_config
+    from lmforge.predict.loading import load_pretrained
+    from lmforge.train.loop import train
+
+    # an absolute path: checkpoints of a Hugging Face model record it (model.path) and must load from anywhere
+    local = Path(args.model).expanduser()
+    model, tokenizer, model_cfg = load_pretrained(local.resolve() if local.exists() else args.model)
+    raw = finetune_config(model_cfg, args.config, overrides, args.data)
+    data_cfg = build_config({k: raw[k] for k in ("data", "tokenizer", "model") if k in raw})
+    out = Path(args.out)
+
+    if args.task == "lm":
+        from lmforge.data import num_blocks, prepare_data
+
+        if args.fields or args.labels:
+            raise UserError("--fields and --labels are for task data, not --task lm")
+        data = prepare_data(data_cfg, tokenizer)
+        _set_schedule_length(raw, num_blocks(len(data.train), data_cfg.data.block_size), "blocks")
+        cfg = build_config(raw)
+        _write_task_info(out, {"task": "lm"})
+        result = train(cfg, out, data=data, model=model, tokenizer=tokenizer)
+        if args.sample > 0 and (out / "best").exists():
+            from lmforge.cli import print_sample
+
+            print_sample(out / "best", args.prompt, args.sample, cfg.train.seed)
+        return 0 if result.step > 0 else 1
+
+    from lmforge.data.tasks import pad_id_of, prepare_task_data
+
+    td = prepare_task_data(data_cfg, args.task, tokenizer, args.fields)
+    labels = td.labels
+    if args.labels:
+        given = [s.strip() for s in args.labels.split(",") if s.strip()]
+        missing = sorted(set(labels or []) - set(given))
+        if missing:
+            raise UserError(f"--labels {args.labels}: the data also has the label(s) {missing}")
+        labels = given
+    s = td.stats
+    print(
+        f"task {args.task}: {s['train_examples']} training / {s['val_examples']} validation examples"
+        + (" (validation = training; set data.val_fraction or data.val_path)" if s["val_is_train"] else "")
+        + (
+            f"; {s['truncated_prompts']} prompts and {s['truncated_completions']} completions truncated "
+            f"to data.block_size {data_cfg.data.block_size}"
+            if s["truncated_prompts"] or s["truncated_completions"]
+            else ""
+        )
+    )
+    _set_schedule_length(raw, len(td.train), "examples")
+    cfg = build_config(raw)
+    tc = cfg.train
+    pad = pad_id_of(tokenizer)
+    _write_task_info(out, {"task": args.task, "fields": _fields(args), "labels": labels})
+    result = train(
+        cfg,
+        out,
+        model=model,
+        tokenizer=tokenizer,
+        sampler=td.sampler(tc.batch_size, pad, tc.seed),
+        val_batches=td.val_batches(tc.batch_size, pad, tc.eval_batches),
+    )
+    return 0 if result.step > 0 else 1
+
+
+def _fields(args: argparse.Namespace) -> dict[str, str]:
+    from lmforge.data.tasks import get_task, parse_fields
+
+    return parse_fields(args.fields, get_task(args.task))
+
+
+def _write_task_info(out: Path, info: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / TASK_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
