@@ -39,6 +39,8 @@ def print_sample(model_dir: Path, prompt: str, max_new_tokens: int, seed: int) -
     from lmforge.train.checkpoint import load_model
 
     model, tokenizer, _ = load_model(model_dir)
+    if model.max_seq_len is not None:  # the sample must fit in the model's context with its prompt
+        max_new_tokens = min(max_new_tokens, model.max_seq_len - len(tokenizer.encode(prompt)))
     gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_k=50, seed=seed)
     text = generate_text(model, tokenizer, [prompt], gen)[0][0]
     print(f"\n--- sample from {model_dir} ---\n{prompt}{text}\n---")

@@ -497,15 +497,17 @@ def _train(
                     # full-batch GD: weight each chunk by its share of all blocks, so the gradient is the full mean
                     scale = x.size(0) / gd_blocks if gd else 1.0 / tc.grad_accum
                     (scaler.scale(loss * scale) if scaler else loss * scale).backward()
-                step_loss += float(loss.detach())
-                n_micro += 1
-            # >>> data-parallel: GD sums each rank's share of the gradient (and of the chunk losses, as ranks
-            # may hold different numbers of chunks); all ranks skip the step if any saw NaN/inf
+                # full-batch GD reports the loss of the whole pass: chunks weighted by their rows
+                weight = x.size(0) if gd else 1
+                step_loss += float(loss.detach()) * weight
+                n_micro += weight
+            # >>> data-parallel: GD sums each rank's share of the gradient and of the pass's loss; all ranks
+            # skip the step if any saw NaN/inf
             if dist.enabled:
                 if gd:
                     dist.all_reduce_grads(model)
-                    step_loss, n_chunks = dist.sum([step_loss, float(n_micro)])
-                    n_micro = int(n_chunks)
+                    step_loss, n_rows = dist.sum([step_loss, float(n_micro)])
+                    n_micro = int(n_rows)
                 finite = dist.all_true(finite)
             # <<< data-parallel
             if finite and cfg.optim.grad_clip > 0:
