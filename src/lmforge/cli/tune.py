@@ -1,0 +1,102 @@
+"""``lmforge tune``: search architecture and hyperparameters, train the best model on, evaluate it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from lmforge.cli import UserError, command
+
+EPILOG = """\
+steps (resumable: rerun the same command to continue a killed run):
+  1 search    trials in DIR/trials/NNNN, pruned by trained tokens (promoted trials continue, never restart)
+  2 final     the best trial continues from its checkpoint to convergence; DIR/best = best checkpoint
+  3 decode    decoding settings (task data only)
+  4 evaluate  held-out test loss, DIR/leaderboard.csv, DIR/summary.json
+
+examples:
+  lmforge tune --data demo --out runs/tune --budget 10m
+  lmforge tune --data corpus.txt --out runs/t2 --budget 5Mtok --space my_space.yaml --sampler random
+  lmforge tune --data demo --out runs/pareto --budget 1h --objectives val_loss,params,latency
+  lmforge tune --data demo --out runs/grid --budget 30m --space grid.yaml --sampler grid --cv 3
+Any config field can be fixed as --section.field VALUE (it is then removed from the space).
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser(
+        "tune",
+        help="search models and hyperparameters within a budget, then train the best",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument("--data", help="text file, folder, glob, .jsonl, hf:NAME[:CONFIG] or demo")
+    t.add_argument("--out", required=True, help="run directory (an existing one is resumed)")
+    t.add_argument("--budget", help="wall clock (90s, 10m, 2h) or tokens (500ktok, 5Mtok) for all steps (default 10m)")
+    t.add_argument("--space", help="search space YAML (default: the shipped space, scaled to the budget)")
+    t.add_argument(
+        "--sampler",
+        choices=["tpe", "random", "grid", "cmaes", "gp", "nsga2"],
+        help="default tpe (one objective) or nsga2 (several)",
+    )
+    t.add_argument(
+        "--pruner",
+        choices=["asha", "sha", "successive_halving", "hyperband", "median", "none"],
+        help="default asha (none with several objectives or --cv)",
+    )
+    t.add_argument(
+        "--objectives",
+        default="val_loss",
+        help="comma-separated: val_loss[,params][,latency] (several: a Pareto front)",
+    )
+    t.add_argument("--max-params", help="constraint on the chosen model, e.g. 2M")
+    t.add_argument("--cv", type=int, default=0, help="k-fold cross-validation over documents (k >= 2)")
+    t.add_argument("--n-jobs", type=int, default=1, help="trials in parallel (worker processes)")
+    t.add_argument("--n-trials", type=int, help="stop the search after this many trials")
+    t.add_argument("--trial-tokens", help="longest trial in tokens (default: from the budget), e.g. 200k")
+    t.add_argument(
+        "--storage",
+        help="study storage: sqlite:///f.db, postgresql://..., redis://..., or a journal "
+        "file (default DIR/study.journal)",
+    )
+    t.add_argument("--study-name", help="default: the name of DIR")
+    t.add_argument("--disk-cap", default="2GB", help="delete checkpoints of stopped trials above this (default 2GB)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--config", help="base config YAML (the space's values are set on top)")
+    t.add_argument("--progress-interval", type=float, default=15.0, help="seconds between progress tables")
+    t.add_argument("--quiet", action="store_true", help="print only the final summary (JSON)")
+
+
+@command("tune")
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    from lmforge.search.pipeline import TuneOptions, read_state, run_pipeline
+
+    if not args.data and read_state(args.out) is None:
+        raise UserError("no data: pass --data PATH|demo|hf:NAME")
+    opts = TuneOptions(
+        out=args.out,
+        data=args.data,
+        budget=args.budget,
+        space=args.space,
+        sampler=args.sampler,
+        pruner=args.pruner,
+        objectives=args.objectives.split(","),
+        max_params=args.max_params,
+        cv=args.cv,
+        n_jobs=args.n_jobs,
+        storage=args.storage,
+        study_name=args.study_name,
+        disk_cap=args.disk_cap,
+        seed=args.seed,
+        n_trials=args.n_trials,
+        trial_tokens=args.trial_tokens,
+        config=args.config,
+        overrides=list(overrides),
+        verbose=not args.quiet,
+        progress_interval=args.progress_interval,
+    )
+    summary = run_pipeline(opts)
+    if args.quiet:
+        print(json.dumps(summary, indent=1, default=str))
+    return 0

@@ -1,0 +1,251 @@
+"""Budgets of a tuning run: parse them, split them between the steps, and plan the trials' fidelity.
+
+A budget is wall-clock time (``90s``, ``10m``, ``2h``) or trained tokens (``500ktok``, ``5Mtok``) and covers
+every step of the pipeline. Each step may spend the budget up to its cumulative share minus what all steps
+spent so far, so time a step leaves unused passes on to the next one.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from lmforge.config import ConfigError, parse_duration
+
+STEPS = ("search", "final", "decode", "evaluate")
+"""The pipeline's steps in order (``decode``: decoding-settings tuning, for task data only)."""
+
+_SHARES_TIME = {"search": 0.70, "final": 0.25, "decode": 0.0, "evaluate": 0.05}
+_SHARES_TIME_TASK = {"search": 0.60, "final": 0.25, "decode": 0.10, "evaluate": 0.05}
+_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+_TOKENS = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*([kmbgt]?)\s*(?:tok|tokens?)\s*$", re.IGNORECASE)
+_COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*([kmbgt]?)\s*$", re.IGNORECASE)
+_BYTES = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+
+
+class BudgetError(ConfigError):
+    """A budget, size or count that cannot be read; the message names the option and the value."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Seconds of wall clock or trained tokens (exactly one is set)."""
+
+    seconds: float | None = None
+    tokens: int | None = None
+
+    @property
+    def kind(self) -> str:
+        return "time" if self.seconds is not None else "tokens"
+
+    @property
+    def amount(self) -> float:
+        return float(self.seconds if self.seconds is not None else self.tokens or 0)
+
+    def scaled(self, share: float) -> Budget:
+        if self.seconds is not None:
+            return Budget(seconds=self.seconds * share)
+        return Budget(tokens=int(round((self.tokens or 0) * share)))
+
+    def __str__(self) -> str:
+        return format_amount(self.amount, self.kind)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seconds": self.seconds, "tokens": self.tokens}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Budget:
+        return cls(seconds=d.get("seconds"), tokens=d.get("tokens"))
+
+
+def format_amount(amount: float, kind: str) -> str:
+    if kind == "time":
+        s = max(0.0, amount)
+        if s >= 3600:
+            return f"{s / 3600:.2f}h"
+        if s >= 60:
+            return f"{s / 60:.1f}m"
+        return f"{s:.0f}s"
+    return f"{format_count(amount)}tok"
+
+
+def format_count(n: float) -> str:
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{suffix}"
+    return f"{n:.0f}"
+
+
+def parse_budget(text: str) -> Budget:
+    """``"10m"``, ``"2h"``, ``"90s"`` -> time; ``"5Mtok"``, ``"500ktok"``, ``"200000tokens"`` -> tokens."""
+    m = _TOKENS.match(str(text))
+    if m:
+        tokens = int(float(m.group(1)) * _SUFFIX[m.group(2).lower()])
+        if tokens < 1:
+            raise BudgetError(f"--budget {text!r}: must be at least 1 token")
+        return Budget(tokens=tokens)
+    try:
+        seconds = parse_duration(str(text))
+    except ValueError:
+        raise BudgetError(f"--budget {text!r}: use a duration (90s, 10m, 2h) or tokens (500ktok, 5Mtok)") from None
+    if not seconds or seconds <= 0:
+        raise BudgetError(f"--budget {text!r}: must be positive")
+    return Budget(seconds=seconds)
+
+
+def parse_count(text: str | int, option: str = "--max-params") -> int:
+    """``"2M"``, ``"500k"``, ``"1.5B"``, ``1000`` -> an integer count."""
+    if isinstance(text, int):
+        return text
+    m = _COUNT.match(str(text))
+    if not m:
+        raise BudgetError(f"{option} {text!r}: use a number, optionally with k, M or B (e.g. 2M)")
+    return int(float(m.group(1)) * _SUFFIX[m.group(2).lower()])
+
+
+def parse_bytes(text: str | int, option: str = "--disk-cap") -> int:
+    """``"2GB"``, ``"500MB"``, ``"1GiB"``, ``"100k"`` -> bytes (decimal units; ``i`` for binary)."""
+    if isinstance(text, int):
+        return text
+    m = _BYTES.match(str(text))
+    if not m:
+        raise BudgetError(f"{option} {text!r}: use a size such as 500MB or 2GB")
+    base = 1024 if m.group(3) else 1000
+    power = " kmgt".index(m.group(2).lower() or " ")
+    return int(float(m.group(1)) * base**power)
+
+
+# ---------------------------------------------------------------------------------------- split
+EVAL_SECONDS = 15.0
+"""Wall clock the evaluation step needs at least (loading, scoring, the report); short time budgets reserve
+this much, up to a fifth of the budget, and scale the other shares down."""
+
+
+def shares(budget: Budget, has_task: bool = False) -> dict[str, float]:
+    """Fraction of the budget per step. Tokens are spent by training only, so the evaluation's share of a
+    token budget goes to the final training."""
+    s = dict(_SHARES_TIME_TASK if has_task else _SHARES_TIME)
+    if budget.kind == "tokens":
+        s["final"] += s["evaluate"]
+        s["evaluate"] = 0.0
+        return s
+    ev = max(s["evaluate"], min(EVAL_SECONDS / max(budget.amount, 1e-9), 0.2))
+    scale = (1.0 - ev) / (1.0 - s["evaluate"])
+    return {k: (ev if k == "evaluate" else v * scale) for k, v in s.items()}
+
+
+def split_budget(budget: Budget, has_task: bool = False) -> dict[str, Budget]:
+    return {step: budget.scaled(f) for step, f in shares(budget, has_task).items()}
+
+
+class Ledger:
+    """What each step spent, against the budget; persisted by the pipeline as a plain dict."""
+
+    def __init__(self, budget: Budget, has_task: bool = False, spent: dict[str, float] | None = None) -> None:
+        self.budget = budget
+        self.shares = shares(budget, has_task)
+        self.spent: dict[str, float] = {s: 0.0 for s in STEPS}
+        self.spent.update(spent or {})
+
+    @property
+    def total_spent(self) -> float:
+        return sum(self.spent.values())
+
+    def allowance(self, step: str) -> float:
+        """What ``step`` may still spend: its cumulative share minus what all steps spent so far."""
+        cum = sum(self.shares[s] for s in STEPS[: STEPS.index(step) + 1])
+        return max(0.0, self.budget.amount * cum - self.total_spent)
+
+    def remaining(self) -> float:
+        return max(0.0, self.budget.amount - self.total_spent)
+
+    def charge(self, step: str, amount: float) -> None:
+        self.spent[step] += max(0.0, amount)
+
+    def describe(self) -> str:
+        kind = self.budget.kind
+        parts = [
+            f"{s} {self.shares[s]:.0%} ({format_amount(self.budget.amount * self.shares[s], kind)})"
+            for s in STEPS
+            if self.shares[s] > 0
+        ]
+        return f"budget {self.budget}: " + ", ".join(parts)
+
+
+# ------------------------------------------------------------------------------------- fidelity
+@dataclass(frozen=True)
+class Fidelity:
+    """Trial lengths in trained tokens: every trial may train up to ``max_tokens``; the pruner's rungs sit
+    at ``min_tokens * eta**k`` (``k = 0 .. rungs``), all multiples of ``tokens_per_step``."""
+
+    min_tokens: int
+    max_tokens: int
+    eta: int
+    rungs: int
+    tokens_per_step: int
+
+    @property
+    def max_steps(self) -> int:
+        return max(1, math.ceil(self.max_tokens / self.tokens_per_step))
+
+    @property
+    def eval_steps(self) -> int:
+        """Evaluate (and report to the pruner) every ``min_tokens``: each rung falls on an evaluation."""
+        return max(1, self.min_tokens // self.tokens_per_step)
+
+    def rung_of(self, tokens: int) -> int:
+        """Highest rung reached with ``tokens`` trained (-1 below the first)."""
+        if tokens < self.min_tokens:
+            return -1
+        return min(self.rungs, int(math.floor(math.log(tokens / self.min_tokens, self.eta) + 1e-9)))
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "min_tokens": self.min_tokens,
+            "max_tokens": self.max_tokens,
+            "eta": self.eta,
+            "rungs": self.rungs,
+            "tokens_per_step": self.tokens_per_step,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Fidelity:
+        return cls(**{k: int(d[k]) for k in ("min_tokens", "max_tokens", "eta", "rungs", "tokens_per_step")})
+
+
+def plan_fidelity(
+    search_tokens: float,
+    tokens_per_step: int,
+    *,
+    full_trials: float = 8.0,
+    eta: int = 3,
+    max_rungs: int = 3,
+    min_steps: int = 4,
+    max_tokens: int | None = None,
+) -> Fidelity:
+    """Trial length for a search that can train about ``search_tokens`` in all.
+
+    The longest trial gets ``search_tokens / full_trials`` (the search can afford about that many full-length
+    trials; successive halving fits many more short ones: with eta 3 and 3 rungs, about 27 starts per full
+    trial); the shortest rung keeps at least ``min_steps`` optimizer steps. ``max_tokens`` forces the length.
+    """
+    tps = max(1, int(tokens_per_step))
+    longest = max_tokens if max_tokens is not None else search_tokens / max(1.0, full_trials)
+    max_steps = max(min_steps, int(longest // tps))
+    rungs = 0
+    while rungs < max_rungs and max_steps / eta ** (rungs + 1) >= min_steps:
+        rungs += 1
+    min_steps_ = max(1, max_steps // eta**rungs)
+    if max_tokens is not None:
+        return Fidelity(
+            min_tokens=min_steps_ * tps,
+            max_tokens=max(int(max_tokens), min_steps_ * tps),
+            eta=eta,
+            rungs=rungs,
+            tokens_per_step=tps,
+        )
+    return Fidelity(
+        min_tokens=min_steps_ * tps, max_tokens=min_steps_ * eta**rungs * tps, eta=eta, rungs=rungs, tokens_per_step=tps
+    )

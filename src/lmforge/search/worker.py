@@ -1,0 +1,181 @@
+"""Workers: processes that take trials from a study until its budget, trial count or grid is used up.
+
+A worker needs only the storage and the study name: the study carries the search context (base config,
+space, fidelity, budget) in a user attribute written by ``lmforge tune``. ``lmforge tune --n-jobs N`` starts N
+of them as processes (``python -m lmforge.search.worker``); more can join from other machines that share the
+storage and can read the data and the run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from lmforge.config import LmforgeError
+from lmforge.search.disk import enforce_disk_cap
+from lmforge.search.objective import (
+    CONTEXT_ATTR,
+    SearchContext,
+    SearchData,
+    prepare_search_data,
+    run_trial,
+    tokens_used,
+)
+from lmforge.search.study import SearchError, frozen, load, make_pruner, make_sampler, open_storage, original_number
+
+
+def load_context(study: Any) -> SearchContext:
+    raw = study.user_attrs.get(CONTEXT_ATTR)
+    if not raw:
+        raise SearchError(f"study {study.study_name!r} was not created by lmforge tune (no search context)")
+    return SearchContext.from_dict(raw)
+
+
+def open_study(study_name: str, storage: str | Any, worker_id: int = 0) -> tuple[Any, SearchContext]:
+    """The study with this worker's sampler and pruner, and its search context."""
+    st = open_storage(storage) if isinstance(storage, str) else storage
+    ctx = load_context(load(st, study_name))
+    space = ctx.search_space
+    sampler = make_sampler(
+        ctx.sampler,
+        seed=ctx.seed + worker_id,
+        n_objectives=len(ctx.objectives),
+        parallel=ctx.parallel,
+        conditional=space.conditional,
+    )
+    fid = ctx.fid
+    pruner = make_pruner(ctx.pruner, min_tokens=fid.min_tokens, max_tokens=fid.max_tokens, eta=fid.eta)
+    return load(st, study_name, sampler, pruner), ctx
+
+
+def search_done(study: Any, ctx: SearchContext) -> str | None:
+    """Why no further trial should start (None: go on). Waiting trials (grid points, retries) always run
+    unless the budget is spent."""
+    from optuna.trial import TrialState
+
+    if ctx.deadline_unix is not None and time.time() >= ctx.deadline_unix:
+        return "search time budget spent"
+    trials = study.get_trials(deepcopy=False)
+    if ctx.search_tokens is not None and tokens_used(trials) >= ctx.search_tokens:
+        return "search token budget spent"
+    waiting = any(t.state == TrialState.WAITING for t in trials)
+    if ctx.sampler == "grid" and not waiting:
+        return "grid exhausted"
+    if ctx.n_trials is not None and not waiting:
+        started = {original_number(t) for t in trials if not t.user_attrs.get("discarded")}
+        if len(started) >= ctx.n_trials:
+            return f"{ctx.n_trials} trials run"
+    return None
+
+
+def run_worker(
+    study_name: str,
+    storage: str | Any,
+    *,
+    worker_id: int = 0,
+    data: SearchData | None = None,
+    hook: Callable[[], None] | None = None,
+    verbose: bool = False,
+    max_trials: int | None = None,
+) -> int:
+    """Run trials of ``study_name`` until :func:`search_done`; return how many this worker ran.
+
+    ``hook`` is called after every evaluation and every trial (progress display, bookkeeping).
+    KeyboardInterrupt (and SIGTERM during training) re-enqueues the current trial and propagates."""
+    from optuna.trial import TrialState
+
+    study, ctx = open_study(study_name, storage, worker_id)
+    if data is None:
+        data = prepare_search_data(ctx.base_config, ctx.cv, ctx.seed)
+    n = 0
+    while max_trials is None or n < max_trials:
+        if search_done(study, ctx) is not None:
+            break
+        trial = study.ask()
+        attrs = frozen(study, trial).system_attrs
+        queued = "fixed_params" in attrs or "failed_trial" in attrs
+        if ctx.sampler == "grid" and not queued:
+            # another worker took the last grid point between the check and ask(): not a grid point
+            trial.set_user_attr("discarded", True)
+            study.tell(trial, state=TrialState.FAIL)
+            break
+        run_trial(study, trial, ctx, data, hook=hook, verbose=verbose)
+        n += 1
+        enforce_disk_cap(study, ctx.run_dir, ctx.disk_cap, ctx.keep_best)
+        if hook is not None:
+            hook()
+    return n
+
+
+def _die_with_parent() -> None:
+    """In a worker process (Linux): receive SIGKILL when the parent dies, so no orphan keeps training."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
+def spawn(study_name: str, storage: str, worker_id: int, threads: int, log_path: str) -> Any:
+    """Start ``python -m lmforge.search.worker`` in a new process (its output goes to ``log_path``)."""
+    import subprocess
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmforge.search.worker",
+        "--storage",
+        storage,
+        "--study",
+        study_name,
+        "--worker-id",
+        str(worker_id),
+        "--threads",
+        str(threads),
+    ]
+    with open(log_path, "ab") as log:  # the child writes to its own copy of the descriptor
+        return subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent if os.name == "posix" else None,
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lmforge.search.worker", description=__doc__.splitlines()[0])
+    p.add_argument("--storage", required=True)
+    p.add_argument("--study", required=True)
+    p.add_argument("--worker-id", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = p.parse_args(argv)
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    parent = os.getppid()
+
+    def orphan_check() -> None:
+        if os.getppid() != parent:  # the controller died (where PDEATHSIG is not available)
+            raise KeyboardInterrupt
+
+    try:
+        n = run_worker(args.study, args.storage, worker_id=args.worker_id, hook=orphan_check)
+    except LmforgeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    print(f"worker {args.worker_id}: {n} trial(s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Budgets: parsing, the split between steps, the ledger, the fidelity plan."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lmforge.search.budget import (
+    Budget,
+    BudgetError,
+    Fidelity,
+    Ledger,
+    parse_budget,
+    parse_bytes,
+    parse_count,
+    plan_fidelity,
+    split_budget,
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("10m", Budget(seconds=600)),
+        ("2h", Budget(seconds=7200)),
+        ("90s", Budget(seconds=90)),
+        ("45", Budget(seconds=45)),
+        ("5Mtok", Budget(tokens=5_000_000)),
+        ("500ktok", Budget(tokens=500_000)),
+        ("1.5Btok", Budget(tokens=1_500_000_000)),
+        ("20000 tokens", Budget(tokens=20_000)),
+    ],
+)
+def test_parse_budget(text, expected):
+    assert parse_budget(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "ten minutes", "-5m", "0s", "5Xtok"])
+def test_bad_budget_names_the_option(text):
+    with pytest.raises(BudgetError, match="--budget"):
+        parse_budget(text)
+
+
+def test_sizes_and_counts():
+    assert parse_bytes("2GB") == 2_000_000_000
+    assert parse_bytes("1GiB") == 1024**3
+    assert parse_bytes("500MB") == 500_000_000
+    assert parse_count("2M") == 2_000_000
+    assert parse_count("500k") == 500_000
+    with pytest.raises(BudgetError, match="--max-params"):
+        parse_count("lots")
+
+
+def test_short_time_budgets_reserve_time_for_the_evaluation():
+    short = split_budget(Budget(seconds=60))
+    assert short["evaluate"].seconds == pytest.approx(12)  # a fifth at most
+    assert sum(b.seconds for b in short.values()) == pytest.approx(60)
+    assert short["search"].seconds / short["final"].seconds == pytest.approx(0.70 / 0.25)
+    assert split_budget(Budget(seconds=200))["evaluate"].seconds == pytest.approx(15)
+
+
+def test_split_time_and_tokens():
+    t = split_budget(Budget(seconds=1000))
+    assert t["search"].seconds == pytest.approx(700) and t["final"].seconds == pytest.approx(250)
+    assert t["evaluate"].seconds == pytest.approx(50) and t["decode"].seconds == 0
+    assert sum(b.seconds for b in t.values()) == pytest.approx(1000)
+    k = split_budget(Budget(tokens=1000))
+    # evaluation trains nothing: its share of a token budget goes to the final training
+    assert k["search"].tokens == 700 and k["final"].tokens == 300 and k["evaluate"].tokens == 0
+    task = split_budget(Budget(seconds=1000), has_task=True)
+    assert task["decode"].seconds > 0 and sum(b.seconds for b in task.values()) == pytest.approx(1000)
+
+
+def test_ledger_passes_unused_budget_on():
+    led = Ledger(Budget(seconds=1000))
+    assert led.allowance("search") == pytest.approx(700)
+    led.charge("search", 400)  # the search stopped early
+    assert led.allowance("final") == pytest.approx(950 - 400)
+    led.charge("final", 550)
+    assert led.allowance("evaluate") == pytest.approx(50)
+    led.charge("evaluate", 80)
+    assert led.remaining() == 0 and led.allowance("evaluate") == 0
+
+
+def test_fidelity_plan_rungs_are_step_multiples():
+    fid = plan_fidelity(search_tokens=8 * 27 * 4 * 512, tokens_per_step=512)
+    assert fid.rungs == 3 and fid.eta == 3
+    assert fid.max_tokens == fid.min_tokens * 27
+    assert fid.min_tokens % 512 == 0 and fid.min_tokens // 512 >= 4
+    assert [fid.rung_of(fid.min_tokens * 3**k) for k in range(4)] == [0, 1, 2, 3]
+    assert fid.rung_of(fid.min_tokens - 1) == -1
+
+
+def test_fidelity_plan_small_budget_has_fewer_rungs():
+    fid = plan_fidelity(search_tokens=8 * 10 * 100, tokens_per_step=100)
+    # 10 steps per trial: only one rung of at least 4 steps below it (10 // 3 = 3 < 4 -> no rung)
+    assert fid.rungs == 0 and fid.max_tokens == fid.min_tokens == 1000
+    forced = plan_fidelity(search_tokens=1e9, tokens_per_step=100, max_tokens=3600)
+    assert forced.max_tokens == 3600 and forced.rungs == 2 and forced.min_tokens == 400
+
+
+def test_fidelity_round_trip():
+    fid = Fidelity(min_tokens=100, max_tokens=900, eta=3, rungs=2, tokens_per_step=50)
+    assert Fidelity.from_dict(fid.to_dict()) == fid
+    assert math.isclose(fid.max_tokens / fid.min_tokens, 9)

@@ -1,0 +1,115 @@
+"""A killed ``lmforge tune`` continues where it stopped: finished trials are not rerun, the trial that was
+running is failed as interrupted and its retry resumes from the trial's checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+from lmforge.search.study import create_or_load, open_storage
+from lmforge.train.checkpoint import list_checkpoints, read_metrics
+from test_search_tune import BASE, TPS, write_docs
+
+SPACE = """
+params:
+  model.family: [transformer, gru]
+  optim.lr: {float: [1.0e-3, 1.0e-2], log: true}
+"""
+
+
+def _study(run: Path):
+    state = json.loads((run / "pipeline.json").read_text())
+    return create_or_load(open_storage(state["storage"]), state["study_name"], 1)
+
+
+def _wait_for(cond, proc, timeout: float) -> None:
+    t0 = time.time()
+    while not cond():
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            pytest.fail(f"lmforge tune ended (rc {proc.returncode}) before the kill point:\n{out[-3000:]}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            pytest.fail("timed out waiting for the kill point")
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume(tmp_path):
+    data = write_docs(tmp_path / "docs.jsonl")
+    (tmp_path / "space.yaml").write_text(SPACE)
+    run = tmp_path / "run"
+    env = {**os.environ, "LMFORGE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmforge",
+        "tune",
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--budget",
+        "6ktok",
+        "--space",
+        str(tmp_path / "space.yaml"),
+        "--sampler",
+        "random",
+        "--pruner",
+        "none",
+        "--n-trials",
+        "4",
+        "--trial-tokens",
+        str(12 * TPS),
+        "--quiet",
+        *BASE,
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # kill point: trial 0 finished and trial 1 has saved a checkpoint part-way, then a random moment later
+    _wait_for(lambda: bool(list_checkpoints(run / "trials" / "0001")), proc, timeout=240)
+    time.sleep(random.uniform(0.0, 0.05))
+    proc.kill()
+    proc.wait()
+
+    study = _study(run)
+    finished = {
+        t.number: (t.value, read_metrics(run / t.user_attrs["run_dir"]))
+        for t in study.trials
+        if t.state == TrialState.COMPLETE
+    }
+    running = {t.number: t.user_attrs["run_dir"] for t in study.trials if t.state == TrialState.RUNNING}
+    assert 0 in finished
+    saved = {n: list_checkpoints(run / d) for n, d in running.items()}
+    assert running and all(saved.values())  # the kill hit a trial with saved progress
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    summary = json.loads(done.stdout)
+    assert summary["steps"]["evaluate"] == "done"
+
+    study = _study(run)
+    trials = {t.number: t for t in study.trials}
+    for n, (value, metrics) in finished.items():  # never rerun
+        assert trials[n].state == TrialState.COMPLETE and trials[n].value == value
+        assert read_metrics(run / trials[n].user_attrs["run_dir"]) == metrics
+    for n, rel in running.items():
+        t = trials[n]
+        assert t.state == TrialState.FAIL and "interrupted" in t.user_attrs["fail_reason"]
+        (retry,) = [r for r in study.trials if r.system_attrs.get("failed_trial") == n]
+        assert retry.state == TrialState.COMPLETE and retry.user_attrs["run_dir"] == rel
+        assert retry.params == t.params
+        # resumed from its checkpoint, not retrained: one continuous metrics history
+        assert retry.user_attrs["resumed_from_tokens"] > 0
+        steps = [r["step"] for r in read_metrics(run / rel)]
+        assert steps == sorted(set(steps))
+    # four trials were asked for: the retries continue trials, they are not new ones
+    originals = {t.system_attrs.get("failed_trial", t.number) for t in study.trials}
+    assert len(originals) == 4

@@ -1,0 +1,205 @@
+"""Search spaces: YAML parsing, conditionals, Optuna naming, grid enumeration, applying values to a config."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import optuna
+import pytest
+
+from lmforge.config import build_config
+from lmforge.search.space import (
+    SearchSpace,
+    SpaceError,
+    apply_values,
+    load_space,
+    parse_space,
+    repair_config,
+)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+SPACE = {
+    "params": {
+        "model.family": ["transformer", "gru"],
+        "optim.lr": {"float": [1e-4, 1e-2], "log": True, "grid": [1e-3, 3e-3]},
+        "model.d_model": {"int": [16, 64], "step": 16},
+    },
+    "conditional": [
+        {"when": {"model.family": "transformer"}, "params": {"model.n_head": [2, 4], "model.n_layer": {"int": [1, 4]}}},
+        {"when": {"model.family": ["gru"]}, "params": {"model.residual": [True, False], "model.n_layer": [1, 2]}},
+    ],
+    "fixed": {"train.batch_size": 4},
+}
+
+
+def _study() -> optuna.Study:
+    return optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+
+
+def test_parse_kinds_and_describe():
+    space = parse_space(SPACE)
+    by_path = {d.path: d for d in space.blocks[0].dists}
+    assert by_path["model.family"].kind == "categorical"
+    assert by_path["optim.lr"].kind == "float" and by_path["optim.lr"].log
+    assert by_path["model.d_model"].kind == "int" and by_path["model.d_model"].step == 16
+    assert space.blocks[0].fixed == {"train.batch_size": 4}
+    assert space.conditional
+    assert "when model.family=transformer" in space.describe()
+
+
+def test_shorthand_without_sections_is_params():
+    space = parse_space({"optim.lr": [1e-3, 2e-3], "train.batch_size": 8})
+    assert [d.path for d in space.dists] == ["optim.lr"]
+    assert space.blocks[0].fixed == {"train.batch_size": 8}
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        ({"optim.lrr": [1]}, "optim.lrr"),
+        ({"lr": [1]}, "'lr' is not a config path"),
+        ({"optim.lr": {"float": [1e-2, 1e-4]}}, "above high"),
+        ({"optim.lr": {"float": [0, 1], "log": True}}, "log range needs low > 0"),
+        ({"optim.lr": {"float": [1e-3, 1e-2], "grid": [1.0]}}, "within"),
+        ({"model.n_layer": {"int": [1.5, 3]}}, "integers"),
+        ({"model.n_layer": {"int": [1, 3], "foo": 1}}, "unknown option"),
+        ({"model.n_layer": []}, "non-empty"),
+        (
+            {"params": {"model.n_layer": [1]}, "conditional": [{"when": {"model.family": "lstm"}, "params": {}}]},
+            "not sampled or fixed before",
+        ),
+        (
+            {
+                "params": {"model.family": ["gru"], "model.n_layer": [1]},
+                "conditional": [{"when": {"model.family": "gru"}, "params": {"model.n_layer": [2]}}],
+            },
+            "both unconditionally and in a conditional block",
+        ),
+        ({"params": {}, "bogus": {}}, "unknown section"),
+    ],
+)
+def test_errors_name_the_problem(raw, needle):
+    with pytest.raises(SpaceError) as info:
+        parse_space(raw, source="s.yaml")
+    assert needle in str(info.value)
+    assert "s.yaml" in str(info.value)
+
+
+def test_suggest_follows_conditions_with_real_optuna_trials():
+    space = parse_space(SPACE)
+    study = _study()
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        values = space.suggest(trial)
+        study.tell(trial, 0.0)
+        fam = values["model.family"]
+        seen.add(fam)
+        assert values["train.batch_size"] == 4
+        if fam == "transformer":
+            assert values["model.n_head"] in (2, 4) and 1 <= values["model.n_layer"] <= 4
+            assert "model.residual" not in values
+        else:
+            assert "model.n_head" not in values
+            assert values["model.n_layer"] in (1, 2) and values["model.residual"] in (True, False)
+        assert values["model.d_model"] in (16, 32, 48, 64)
+        assert 1e-4 <= values["optim.lr"] <= 1e-2
+        # the inverse mapping from the stored params gives the same values
+        assert space.values_from_params(study.trials[-1].params) == values
+    assert seen == {"transformer", "gru"}
+
+
+def test_same_path_with_different_kinds_gets_distinct_optuna_names():
+    space = parse_space(SPACE)
+    names = {d.name for d in space.dists if d.path == "model.n_layer"}
+    # an int range and a categorical list cannot share one Optuna name
+    assert names == {"model.n_layer", "model.n_layer|model.family=gru"}
+
+
+def test_overlapping_conditions_are_refused_when_sampling():
+    space = parse_space(
+        {
+            "params": {"model.family": ["gru"]},
+            "conditional": [
+                {"when": {"model.family": "gru"}, "params": {"model.d_model": [16]}},
+                {"when": {"model.family": ["gru", "lstm"]}, "params": {"model.d_model": [32]}},
+            ],
+        }
+    )
+    with pytest.raises(SpaceError, match="two blocks"):
+        space.suggest(_study().ask())
+
+
+def test_grid_matches_brute_force_enumeration():
+    space = parse_space(SPACE)
+    grid = space.grid()
+    expected = []
+    for fam, lr, d in itertools.product(["transformer", "gru"], [1e-3, 3e-3], [16, 32, 48, 64]):
+        base = {"model.family": fam, "optim.lr": lr, "model.d_model": d}
+        if fam == "transformer":
+            for h, n in itertools.product([2, 4], [1, 2, 3, 4]):
+                expected.append({**base, "model.n_head": h, "model.n_layer": n})
+        else:
+            for r, n in itertools.product([True, False], [1, 2]):
+                expected.append({**base, "model.residual": r, "model.n_layer|model.family=gru": n})
+    key = lambda p: sorted((k, repr(v)) for k, v in p.items())  # noqa: E731
+    assert sorted(map(key, grid)) == sorted(map(key, expected))
+
+
+def test_grid_needs_listed_values_for_float_ranges():
+    space = parse_space({"optim.lr": {"float": [1e-4, 1e-2]}})
+    with pytest.raises(SpaceError, match="grid"):
+        space.grid()
+
+
+def test_restrict_drops_paths_the_user_fixed():
+    space = parse_space(SPACE).restrict({"optim.lr", "train.batch_size"})
+    assert "optim.lr" not in space.paths() and "train.batch_size" not in space.paths()
+
+
+def test_spec_round_trip():
+    space = parse_space(SPACE)
+    again = parse_space(space.to_spec())
+    assert [(d.name, d.kind, d.choices, d.low, d.high, d.log, d.step, d.grid) for d in again.dists] == [
+        (d.name, d.kind, d.choices, d.low, d.high, d.log, d.step, d.grid) for d in space.dists
+    ]
+    assert again.grid() == space.grid()
+
+
+def test_apply_values_switches_family_cleanly():
+    base = {"model": {"family": "transformer", "n_head": 8, "d_model": 64}}
+    raw = apply_values(base, {"model.family": "gru", "model.d_model": 32, "optim.lr": 0.01})
+    cfg = build_config(raw)  # the transformer-only n_head is gone, or validation would fail
+    assert cfg.model.family == "gru" and cfg.model.d_model == 32 and cfg.optim.lr == 0.01
+    assert base["model"]["n_head"] == 8  # the base is not modified
+    # options both families have survive the switch (a user's fixed width applies to every family)
+    kept = build_config(apply_values({"model": {"n_head": 2, "d_model": 24, "n_layer": 1}}, {"model.family": "lstm"}))
+    assert (kept.model.family, kept.model.d_model, kept.model.n_layer) == ("lstm", 24, 1)
+
+
+def test_repair_config_picks_a_valid_head_count():
+    raw = {"model": {"family": "transformer", "d_model": 48, "n_head": 5, "position": "rope"}}
+    notes = repair_config(raw)
+    # brute force: the largest n <= 5 dividing 48 with an even head size
+    expected = max(n for n in range(1, 6) if 48 % n == 0 and (48 // n) % 2 == 0)
+    assert raw["model"]["n_head"] == expected and notes
+    assert repair_config({"model": {"family": "gru", "d_model": 48}}) == []
+
+
+def test_default_space_samples_valid_configs():
+    space = load_space()
+    assert isinstance(space, SearchSpace) and space.conditional
+    study = _study()
+    families = set()
+    rng = random.Random(0)
+    for _ in range(40):
+        values = space.suggest(study.ask())
+        raw = apply_values({"data": {"block_size": rng.choice([16, 32])}}, values)
+        repair_config(raw)
+        cfg = build_config(raw)
+        families.add(cfg.model.family)
+        assert math.isfinite(cfg.optim.lr)
+    assert families == {"transformer", "gru", "lstm", "rcnn"}
