@@ -19,10 +19,10 @@ demo: $(STAMP)  ## the main job: train on the built-in demo corpus, print a samp
 
 test: $(STAMP)  ## the default test suite (no slow tests)
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -q -m "not slow"
 
 test-slow: $(STAMP)  ## the long tests
-	$(BIN)/pytest -m slow
+	$(BIN)/pytest -q -m slow
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
