@@ -39,6 +39,8 @@ class KVCache:
     """(B,) long: valid tokens seen per row, i.e. the position id of the row's next token."""
     length: int
     """Slots used (padding included)."""
+    padded: bool = False
+    """Whether any slot holds padding (else a single query needs no mask)."""
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,14 +236,20 @@ class TransformerModel(LanguageModel):
             raise ContextLengthError(
                 f"KV cache is full: {start} cached + {T} new tokens exceed model.max_seq_len ({self.max_seq_len})"
             )
-        valid = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid.to(torch.bool)
-        # position ids count only valid tokens; left padding gets position 0 (it is never attended to)
-        pos = (state.pos[:, None] + valid.cumsum(1) - 1).clamp_(min=0)  # (B, T)
-        state.key_valid[:, start:end] = valid
-        state.pos = state.pos + valid.sum(1)
+        if valid is None:  # decoding fast path: every new token is real
+            pos = state.pos[:, None] + torch.arange(T, device=idx.device)  # (B, T)
+            state.key_valid[:, start:end] = True
+            state.pos = state.pos + T
+        else:
+            valid = valid.to(torch.bool)
+            # position ids count only valid tokens; left padding gets position 0 (it is never attended to)
+            pos = (state.pos[:, None] + valid.cumsum(1) - 1).clamp_(min=0)  # (B, T)
+            state.key_valid[:, start:end] = valid
+            state.pos = state.pos + valid.sum(1)
+            state.padded = state.padded or not bool(valid.all())
 
         key_valid = state.key_valid[:, :end]  # (B, S)
-        if T == 1 and bool(key_valid.all()):
+        if T == 1 and not state.padded:
             mask = None  # one query that may see every cached key
         else:
             q_slot = torch.arange(start, end, device=idx.device)[:, None]  # (T, 1)
@@ -277,6 +285,7 @@ class TransformerModel(LanguageModel):
             key_valid=state.key_valid.index_select(0, index),
             pos=state.pos.index_select(0, index),
             length=state.length,
+            padded=state.padded,
         )
 
     def state_length(self, state: KVCache) -> int:

@@ -393,6 +393,13 @@ def _train(
         bad_evals = int(ts["bad_evals"])
         history = _truncate_metrics(out, state.step, write=dist.is_main)
         log(f"resumed from {resume_ckpt.path} at step {state.step}")
+    if dist.enabled:  # every rank must start from the same checkpoint, or their collectives go out of step
+        starts = dist.gather_object(state.step)
+        if len(set(starts)) > 1:
+            raise TrainingError(
+                f"the processes start from different steps {starts} (by rank): every node must see the same "
+                f"run directory {out} (put --out on a shared filesystem)"
+            )
 
     n_params = model.num_params()
     gd_blocks = len(data.train) // (block + 1)
