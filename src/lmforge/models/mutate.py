@@ -116,8 +116,9 @@ def _load(child: LanguageModel, state: dict[str, torch.Tensor]) -> None:
             if name not in target:
                 raise MutationError(f"internal: the child has no tensor {name!r}")
             if target[name].shape != value.shape:
-                raise MutationError(f"internal: {name} is {tuple(target[name].shape)} in the child, "
-                                    f"{tuple(value.shape)} in the parent")
+                raise MutationError(
+                    f"internal: {name} is {tuple(target[name].shape)} in the child, {tuple(value.shape)} in the parent"
+                )
             target[name].copy_(value)
 
 
@@ -136,7 +137,7 @@ def _renumber(state: dict[str, torch.Tensor], prefix: str, fn: Any) -> dict[str,
     return out
 
 
-def _zero_candidate(rnn: torch.nn.RNNBase, gates: int, rows: slice | None = None) -> None:
+def _zero_candidate(rnn: torch.nn.RNNBase, rows: slice | None = None) -> None:
     """Zero the candidate rows (input and hidden weights, both biases) of ``rnn``; ``rows`` selects units
     within the candidate chunk (default: all)."""
     d = rnn.hidden_size
@@ -190,13 +191,13 @@ def add_layer(model: LanguageModel, index: int | None = None, *, exact: bool = T
                 if lin.bias is not None:
                     lin.bias.zero_()
         elif fam in ("lstm", "gru"):
-            _zero_candidate(child.layers[i], _GATES[fam])
+            _zero_candidate(child.layers[i])
         else:
             block = child.blocks[i]
             d = cfg.d_model
             block.conv.pw.weight[:d].zero_()  # GLU value half: a = 0, so a * sigmoid(b) = 0
             block.conv.pw.bias[:d].zero_()
-            _zero_candidate(block.rnn, _GATES[cfg.rnn])
+            _zero_candidate(block.rnn)
     return child
 
 
@@ -223,8 +224,9 @@ def _new_width(old: int, factor: float | None, width: int | None, what: str) -> 
     return new
 
 
-def widen(model: LanguageModel, factor: float | None = None, *, width: int | None = None,
-          method: str = "net2net") -> LanguageModel:
+def widen(
+    model: LanguageModel, factor: float | None = None, *, width: int | None = None, method: str = "net2net"
+) -> LanguageModel:
     """A wider child computing the same function: the transformer's MLP hidden width, or the recurrent
     ``d_model`` (see the module docstring). ``factor`` multiplies the current width, ``width`` sets it.
     ``method`` (transformer only): ``net2net`` (duplicate units, split outgoing weights) or ``zero``."""
@@ -300,7 +302,7 @@ def _widen_recurrent(model: LanguageModel, factor: float | None, width: int | No
                     # old units: old rows and old columns; the new columns multiply zeros (random init kept)
                     cw[g * new_d : g * new_d + d, :d] = pw[g * d : (g + 1) * d]
                     cbias[g * new_d : g * new_d + d] = pbias[g * d : (g + 1) * d]
-            _zero_candidate(c_rnn, gates, rows=slice(d, new_d))  # new units output exactly 0
+            _zero_candidate(c_rnn, rows=slice(d, new_d))  # new units output exactly 0
     return child
 
 

@@ -56,6 +56,8 @@ class _Run:
     trials: list[Any] = field(default_factory=list)
     objectives: list[str] = field(default_factory=lambda: ["val_loss"])
     notes: list[str] = field(default_factory=list)
+    steps: dict[str, Any] = field(default_factory=dict)
+    """Pipeline step -> status, from ``pipeline.json`` or the newer ``summary.json``."""
 
     @property
     def complete(self) -> list[Any]:
@@ -80,10 +82,22 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 def _load_run(run_dir: Path) -> _Run:
     run = _Run(
         run_dir=run_dir, state=_read_json(run_dir / "pipeline.json"), summary=_read_json(run_dir / "summary.json")
     )
+    run.steps = {k: (v or {}).get("status") for k, v in ((run.state or {}).get("steps") or {}).items()}
+    if isinstance((run.summary or {}).get("steps"), dict) and (
+        not run.steps or _mtime(run_dir / "summary.json") >= _mtime(run_dir / "pipeline.json")
+    ):  # the pipeline writes the summary (and builds this report) just before it saves its state
+        run.steps = dict(run.summary["steps"])
     url = (run.state or {}).get("storage")
     name = (run.state or {}).get("study_name")
     if url is None and (run_dir / "study.journal").is_file():
@@ -705,9 +719,9 @@ def _overview(run: _Run) -> list[tuple[str, Any]]:
         items.append(("objectives", ", ".join(run.objectives)))
     if run.ctx is not None:
         items.append(("sampler / pruner", f"{run.ctx.sampler} / {run.ctx.pruner}"))
+    if run.steps:
+        items.append(("pipeline steps", ", ".join(f"{k}: {v}" for k, v in run.steps.items())))
     if run.state is not None:
-        steps = run.state.get("steps") or {}
-        items.append(("pipeline steps", ", ".join(f"{k}: {v.get('status')}" for k, v in steps.items())))
         if (run.state.get("options") or {}).get("strategy"):
             items.append(("strategy", run.state["options"]["strategy"]))
     best = run.best()

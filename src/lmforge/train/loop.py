@@ -461,6 +461,7 @@ def _train(
         val_loss, _ = evaluate_loss(eval_fwd, val_batches, device, autocast, dist if dist.enabled else None)
         rec = {
             "step": state.step, "tokens": state.tokens, "elapsed_s": round(state.elapsed_s, 3),
+            "time": round(time.time(), 3),
             "train_loss": train_loss, "val_loss": val_loss,
             "val_ppl": math.exp(min(val_loss, 50.0)),
             "val_bits_per_token": val_loss / math.log(2),
