@@ -11,11 +11,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-.PHONY: setup demo test test-slow lint bench
+.PHONY: setup demo train-demo test test-slow bench
 setup: $(STAMP)
 
-demo: $(STAMP)  ## the main job: train on the built-in demo corpus, print a sample
-	$(BIN)/lmforge train --data demo --out runs/demo --train.resume auto --config examples/demo.yaml
+demo: $(STAMP)  ## the main job: a 3-minute search on the built-in demo corpus, then a sample from the best model
+	$(BIN)/lmforge tune --data demo --out runs/demo --budget 3m
+	$(BIN)/lmforge generate runs/demo "def " --do-sample --temperature 0.8 --top-k 50 --seed 0 --max-new-tokens 300
+
+train-demo: $(STAMP)  ## a single training run on the demo corpus (about a minute)
+	$(BIN)/lmforge train --data demo --out runs/train-demo --train.resume auto --config examples/demo.yaml
 
 test: $(STAMP)  ## the default test suite (no slow tests)
 	$(BIN)/ruff check src tests benchmarks
@@ -24,6 +28,10 @@ test: $(STAMP)  ## the default test suite (no slow tests)
 test-slow: $(STAMP)  ## the long tests
 	$(BIN)/pytest -q -m slow
 
-bench: $(STAMP)
+bench: $(STAMP)  ## every benchmark (tens of minutes; each prints a table and a RESULT line)
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/recipe_nanogpt.py
+	$(BIN)/python benchmarks/generate_throughput.py
+	$(BIN)/python benchmarks/task_metrics.py
+	$(BIN)/python benchmarks/serve_load.py
+	$(BIN)/python benchmarks/search_vs_baselines.py
