@@ -19,6 +19,12 @@ examples:
   lmforge tune --data corpus.txt --out runs/t2 --budget 5Mtok --space my_space.yaml --sampler random
   lmforge tune --data demo --out runs/pareto --budget 1h --objectives val_loss,params,latency
   lmforge tune --data demo --out runs/grid --budget 30m --space grid.yaml --sampler grid --cv 3
+
+scaling out (see `lmforge worker --help`):
+  lmforge tune --data /shared/c.txt --out /shared/runs/t --storage postgresql://HOST/DB --n-jobs 2
+  lmforge worker --storage postgresql://HOST/DB --study t        # on each further machine
+  lmforge tune --data demo --out runs/ray --backend ray --address auto --trial-resources cpu=1,gpu=0.5
+  lmforge tune --out runs/ray --backend ray --address auto --resume   # after the driver died
 Any config field can be fixed as --section.field VALUE (it is then removed from the space).
 """
 
@@ -61,6 +67,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "file (default DIR/study.journal)",
     )
     t.add_argument("--study-name", help="default: the name of DIR")
+    t.add_argument(
+        "--backend",
+        choices=["embedded", "ray"],
+        default="embedded",
+        help="embedded: worker processes on the study (default); ray: Ray Tune trials (pip install 'lmforge[ray]')",
+    )
+    t.add_argument("--address", help="Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: a local Ray)")
+    t.add_argument("--trial-resources", help="Ray resources per trial, e.g. cpu=1,gpu=0.5 (default cpu=1)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out (with Ray: Tuner.restore)")
     t.add_argument("--disk-cap", default="2GB", help="delete checkpoints of stopped trials above this (default 2GB)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--config", help="base config YAML (the space's values are set on top)")
@@ -72,7 +87,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     from lmforge.search.pipeline import TuneOptions, read_state, run_pipeline
 
-    if not args.data and read_state(args.out) is None:
+    if args.backend == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise UserError("--backend ray needs Ray: pip install 'lmforge[ray]' (or pip install 'ray[tune]')")
+    if not args.data and read_state(args.out) is None and not args.resume:
         raise UserError("no data: pass --data PATH|demo|hf:NAME")
     opts = TuneOptions(
         out=args.out,
@@ -95,6 +115,10 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         overrides=list(overrides),
         verbose=not args.quiet,
         progress_interval=args.progress_interval,
+        backend=args.backend,
+        address=args.address,
+        trial_resources=args.trial_resources,
+        resume=args.resume,
     )
     summary = run_pipeline(opts)
     if args.quiet:

@@ -99,9 +99,18 @@ class TuneOptions:
     overrides: list[str] = field(default_factory=list)
     verbose: bool = True
     progress_interval: float = 15.0
+    backend: str = "embedded"
+    """``embedded`` (worker processes on one study) or ``ray`` (Ray Tune trials; see ``ray_backend``)."""
+    address: str | None = None
+    """Ray cluster: ``auto``, ``HOST:PORT`` or ``ray://HOST:PORT`` (default: a local Ray instance)."""
+    trial_resources: str | None = None
+    """Ray resources per trial, e.g. ``cpu=1,gpu=0.5``."""
+    resume: bool = False
+    """Continue the run in ``out`` (it must exist), the Ray experiment included."""
 
 
 DEFAULT_BUDGET = "10m"
+BACKENDS = ("embedded", "ray")
 _DEFAULTS = TuneOptions(out="")
 
 
@@ -197,6 +206,8 @@ class _Pipeline:
     # -- entry --------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         existing = read_state(self.run_dir)
+        if existing is None and self.opts.resume:
+            raise SearchError(f"--resume: {self.run_dir} holds no lmforge tune run to resume")
         if existing is None:
             self._init()
         else:
@@ -230,6 +241,10 @@ class _Pipeline:
         base_cfg = build_config(base)
         if not base_cfg.data.path:
             raise ConfigError("no data: pass --data PATH|demo|hf:NAME")
+        if o.backend not in BACKENDS:
+            raise SearchError(f"--backend {o.backend!r}: unknown; known: {', '.join(BACKENDS)}")
+        if Path(base_cfg.data.path).exists():  # workers on other machines and Ray trials run in other folders
+            base.setdefault("data", {})["path"] = str(Path(base_cfg.data.path).resolve())
         objectives = _objectives(o.objectives)
         multi = len(objectives) > 1
         sampler = o.sampler or ("nsga2" if multi else "tpe")
@@ -249,6 +264,11 @@ class _Pipeline:
             raise SearchError(f"--cv {o.cv}: use 0 (no cross-validation) or k >= 2 folds")
         if o.n_jobs < 1:
             raise SearchError(f"--n-jobs {o.n_jobs}: must be at least 1")
+        if o.backend == "ray":  # refused before any data is read (also: Ray is installed)
+            from lmforge.search.ray_backend import check_options, parse_resources
+
+            check_options(sampler=sampler, pruner=pruner, cv=o.cv, objectives=objectives)
+            parse_resources(o.trial_resources)
         max_params = parse_count(o.max_params) if o.max_params is not None else None
         disk_cap = parse_bytes(o.disk_cap) if o.disk_cap is not None else None
         trial_tokens = parse_count(o.trial_tokens, "--trial-tokens") if o.trial_tokens is not None else None
@@ -309,7 +329,8 @@ class _Pipeline:
             sampler=sampler,
             pruner=pruner,
             seed=o.seed,
-            parallel=o.n_jobs > 1,
+            # several workers (other machines may join a shared storage): TPE then uses the constant liar
+            parallel=o.n_jobs > 1 or o.storage is not None or o.backend == "ray",
             max_params=max_params,
             param_cap=param_cap,
             cv=o.cv,
@@ -356,7 +377,7 @@ class _Pipeline:
         self.state = state
         o = self.opts
         stored = state["options"]
-        keys = ("data", "space", "sampler", "pruner", "cv", "max_params", "seed", "config", "objectives")
+        keys = ("data", "space", "sampler", "pruner", "cv", "max_params", "seed", "config", "objectives", "backend")
         given = {k: getattr(o, k) for k in keys if getattr(o, k) != getattr(_DEFAULTS, k)}
         differ = [k for k, v in given.items() if v != stored.get(k)]
         self.log(
@@ -401,10 +422,12 @@ class _Pipeline:
         ctx.n_trials = self.state["options"].get("n_trials")
         ctx.parallel = ctx.parallel or self.opts.n_jobs > 1
         study.set_user_attr(CONTEXT_ATTR, ctx.to_dict())
-        exclusive = self.state["storage"] == storage_url(None, self.run_dir)
-        recovered = recover_interrupted(study, exclusive=exclusive)
-        if recovered:
-            self.log(f"trial(s) {recovered} were interrupted by the last run: failed, enqueued again")
+        ray = self.state["options"].get("backend", "embedded") == "ray"
+        if not ray:  # Ray restores its own trials: their Optuna trials stay RUNNING for it
+            exclusive = self.state["storage"] == storage_url(None, self.run_dir)
+            recovered = recover_interrupted(study, exclusive=exclusive)
+            if recovered:
+                self.log(f"trial(s) {recovered} were interrupted by the last run: failed, enqueued again")
         self.set_step("search", status="running")
 
         table = LiveTable(
@@ -422,7 +445,22 @@ class _Pipeline:
             self.tick("search")
             table.maybe_print()
 
-        if self.opts.n_jobs == 1:
+        ray_reason = None
+        if ray:
+            from lmforge.search.ray_backend import RayOptions, run_ray_search
+
+            stored = self.state["options"]  # a resumed run keeps its cluster and trial size unless given anew
+            ray_opts = RayOptions(
+                address=self.opts.address or stored.get("address"),
+                trial_resources=self.opts.trial_resources or stored.get("trial_resources"),
+                max_concurrent=self.opts.n_jobs if self.opts.n_jobs > 1 else None,
+                resume=self.opts.resume,
+                verbose=self.opts.verbose,
+            )
+            ray_reason = run_ray_search(
+                study, ctx, self._search_data(ctx), self.state["storage"], ray_opts, hook=hook, log=self.log
+            )
+        elif self.opts.n_jobs == 1:
             from lmforge.search.worker import run_worker
 
             run_worker(self.state["study_name"], self.state["storage"], data=self._search_data(ctx), hook=hook)
@@ -432,7 +470,7 @@ class _Pipeline:
         table.maybe_print(force=True)
         from lmforge.search.worker import search_done
 
-        why = search_done(study, ctx) or "no trial left to run"
+        why = search_done(study, ctx) or ray_reason or "no trial left to run"
         self.log(f"search finished: {why}")
         self.set_step("search", status="done", reason=why)
 

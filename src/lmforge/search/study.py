@@ -2,9 +2,15 @@
 
 Storage (``--storage``): none -> a journal file ``DIR/study.journal`` (append-only, file-locked: safe for several
 local worker processes, survives a kill at any moment); ``sqlite:///...``, ``postgresql://...``,
-``mysql://...`` -> :class:`optuna.storages.RDBStorage` with heartbeats, so trials of a worker that died on
-another machine are failed and retried; ``redis://...`` -> a journal in Redis; any other value -> a journal
-file at that path.
+``mysql://...`` -> :class:`optuna.storages.RDBStorage` with heartbeats; ``redis://HOST:PORT/DB`` -> a journal
+in Redis (``?prefix=NAME`` keeps one project's keys apart); any other value -> a journal file at that path
+(on a shared filesystem, several machines can use it).
+
+Heartbeats: a running trial's worker beats every ``LMFORGE_HEARTBEAT_S`` seconds (default 30): RDB storages
+record Optuna's native heartbeat, journals a trial system attribute. A trial whose beat has not changed for
+``LMFORGE_GRACE_S`` seconds (default 120) is failed by any other worker (:func:`fail_stale`) and its
+configuration enqueued again; a journal's staleness is judged by how long the *observer* has seen the beat
+unchanged, so the machines' clocks need not agree.
 
 A trial records the host and process running it (user attributes ``host``, ``pid``, ``pid_start``). When
 a run resumes, a RUNNING trial whose process no longer exists on this host was interrupted: it is marked
@@ -17,7 +23,9 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +37,8 @@ MAX_RETRY = 2
 """Retries of an interrupted trial (a trial that keeps killing its worker is not retried forever)."""
 HEARTBEAT_S = 30
 GRACE_S = 120
+HEARTBEAT_ATTR = "lmforge_heartbeat"
+"""Journal storages: the trial system attribute a running trial's worker rewrites every heartbeat."""
 
 
 class SearchError(LmforgeError):
@@ -50,24 +60,74 @@ def storage_url(storage: str | None, run_dir: str | Path) -> str:
     return storage if storage else str(Path(run_dir).resolve() / "study.journal")
 
 
+def heartbeat_settings() -> tuple[int, int]:
+    """(heartbeat interval, grace period) in seconds: ``LMFORGE_HEARTBEAT_S`` and ``LMFORGE_GRACE_S`` override
+    the defaults (the grace period defaults to four intervals when only the interval is set)."""
+    values = []
+    for var, default in (("LMFORGE_HEARTBEAT_S", HEARTBEAT_S), ("LMFORGE_GRACE_S", None)):
+        raw = os.environ.get(var)
+        if raw is None or raw.strip() == "":
+            values.append(default)
+            continue
+        try:
+            v = int(raw)
+        except ValueError:
+            v = 0
+        if v < 1:
+            raise SearchError(f"{var}={raw!r}: must be a whole number of seconds >= 1")
+        values.append(v)
+    interval, grace = values
+    if grace is None:
+        grace = GRACE_S if interval == HEARTBEAT_S else 4 * interval
+    if grace <= interval:
+        raise SearchError(f"LMFORGE_GRACE_S={grace} must exceed the heartbeat interval ({interval}s)")
+    return interval, grace
+
+
+def redis_url_and_prefix(url: str) -> tuple[str, str]:
+    """``redis://host:port/db?prefix=NAME`` -> (the URL without ``prefix``, ``NAME``); redis-py rejects the
+    unknown query argument, Optuna's journal takes the prefix separately."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    prefix = "".join(v for k, v in query if k == "prefix")
+    rest = urlencode([(k, v) for k, v in query if k != "prefix"])
+    return urlunsplit(parts._replace(query=rest)), prefix
+
+
 def open_storage(url: str) -> Any:
     """An Optuna storage for ``url`` (see the module docstring)."""
     import optuna
-    from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages import JournalStorage, RDBStorage
     from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
 
     quiet_optuna()
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     try:
         if scheme.startswith(("sqlite", "postgresql", "postgres", "mysql")):
-            return RDBStorage(
-                url,
-                heartbeat_interval=HEARTBEAT_S,
-                grace_period=GRACE_S,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
-            )
+            import sqlalchemy.exc
+
+            interval, grace = heartbeat_settings()
+            try:
+                return RDBStorage(
+                    _sqlalchemy_url(url),
+                    heartbeat_interval=interval,
+                    grace_period=grace,
+                    heartbeat_stale_trial_callback=RetryStaleTrial(),
+                )
+            except sqlalchemy.exc.SQLAlchemyError as err:
+                first = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+                raise SearchError(f"--storage {url!r}: cannot open: {first}") from None
         if scheme in ("redis", "rediss", "unix"):
-            return JournalStorage(JournalRedisBackend(url))
+            import redis
+
+            bare, prefix = redis_url_and_prefix(url)
+            try:
+                redis.Redis.from_url(bare).ping()  # fail here, in one line, when the server is unreachable
+            except redis.exceptions.RedisError as err:
+                raise SearchError(f"--storage {url!r}: cannot reach the Redis server: {err}") from None
+            return JournalStorage(JournalRedisBackend(bare, prefix=prefix))
         if scheme:
             raise SearchError(
                 f"--storage {url!r}: unknown scheme {scheme!r}; use sqlite:///, postgresql://, "
@@ -87,27 +147,54 @@ def open_storage(url: str) -> Any:
         raise SearchError(f"--storage {url!r}: cannot open: {err}") from None
 
 
-def _flock_lock(path: str) -> Any:
+def _sqlalchemy_url(url: str) -> str:
+    """``postgresql://`` (or ``postgres://``) with the PostgreSQL driver that is installed: SQLAlchemy 2.1
+    defaults to psycopg 3, the ``scale`` extra installs psycopg2."""
+    import importlib.util
+
+    scheme, rest = url.split("://", 1)
+    if scheme.lower() in ("postgresql", "postgres"):
+        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+            return f"postgresql+psycopg2://{rest}"
+        return f"postgresql://{rest}"
+    return url
+
+
+class FlockLock:
     """A journal lock held with ``flock``: the kernel releases it when its process dies, so a run killed
-    while appending never leaves a stale lock (Optuna's file locks then wait out a grace period)."""
-    import fcntl
+    while appending never leaves a stale lock (Optuna's file locks then wait out a grace period). It has
+    the interface of Optuna's ``BaseJournalFileLock`` (``acquire() -> True``, ``release()``) and pickles
+    (Ray saves the searcher's storage with the experiment)."""
 
-    class FlockLock:  # the interface of optuna's BaseJournalFileLock: acquire() -> True, release()
-        def __init__(self) -> None:
-            self._fds: list[int] = []
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fds: list[int] = []
 
-        def acquire(self) -> bool:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # one descriptor per holder: threads exclude too
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            self._fds.append(fd)
-            return True
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path}  # descriptors are per process
 
-        def release(self) -> None:
-            fd = self._fds.pop()
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path = state["path"]
+        self._fds = []
 
-    return FlockLock()
+    def acquire(self) -> bool:
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # one descriptor per holder: threads exclude too
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self._fds.append(fd)
+        return True
+
+    def release(self) -> None:
+        import fcntl
+
+        fd = self._fds.pop()
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _flock_lock(path: str) -> FlockLock:
+    return FlockLock(path)
 
 
 def dashboard_command(url: str) -> str:
@@ -246,14 +333,10 @@ def recover_interrupted(study: Any, *, exclusive: bool = False) -> list[int]:
     Trials of other hosts are left to the storage's heartbeat (RDB storages). ``exclusive``: no other
     worker can be running (the caller holds the run directory's lock and the storage is its own), so a
     trial that was asked but never labelled with its process is interrupted too."""
-    from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
 
     quiet_optuna()
-    try:
-        fail_stale_trials(study)  # RDB storages with heartbeats; a no-op for journals
-    except (AttributeError, NotImplementedError, RuntimeError):
-        pass
+    fail_stale(study)  # RDB storages: stale heartbeats of any host (a journal needs a watch over time)
     host = socket.gethostname()
     storage = study._storage  # noqa: SLF001 (marking another process's trial needs the storage itself)
     recovered = []
@@ -317,8 +400,18 @@ def original_number(trial: Any) -> int:
     return int(history[0]) if history else int(trial.number)
 
 
+class RetryStaleTrial:
+    """RDB storages' ``heartbeat_stale_trial_callback``: the stale trial's configuration is enqueued again
+    with its run directory (:func:`enqueue_retry`), as Optuna's ``RetryHeartbeatStaleTrialCallback`` would
+    but without copying the dead attempt's progress attributes."""
+
+    def __call__(self, study: Any, trial: Any) -> None:
+        enqueue_retry(study, trial)
+
+
 class Heartbeat:
-    """Records heartbeats of a running trial in storages that support them (RDB), in a daemon thread."""
+    """Beats for a running trial in a daemon thread: Optuna's heartbeat on RDB storages, the
+    ``HEARTBEAT_ATTR`` system attribute on journal storages (file or Redis); nothing on others."""
 
     def __init__(self, storage: Any, trial_id: int) -> None:
         self._storage = storage
@@ -326,20 +419,37 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> Heartbeat:
+    def _beat_function(self) -> tuple[Callable[[], None], float] | None:
+        from optuna.storages import JournalStorage
+
         get_interval = getattr(self._storage, "get_heartbeat_interval", None)
         if get_interval is not None and get_interval():
-            interval = float(get_interval())
-            self._storage.record_heartbeat(self._trial_id)
+            return (lambda: self._storage.record_heartbeat(self._trial_id)), float(get_interval())
+        if isinstance(self._storage, JournalStorage):
+            interval, grace = heartbeat_settings()
+            ident = process_identity()
 
             def beat() -> None:
+                value = {"beat": time.time(), "interval": interval, "grace": grace, **ident}
+                self._storage.set_trial_system_attr(self._trial_id, HEARTBEAT_ATTR, value)
+
+            return beat, float(interval)
+        return None
+
+    def __enter__(self) -> Heartbeat:
+        found = self._beat_function()
+        if found is not None:
+            beat, interval = found
+            beat()
+
+            def loop() -> None:
                 while not self._stop.wait(interval):
                     try:
-                        self._storage.record_heartbeat(self._trial_id)
-                    except Exception:  # a database hiccup must not kill training; the next beat retries
+                        beat()
+                    except Exception:  # a storage hiccup must not kill training; the next beat retries
                         pass
 
-            self._thread = threading.Thread(target=beat, daemon=True, name="lmforge-heartbeat")
+            self._thread = threading.Thread(target=loop, daemon=True, name="lmforge-heartbeat")
             self._thread.start()
         return self
 
@@ -347,3 +457,77 @@ class Heartbeat:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+
+class StaleWatch:
+    """Finds the RUNNING trials whose worker stopped beating.
+
+    RDB storages answer themselves (the database's clock). For journals the watch remembers, per trial, the
+    last beat it saw and when (its own monotonic clock): a trial is stale once its beat stayed unchanged for
+    the grace period the trial's worker declared (``LMFORGE_GRACE_S`` for a trial that never beat). A new
+    watch therefore needs one grace period of observation before it fails anything."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._seen: dict[int, tuple[Any, float]] = {}
+        self._last_check = -float("inf")
+
+    def stale(self, study: Any) -> list[Any]:
+        from optuna.storages._heartbeat import is_heartbeat_enabled
+        from optuna.trial import TrialState
+
+        storage = study._storage  # noqa: SLF001
+        if is_heartbeat_enabled(storage):
+            ids = storage._get_stale_trial_ids(study._study_id)  # noqa: SLF001
+            return [storage.get_trial(i) for i in ids]
+        now = self._clock()
+        _, default_grace = heartbeat_settings()
+        seen: dict[int, tuple[Any, float]] = {}
+        out = []
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            hb = t.system_attrs.get(HEARTBEAT_ATTR) or {}
+            key = hb.get("beat")
+            prev = self._seen.get(t._trial_id)  # noqa: SLF001
+            since = prev[1] if prev is not None and prev[0] == key else now
+            seen[t._trial_id] = (key, since)  # noqa: SLF001
+            if now - since > float(hb.get("grace") or default_grace):
+                out.append(t)
+        self._seen = seen
+        return out
+
+    def check(self, study: Any, *, every: float | None = None) -> list[int]:
+        """:func:`fail_stale` with this watch, at most once per ``every`` seconds (default: the heartbeat
+        interval); the numbers of the trials failed."""
+        now = self._clock()
+        if every is None:
+            every = float(heartbeat_settings()[0])
+        if now - self._last_check < every:
+            return []
+        self._last_check = now
+        return fail_stale(study, self)
+
+
+def fail_stale(study: Any, watch: StaleWatch | None = None) -> list[int]:
+    """Fail the RUNNING trials whose heartbeat is stale and enqueue their configurations again; return
+    their numbers. Several workers may race here: the storage lets exactly one of them finish a trial
+    (the others get ``UpdateFinishedTrialError``), and only that one enqueues the retry."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    storage = study._storage  # noqa: SLF001
+    failed = []
+    for t in (watch or StaleWatch()).stale(study):
+        tid = t._trial_id  # noqa: SLF001
+        hb = t.system_attrs.get(HEARTBEAT_ATTR) or {}
+        who = f" (host {t.user_attrs.get('host')}, pid {t.user_attrs.get('pid')})" if t.user_attrs.get("host") else ""
+        grace = hb.get("grace") or getattr(storage, "grace_period", None) or heartbeat_settings()[1]
+        try:
+            storage.set_trial_user_attr(tid, "fail_reason", f"worker lost{who}: no heartbeat for {grace}s")
+            storage.set_trial_user_attr(tid, "interrupted", True)
+            if not storage.set_trial_state_values(tid, TrialState.FAIL):
+                continue
+        except UpdateFinishedTrialError:  # finished meanwhile, or another worker failed it first
+            continue
+        enqueue_retry(study, storage.get_trial(tid))
+        failed.append(t.number)
+    return failed

@@ -3,7 +3,12 @@
 A worker needs only the storage and the study name: the study carries the search context (base config,
 space, fidelity, budget) in a user attribute written by ``lmforge tune``. ``lmforge tune --n-jobs N`` starts N
 of them as processes (``python -m lmforge.search.worker``); more can join from other machines that share the
-storage and can read the data and the run directory.
+storage and can read the data and the run directory (``lmforge worker``).
+
+Workers share the study safely: ``--n-trials N`` admits exactly the first N new trials by trial number (a
+trial asked past the cap in a race is marked ``discarded`` and never trained); every worker watches the
+others' heartbeats and fails and re-enqueues the trial of a worker that died (:class:`StaleWatch`); and a
+worker leaves only when no trial is running any more, so the retry of a lost trial always finds a taker.
 """
 
 from __future__ import annotations
@@ -26,7 +31,19 @@ from lmforge.search.objective import (
     run_trial,
     tokens_used,
 )
-from lmforge.search.study import SearchError, frozen, load, make_pruner, make_sampler, open_storage, original_number
+from lmforge.search.study import (
+    SearchError,
+    StaleWatch,
+    frozen,
+    load,
+    make_pruner,
+    make_sampler,
+    open_storage,
+    original_number,
+)
+
+POLL_S = 2.0
+"""Seconds between looks at the study while waiting for other workers' trials to end."""
 
 
 def load_context(study: Any) -> SearchContext:
@@ -73,6 +90,26 @@ def search_done(study: Any, ctx: SearchContext) -> str | None:
     return None
 
 
+def over_cap(study: Any, trial: Any, n_trials: int | None) -> bool:
+    """Whether ``trial`` (just asked, not a retry or an enqueued point) lies past the ``n_trials`` cap: at
+    least ``n_trials`` new trials have smaller numbers. Trial numbers are assigned atomically by the
+    storage, so racing workers agree on which trials are admitted: exactly the first ``n_trials``."""
+    if n_trials is None:
+        return False
+    earlier = 0
+    for t in study.get_trials(deepcopy=False):
+        if t.number >= trial.number or t.user_attrs.get("discarded") or "failed_trial" in t.system_attrs:
+            continue
+        earlier += 1
+    return earlier >= n_trials
+
+
+def _running(study: Any) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+
 def run_worker(
     study_name: str,
     storage: str | Any,
@@ -82,29 +119,54 @@ def run_worker(
     hook: Callable[[], None] | None = None,
     verbose: bool = False,
     max_trials: int | None = None,
+    run_dir: str | None = None,
+    wait: bool = True,
+    poll_s: float = POLL_S,
 ) -> int:
     """Run trials of ``study_name`` until :func:`search_done`; return how many this worker ran.
 
-    ``hook`` is called after every evaluation and every trial (progress display, bookkeeping).
-    KeyboardInterrupt (and SIGTERM during training) re-enqueues the current trial and propagates."""
+    ``hook`` is called after every evaluation and every trial (progress display, bookkeeping), and while
+    waiting. ``run_dir`` replaces the run directory the study names (the same shared directory mounted
+    elsewhere). ``wait``: when the search is done but other workers' trials still run, stay (failing the
+    stale ones and running their retries) until none runs. KeyboardInterrupt (and SIGTERM during
+    training) re-enqueues the current trial and propagates."""
+    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
     study, ctx = open_study(study_name, storage, worker_id)
+    if run_dir is not None:
+        ctx.run_dir = run_dir
     if data is None:
         data = prepare_search_data(ctx.base_config, ctx.cv, ctx.seed)
+    watch = StaleWatch()
+
+    def tick() -> None:
+        watch.check(study)  # rate-limited to the heartbeat interval
+        if hook is not None:
+            hook()
+
     n = 0
     while max_trials is None or n < max_trials:
+        tick()
         if search_done(study, ctx) is not None:
-            break
+            if not wait or _running(study) == 0:
+                break
+            time.sleep(poll_s)  # other workers' trials may yet fail and be retried here
+            continue
         trial = study.ask()
         attrs = frozen(study, trial).system_attrs
         queued = "fixed_params" in attrs or "failed_trial" in attrs
-        if ctx.sampler == "grid" and not queued:
-            # another worker took the last grid point between the check and ask(): not a grid point
+        if (ctx.sampler == "grid" and not queued) or (not queued and over_cap(study, trial, ctx.n_trials)):
+            # another worker took the last grid point or the last admitted trial between the check and ask()
             trial.set_user_attr("discarded", True)
             study.tell(trial, state=TrialState.FAIL)
-            break
-        run_trial(study, trial, ctx, data, hook=hook, verbose=verbose)
+            continue
+        try:
+            run_trial(study, trial, ctx, data, hook=tick, verbose=verbose)
+        except UpdateFinishedTrialError:
+            # this worker's beats did not reach the storage for a grace period: another worker failed the
+            # trial as lost and enqueued its retry, which continues it from its checkpoint
+            print(f"trial {trial.number} was failed as stale by another worker; its retry takes over", file=sys.stderr)
         n += 1
         enforce_disk_cap(study, ctx.run_dir, ctx.disk_cap, ctx.keep_best)
         if hook is not None:
