@@ -76,6 +76,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--address", help="Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: a local Ray)")
     t.add_argument("--trial-resources", help="Ray resources per trial, e.g. cpu=1,gpu=0.5 (default cpu=1)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out (with Ray: Tuner.restore)")
+    t.add_argument("--strategy", choices=["optuna", "evolution"], default="optuna",
+                   help="optuna: the sampler proposes trials; evolution: regularized evolution of trained networks "
+                        "(children continue from mutated parents: add/remove a layer, widen, connections)")
+    t.add_argument("--population", type=int, default=8, help="evolution: population size")
+    t.add_argument("--sample", type=int, default=3, help="evolution: tournament size")
     t.add_argument("--disk-cap", default="2GB", help="delete checkpoints of stopped trials above this (default 2GB)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--config", help="base config YAML (the space's values are set on top)")
@@ -119,6 +124,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         address=args.address,
         trial_resources=args.trial_resources,
         resume=args.resume,
+        strategy=args.strategy,
+        population=args.population,
+        sample=args.sample,
     )
     summary = run_pipeline(opts)
     if args.quiet:

@@ -107,10 +107,16 @@ class TuneOptions:
     """Ray resources per trial, e.g. ``cpu=1,gpu=0.5``."""
     resume: bool = False
     """Continue the run in ``out`` (it must exist), the Ray experiment included."""
+    strategy: str = "optuna"
+    """``optuna`` (the sampler proposes every trial) or ``evolution`` (regularized evolution: children are
+    mutated copies of trained parents that continue from the parent's weights; see ``search.evolution``)."""
+    population: int = 8
+    sample: int = 3
 
 
 DEFAULT_BUDGET = "10m"
 BACKENDS = ("embedded", "ray")
+STRATEGIES = ("optuna", "evolution")
 _DEFAULTS = TuneOptions(out="")
 
 
@@ -243,6 +249,11 @@ class _Pipeline:
             raise ConfigError("no data: pass --data PATH|demo|hf:NAME")
         if o.backend not in BACKENDS:
             raise SearchError(f"--backend {o.backend!r}: unknown; known: {', '.join(BACKENDS)}")
+        if o.strategy not in STRATEGIES:
+            raise SearchError(f"--strategy {o.strategy!r}: unknown; known: {', '.join(STRATEGIES)}")
+        if o.strategy == "evolution" and (o.backend == "ray" or o.cv >= 2 or o.sampler == "grid"):
+            raise SearchError("--strategy evolution runs one trial at a time on the embedded backend, "
+                              "without --cv or --sampler grid")
         if Path(base_cfg.data.path).exists():  # workers on other machines and Ray trials run in other folders
             base.setdefault("data", {})["path"] = str(Path(base_cfg.data.path).resolve())
         objectives = _objectives(o.objectives)
@@ -254,6 +265,9 @@ class _Pipeline:
         if pruner not in PRUNERS:
             raise SearchError(f"--pruner {pruner!r}: unknown; known: {', '.join(PRUNERS)}")
         notes = []
+        if o.strategy == "evolution" and pruner != "none":
+            notes.append("evolution: no pruner (selection happens in the tournaments)")
+            pruner = "none"
         if multi and pruner != "none":
             notes.append(f"--pruner {pruner} ignored: Optuna prunes single-objective studies only")
             pruner = "none"
@@ -377,7 +391,8 @@ class _Pipeline:
         self.state = state
         o = self.opts
         stored = state["options"]
-        keys = ("data", "space", "sampler", "pruner", "cv", "max_params", "seed", "config", "objectives", "backend")
+        keys = ("data", "space", "sampler", "pruner", "cv", "max_params", "seed", "config", "objectives", "backend",
+                "strategy")
         given = {k: getattr(o, k) for k in keys if getattr(o, k) != getattr(_DEFAULTS, k)}
         differ = [k for k, v in given.items() if v != stored.get(k)]
         self.log(
@@ -460,6 +475,12 @@ class _Pipeline:
             ray_reason = run_ray_search(
                 study, ctx, self._search_data(ctx), self.state["storage"], ray_opts, hook=hook, log=self.log
             )
+        elif self.state["options"].get("strategy", "optuna") == "evolution":
+            from lmforge.search.evolution import run_evolution
+
+            o = self.state["options"]
+            run_evolution(self.state["study_name"], self.state["storage"], data=self._search_data(ctx), hook=hook,
+                          population=o.get("population", 8), sample=o.get("sample", 3), log=self.log)
         elif self.opts.n_jobs == 1:
             from lmforge.search.worker import run_worker
 
@@ -749,7 +770,9 @@ def build_summary(
             searched = {d.path for d in space.dists}
             best_trial = {
                 "trial": n,
-                "values": {k: v for k, v in space.values_from_params(bt.params).items() if k in searched},
+                # an evolution child's mutated values may lie outside the space: it records them itself
+                "values": {k: v for k, v in (bt.user_attrs.get("values") or space.values_from_params(bt.params)).items()
+                           if k in searched},
                 "search_val_loss": bt.values[0] if bt.values else bt.user_attrs.get("val_loss"),
                 "params": bt.user_attrs.get("params"),
             }
