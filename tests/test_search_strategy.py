@@ -6,10 +6,10 @@ import json
 
 import pytest
 from optuna.trial import TrialState
-from test_search_tune import load_study, options
 
 from lmforge.search.pipeline import TuneOptions, run_pipeline
 from lmforge.search.study import SearchError
+from test_search_tune import load_study, options
 
 SPACE = """
 params:
