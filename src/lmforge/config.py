@@ -84,7 +84,9 @@ class TransformerConfig(_ModelBase):
     n_kv_head: int | None = Field(None, ge=1)
     """Grouped-query attention: key/value heads (default ``n_head``)."""
     mlp_ratio: float = Field(4.0, gt=0.0)
-    mlp: Literal["gelu", "swiglu"] = "gelu"
+    mlp: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"
+    """``gelu``: exact (erf) GELU, as nanoGPT; ``gelu_tanh``: the tanh approximation of GPT-2's ``gelu_new``
+    (imported GPT-2 checkpoints use it; on CPU it is several times slower); ``swiglu``: Llama's gated MLP."""
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = Field(1e-5, gt=0.0)
     position: Literal["learned", "rope"] = "learned"

@@ -31,9 +31,9 @@ def hf_format(cfg: TransformerConfig) -> str:
     """``"gpt2"`` or ``"llama"``: the HF architecture that reproduces ``cfg`` exactly, else HFMappingError."""
     if cfg.layout != "sequential":
         raise HFMappingError("model.layout 'parallel' has no exact Hugging Face GPT-2 / Llama counterpart")
-    gpt2 = dict(position="learned", norm="layernorm", mlp="gelu", bias=True)
+    gpt2 = dict(position="learned", norm="layernorm", mlp=("gelu", "gelu_tanh"), bias=True)
     llama = dict(position="rope", norm="rmsnorm", mlp="swiglu", bias=False)
-    if all(getattr(cfg, k) == v for k, v in gpt2.items()):
+    if all(getattr(cfg, k) in (v if isinstance(v, tuple) else (v,)) for k, v in gpt2.items()):
         if cfg.kv_heads != cfg.n_head:
             raise HFMappingError(
                 f"model.n_kv_head ({cfg.n_kv_head}) < n_head ({cfg.n_head}): GPT-2 has no grouped-query attention"
@@ -71,7 +71,8 @@ def to_hf_state_dict(model: TransformerModel) -> tuple[str, dict[str, Any], dict
             "n_layer": cfg.n_layer,
             "n_head": cfg.n_head,
             "n_inner": mlp_hidden(cfg),
-            "activation_function": "gelu_new",
+            # GPT-2's own "gelu_new" is the tanh approximation; "gelu" is the exact one
+            "activation_function": "gelu_new" if cfg.mlp == "gelu_tanh" else "gelu",
             "layer_norm_epsilon": cfg.norm_eps,
             "resid_pdrop": cfg.dropout,
             "embd_pdrop": cfg.dropout,
@@ -141,7 +142,8 @@ def config_from_hf(fmt: str, hf_config: dict[str, Any]) -> TransformerConfig:
             raise HFMappingError(f"HF {fmt} config {name} = {value!r} is not supported (supported: {list(ok)})")
 
     if fmt == "gpt2":
-        must("activation_function", ("gelu_new", "gelu_pytorch_tanh"), "gelu_new")
+        act = hf_config.get("activation_function", "gelu_new")
+        must("activation_function", ("gelu_new", "gelu_pytorch_tanh", "gelu"), "gelu_new")
         must("scale_attn_weights", (True,), True)
         must("scale_attn_by_inverse_layer_idx", (False,), False)
         d = get("n_embd", "hidden_size")
@@ -153,7 +155,7 @@ def config_from_hf(fmt: str, hf_config: dict[str, Any]) -> TransformerConfig:
             d_model=d,
             n_head=get("n_head", "num_attention_heads"),
             mlp_ratio=inner / d,
-            mlp="gelu",
+            mlp="gelu" if act == "gelu" else "gelu_tanh",
             norm="layernorm",
             norm_eps=get("layer_norm_epsilon", default=1e-5),
             position="learned",

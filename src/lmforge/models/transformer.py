@@ -1,7 +1,7 @@
 """Decoder-only transformer (nanoGPT-style, readable top to bottom).
 
-Options (``TransformerConfig``): grouped-query attention (``n_kv_head``), GELU (tanh approximation, as GPT-2's
-``gelu_new``) or SwiGLU MLP, LayerNorm or RMSNorm, learned or rotary positions, sequential or parallel
+Options (``TransformerConfig``): grouped-query attention (``n_kv_head``), GELU (exact, or the tanh
+approximation of GPT-2's ``gelu_new``) or SwiGLU MLP, LayerNorm or RMSNorm, learned or rotary positions, sequential or parallel
 (GPT-J) blocks, biases, tied embeddings.
 
 Weight names follow GPT-2 (``wte``, ``wpe``, ``h.{i}.ln_1``, ``h.{i}.attn.c_attn`` ...) so that
@@ -117,6 +117,7 @@ class MLP(nn.Module):
         super().__init__()
         hidden = mlp_hidden(cfg)
         self.swiglu = cfg.mlp == "swiglu"
+        self.approximate = "tanh" if cfg.mlp == "gelu_tanh" else "none"
         # SwiGLU: fused [gate; up] projection, split exactly into Llama's gate_proj / up_proj
         self.c_fc = nn.Linear(cfg.d_model, 2 * hidden if self.swiglu else hidden, bias=cfg.bias)
         self.c_proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
@@ -128,7 +129,7 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h, approximate="tanh")
+            h = F.gelu(h, approximate=self.approximate)
         return self.dropout(self.c_proj(h))
 
 
