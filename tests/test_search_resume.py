@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -72,22 +73,27 @@ def test_sigkill_then_resume(tmp_path):
         "--quiet",
         *BASE,
     ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # kill point: trial 0 finished and trial 1 has saved a checkpoint part-way, then a random moment later
-    _wait_for(lambda: bool(list_checkpoints(run / "trials" / "0001")), proc, timeout=240)
-    time.sleep(random.uniform(0.0, 0.05))
-    proc.kill()
-    proc.wait()
+    for _attempt in range(5):
+        shutil.rmtree(run, ignore_errors=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # kill point: trial 0 finished and trial 1 has saved a checkpoint part-way, then a random moment later
+        _wait_for(lambda: bool(list_checkpoints(run / "trials" / "0001")), proc, timeout=240)
+        time.sleep(random.uniform(0.0, 0.05))
+        proc.kill()
+        proc.wait()
 
-    study = _study(run)
-    finished = {
-        t.number: (t.value, read_metrics(run / t.user_attrs["run_dir"]))
-        for t in study.trials
-        if t.state == TrialState.COMPLETE
-    }
-    running = {t.number: t.user_attrs["run_dir"] for t in study.trials if t.state == TrialState.RUNNING}
+        study = _study(run)
+        finished = {
+            t.number: (t.value, read_metrics(run / t.user_attrs["run_dir"]))
+            for t in study.trials
+            if t.state == TrialState.COMPLETE
+        }
+        running = {t.number: t.user_attrs["run_dir"] for t in study.trials if t.state == TrialState.RUNNING}
+        saved = {n: list_checkpoints(run / d) for n, d in running.items()}
+        # the random moment may fall after trial 1 ended and before the next trial saved anything: try again
+        if running and all(saved.values()):
+            break
     assert 0 in finished
-    saved = {n: list_checkpoints(run / d) for n, d in running.items()}
     assert running and all(saved.values())  # the kill hit a trial with saved progress
 
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

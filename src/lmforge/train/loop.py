@@ -31,10 +31,12 @@ from lmforge.models.base import LanguageModel
 from lmforge.train.checkpoint import (
     CheckpointError,
     append_metrics,
+    capture_rng_state,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
+    restore_rng_state,
     save_best,
     save_checkpoint,
     write_config,
@@ -115,29 +117,6 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        # numpy arrays are not weights_only-loadable: store plain lists
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @torch.no_grad()
@@ -387,7 +366,7 @@ def _train(
         # data-parallel checkpoints hold every rank's RNG state; a rank without one keeps its fresh seed
         rank_rngs = ts.get("rng_ranks") or [ts["rng"]]
         if dist.rank < len(rank_rngs):
-            _set_rng_state(rank_rngs[dist.rank])
+            restore_rng_state(rank_rngs[dist.rank])
         state.step, state.tokens, state.elapsed_s = int(ts["step"]), int(ts["tokens"]), float(ts["elapsed_s"])
         state.best_val_loss, state.best_step = float(ts["best_val_loss"]), int(ts["best_step"])
         bad_evals = int(ts["bad_evals"])
@@ -408,7 +387,7 @@ def _train(
     def trainer_state() -> dict[str, Any]:
         return {
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "sampler": sampler.state_dict(), "rng": _rng_state(), "step": state.step, "tokens": state.tokens,
+            "sampler": sampler.state_dict(), "rng": capture_rng_state(), "step": state.step, "tokens": state.tokens,
             "elapsed_s": state.elapsed_s, "best_val_loss": state.best_val_loss, "best_step": state.best_step,
             "bad_evals": bad_evals,
         }
@@ -416,7 +395,7 @@ def _train(
     def checkpoint(val_loss: float | None) -> Path:
         meta = {"step": state.step, "tokens": state.tokens, "val_loss": val_loss, "elapsed_s": state.elapsed_s}
         path = out / "checkpoints" / f"step-{state.step:07d}"
-        rngs = dist.gather_object(_rng_state()) if dist.enabled else None
+        rngs = dist.gather_object(capture_rng_state()) if dist.enabled else None
         if dist.is_main:
             ts = trainer_state()
             if rngs is not None:
