@@ -88,8 +88,9 @@ def test_sigkill_then_resume(tmp_path):
             for t in study.trials
             if t.state == TrialState.COMPLETE
         }
-        running = {t.number: t.user_attrs["run_dir"] for t in study.trials if t.state == TrialState.RUNNING}
-        saved = {n: list_checkpoints(run / d) for n, d in running.items()}
+        # a trial killed right after it was asked has no run directory yet
+        running = {t.number: t.user_attrs.get("run_dir") for t in study.trials if t.state == TrialState.RUNNING}
+        saved = {n: d is not None and list_checkpoints(run / d) for n, d in running.items()}
         # the random moment may fall after trial 1 ended and before the next trial saved anything: try again
         if running and all(saved.values()):
             break
