@@ -10,23 +10,8 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.config import TransformerConfig, build_config
-from lmforge.data.tokenizer import char_tokenizer
-from lmforge.models import build_model
-from lmforge.train.checkpoint import save_checkpoint
 
-ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 .,:;!?()\n"
 QUIET = ["--train.progress", "false", "--data.cache_dir"]
-
-
-@pytest.fixture()
-def base_ckpt(tmp_path: Path) -> Path:
-    """A tiny random lmforge transformer checkpoint with a char tokenizer."""
-    tok = char_tokenizer([ALPHABET])
-    torch.manual_seed(0)
-    model = build_model(TransformerConfig(n_layer=1, d_model=32, n_head=2, max_seq_len=64), vocab_size=tok.vocab_size)
-    cfg = build_config({"data": {"block_size": 64}, "model": model.config.model_dump(mode="json")})
-    return save_checkpoint(tmp_path / "base", model=model, config_yaml=cfg.to_yaml(), tokenizer=tok)
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

@@ -3,35 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
 from lmforge.cli import main
-from lmforge.config import TransformerConfig, build_config
-from lmforge.data.tokenizer import char_tokenizer
-from lmforge.models import build_model
-from lmforge.train.checkpoint import save_checkpoint
 
-ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 .,:;!?()\n"
-QUIET = ["--train.progress", "false", "--data.cache_dir"]
-
-
-@pytest.fixture()
-def base_ckpt(tmp_path: Path) -> Path:
-    """A tiny random lmforge transformer checkpoint with a char tokenizer."""
-    tok = char_tokenizer([ALPHABET])
-    torch.manual_seed(0)
-    model = build_model(TransformerConfig(n_layer=1, d_model=32, n_head=2, max_seq_len=64), vocab_size=tok.vocab_size)
-    cfg = build_config({"data": {"block_size": 64}, "model": model.config.model_dump(mode="json")})
-    return save_checkpoint(tmp_path / "base", model=model, config_yaml=cfg.to_yaml(), tokenizer=tok)
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
+# the base checkpoint fixture is in conftest.py; these helpers are shared with the CLI tests
+from test_finetune_cli import QUIET, write_jsonl
 
 
 def test_resume_equals_uninterrupted(base_ckpt, tmp_path):
