@@ -143,6 +143,21 @@ def test_reorder_state_then_continue(model):
     assert model.state_length(state) == 9
 
 
+def test_reorder_then_chunks_and_reorders_again(model):
+    """After a reorder the state has room for one more token (the transformer copies only its filled slots);
+    a longer chunk, further reorders and single tokens must still match the uncached forward."""
+    seqs = tokens(3, 14, seed=6)
+    _, state = decode(model, [seqs[:, :3]])
+    order = torch.arange(3)
+    for index, chunk in ((torch.tensor([1, 1, 0]), (3, 8)), (torch.tensor([2, 0, 1]), (8, 9))):
+        state = model.reorder_state(state, index)
+        order = order[index]
+        _, state = decode(model, [seqs[order, chunk[0] : chunk[1]]], state)
+    inc, state = decode(model, list(seqs[order, 9:].split(1, dim=1)), state)
+    torch.testing.assert_close(inc, full_logits(model, seqs[order])[:, 9:], atol=ATOL, rtol=0)
+    assert model.state_length(state) == 14
+
+
 def test_causality(model):
     idx = tokens(2, 10, seed=6)
     changed = idx.clone()

@@ -31,7 +31,8 @@ class KVCache:
     """Incremental state of the transformer. ``step`` fills it in place and returns it."""
 
     k: list[torch.Tensor]
-    """Per layer (B, n_kv_head, max_seq_len, head_dim); slots ``[:length]`` are filled."""
+    """Per layer (B, n_kv_head, capacity, head_dim), capacity <= max_seq_len (``step`` grows it); slots
+    ``[:length]`` are filled."""
     v: list[torch.Tensor]
     key_valid: torch.Tensor
     """(B, max_seq_len) bool: which slots hold real tokens (left padding is False)."""
@@ -62,6 +63,13 @@ def _norm(cfg: TransformerConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def _norm_fn(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``m(x)`` for a LayerNorm / RMSNorm module without the module-call overhead (decoding fast path)."""
+    if isinstance(m, nn.LayerNorm):
+        return F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)
+    return F.rms_norm(x, m.normalized_shape, m.weight, m.eps)
 
 
 def mlp_hidden(cfg: TransformerConfig) -> int:
@@ -111,6 +119,32 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, self.n_head * hd)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
+    def decode(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        start: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``forward`` for one new token per row (x (B, 1, C)), in eval mode, with functional ops only."""
+        B = x.size(0)
+        hd, nq, nkv = self.head_dim, self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        qkv = F.linear(x, self.c_attn.weight, self.c_attn.bias)  # (B, 1, nq + 2 nkv)
+        q = qkv[..., :nq].view(B, self.n_head, 1, hd)
+        k = qkv[..., nq : nq + nkv].view(B, self.n_kv_head, 1, hd)
+        v = qkv[..., nq + nkv :].view(B, self.n_kv_head, 1, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        end = start + 1
+        k_cache[:, :, start:end] = k
+        v_cache[:, :, start:end] = v
+        y = F.scaled_dot_product_attention(
+            q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask, enable_gqa=self.gqa
+        )  # (B, nh, 1, hd)
+        return F.linear(y.transpose(1, 2).reshape(B, 1, nq), self.c_proj.weight, self.c_proj.bias)
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: TransformerConfig):
@@ -131,6 +165,16 @@ class MLP(nn.Module):
         else:
             h = F.gelu(h, approximate=self.approximate)
         return self.dropout(self.c_proj(h))
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` in eval mode with functional ops only (decoding fast path)."""
+        h = F.linear(x, self.c_fc.weight, self.c_fc.bias)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate=self.approximate)
+        return F.linear(h, self.c_proj.weight, self.c_proj.bias)
 
 
 class Block(nn.Module):
@@ -156,6 +200,22 @@ class Block(nn.Module):
             return x + self.attn(h, rope, cache, mask) + self.mlp(h)
         x = x + self.attn(self.ln_1(x), rope, cache, mask)
         return x + self.mlp(self.ln_2(x))
+
+    def decode(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        start: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``forward`` for one new token per row, eval mode (no dropout), functional ops only."""
+        if self.parallel:
+            h = _norm_fn(self.ln_1, x)
+            return x + self.attn.decode(h, rope, k_cache, v_cache, start, mask) + self.mlp.decode(h)
+        x = x + self.attn.decode(_norm_fn(self.ln_1, x), rope, k_cache, v_cache, start, mask)
+        return x + self.mlp.decode(_norm_fn(self.ln_2, x))
 
 
 class TransformerModel(LanguageModel):
@@ -237,6 +297,10 @@ class TransformerModel(LanguageModel):
             raise ContextLengthError(
                 f"KV cache is full: {start} cached + {T} new tokens exceed model.max_seq_len ({self.max_seq_len})"
             )
+        if end > state.k[0].size(2):
+            self._grow(state, end)
+        if T == 1 and valid is None and not self.training:
+            return self._decode_one(idx, state)
         if valid is None:  # decoding fast path: every new token is real
             pos = state.pos[:, None] + torch.arange(T, device=idx.device)  # (B, T)
             state.key_valid[:, start:end] = True
@@ -271,18 +335,52 @@ class TransformerModel(LanguageModel):
         state.length = end
         return self.lm_head(self.ln_f(x)), state
 
-    def reorder_state(self, state: KVCache, index: torch.Tensor) -> KVCache:
+    def _decode_one(self, idx: torch.Tensor, state: KVCache) -> tuple[torch.Tensor, KVCache]:
+        """``step`` for one real token per row in eval mode: the same computation, written with functional
+        ops only (about a dozen per layer), since decoding small models is bound by per-op overhead."""
+        start = state.length
+        end = start + 1
+        pos = state.pos  # (B,)
+        state.key_valid[:, start] = True
+        state.pos = pos + 1
+        # one query per row sees every filled slot that is not padding
+        mask = state.key_valid[:, None, None, :end] if state.padded else None  # (B, 1, 1, S)
+        x = F.embedding(idx, self.wte.weight)  # (B, 1, C)
+        rope = None
+        if self.wpe is not None:
+            x = x + F.embedding(pos, self.wpe.weight)[:, None]
+        else:
+            rope = (
+                self.rope_cos[pos][:, None, None].to(x.dtype),
+                self.rope_sin[pos][:, None, None].to(x.dtype),
+            )  # (B, 1, 1, hd) each
+        for i, block in enumerate(self.h):
+            x = block.decode(x, rope, state.k[i], state.v[i], start, mask)
+        state.length = end
+        return F.linear(_norm_fn(self.ln_f, x), self.lm_head.weight), state
+
+    def _grow(self, state: KVCache, end: int) -> None:
+        """Give the cache room for slots ``[:end]`` (capacity doubles, up to ``max_seq_len``)."""
+        cap = state.k[0].size(2)
+        new_cap = min(self.max_seq_len, max(end, 2 * cap, 16))
         L = state.length
 
-        def select(t: torch.Tensor) -> torch.Tensor:
-            # copy only the filled slots: beam search reorders every step, and the cache is max_seq_len long
-            out = t.new_empty((index.numel(), *t.shape[1:]))
-            out[:, :, :L] = t[:, :, :L].index_select(0, index)
+        def grow(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_zeros((t.size(0), t.size(1), new_cap, t.size(3)))
+            out[:, :, :L] = t[:, :, :L]
             return out
 
+        state.k = [grow(t) for t in state.k]
+        state.v = [grow(t) for t in state.v]
+
+    def reorder_state(self, state: KVCache, index: torch.Tensor) -> KVCache:
+        # Beam search reorders every step: copy only the filled slots plus one free slot for the next token
+        # (one copy, no copy back; ``step`` grows the cache when more room is needed). The slices are then
+        # contiguous for attention.
+        cap = min(self.max_seq_len, state.length + 1)
         return KVCache(
-            k=[select(t) for t in state.k],
-            v=[select(t) for t in state.v],
+            k=[t[:, :, :cap].index_select(0, index) for t in state.k],
+            v=[t[:, :, :cap].index_select(0, index) for t in state.v],
             key_valid=state.key_valid.index_select(0, index),
             pos=state.pos.index_select(0, index),
             length=state.length,
