@@ -25,15 +25,19 @@ from torch import nn
 from lmforge.config import ConfigError, TransformerConfig
 from lmforge.models.base import ContextLengthError, LanguageModel, lm_loss
 
+_REORDER_ROOM = 16
+"""Free cache slots kept by ``reorder_state`` (beam search reorders every step: a few slots of room per copy
+save growing the cache every step)."""
+
 
 @dataclass
 class KVCache:
     """Incremental state of the transformer. ``step`` fills it in place and returns it."""
 
-    k: list[torch.Tensor]
-    """Per layer (B, n_kv_head, capacity, head_dim), capacity <= max_seq_len (``step`` grows it); slots
-    ``[:length]`` are filled."""
-    v: list[torch.Tensor]
+    kv: list[torch.Tensor]
+    """Per layer (B, 2, n_kv_head, capacity, head_dim): keys ``[:, 0]`` and values ``[:, 1]`` in one buffer
+    (one copy per layer to write a token or reorder the rows); capacity <= max_seq_len (``step`` grows it);
+    slots ``[:length]`` are filled."""
     key_valid: torch.Tensor
     """(B, max_seq_len) bool: which slots hold real tokens (left padding is False)."""
     pos: torch.Tensor
@@ -42,6 +46,15 @@ class KVCache:
     """Slots used (padding included)."""
     padded: bool = False
     """Whether any slot holds padding (else a single query needs no mask)."""
+
+    @property
+    def k(self) -> list[torch.Tensor]:
+        """Per layer keys (B, n_kv_head, capacity, head_dim) (views of ``kv``)."""
+        return [t[:, 0] for t in self.kv]
+
+    @property
+    def v(self) -> list[torch.Tensor]:
+        return [t[:, 1] for t in self.kv]
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,25 +136,26 @@ class CausalSelfAttention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        kv_cache: torch.Tensor,
         start: int,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """``forward`` for one new token per row (x (B, 1, C)), in eval mode, with functional ops only."""
+        """``forward`` for one new token per row (x (B, 1, C)), in eval mode, with functional ops only;
+        ``kv_cache`` (B, 2, nkv, capacity, hd)."""
         B = x.size(0)
-        hd, nq, nkv = self.head_dim, self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        hd, nq = self.head_dim, self.n_head * self.head_dim
         qkv = F.linear(x, self.c_attn.weight, self.c_attn.bias)  # (B, 1, nq + 2 nkv)
         q = qkv[..., :nq].view(B, self.n_head, 1, hd)
-        k = qkv[..., nq : nq + nkv].view(B, self.n_kv_head, 1, hd)
-        v = qkv[..., nq + nkv :].view(B, self.n_kv_head, 1, hd)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        kv = qkv[..., nq:].view(B, 2, self.n_kv_head, 1, hd)
         end = start + 1
-        k_cache[:, :, start:end] = k
-        v_cache[:, :, start:end] = v
+        if rope is not None:
+            q = apply_rope(q, *rope)
+            kv_cache[:, 0, :, start:end] = apply_rope(kv[:, 0], *rope)
+            kv_cache[:, 1, :, start:end] = kv[:, 1]
+        else:
+            kv_cache[:, :, :, start:end] = kv
         y = F.scaled_dot_product_attention(
-            q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask, enable_gqa=self.gqa
+            q, kv_cache[:, 0, :, :end], kv_cache[:, 1, :, :end], attn_mask=mask, enable_gqa=self.gqa
         )  # (B, nh, 1, hd)
         return F.linear(y.transpose(1, 2).reshape(B, 1, nq), self.c_proj.weight, self.c_proj.bias)
 
@@ -205,16 +219,15 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        kv_cache: torch.Tensor,
         start: int,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """``forward`` for one new token per row, eval mode (no dropout), functional ops only."""
         if self.parallel:
             h = _norm_fn(self.ln_1, x)
-            return x + self.attn.decode(h, rope, k_cache, v_cache, start, mask) + self.mlp.decode(h)
-        x = x + self.attn.decode(_norm_fn(self.ln_1, x), rope, k_cache, v_cache, start, mask)
+            return x + self.attn.decode(h, rope, kv_cache, start, mask) + self.mlp.decode(h)
+        x = x + self.attn.decode(_norm_fn(self.ln_1, x), rope, kv_cache, start, mask)
         return x + self.mlp.decode(_norm_fn(self.ln_2, x))
 
 
@@ -279,10 +292,9 @@ class TransformerModel(LanguageModel):
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> KVCache:
         p = self.wte.weight
         device = p.device if device is None else torch.device(device)
-        shape = (batch_size, self.config.kv_heads, self.max_seq_len, self.head_dim)
+        shape = (batch_size, 2, self.config.kv_heads, self.max_seq_len, self.head_dim)
         return KVCache(
-            k=[torch.zeros(shape, dtype=p.dtype, device=device) for _ in self.h],
-            v=[torch.zeros(shape, dtype=p.dtype, device=device) for _ in self.h],
+            kv=[torch.zeros(shape, dtype=p.dtype, device=device) for _ in self.h],
             key_valid=torch.zeros(batch_size, self.max_seq_len, dtype=torch.bool, device=device),
             pos=torch.zeros(batch_size, dtype=torch.long, device=device),
             length=0,
@@ -297,7 +309,7 @@ class TransformerModel(LanguageModel):
             raise ContextLengthError(
                 f"KV cache is full: {start} cached + {T} new tokens exceed model.max_seq_len ({self.max_seq_len})"
             )
-        if end > state.k[0].size(2):
+        if end > state.kv[0].size(3):
             self._grow(state, end)
         if T == 1 and valid is None and not self.training:
             return self._decode_one(idx, state)
@@ -331,7 +343,7 @@ class TransformerModel(LanguageModel):
             rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])  # (B, 1, T, hd) each
         x = self.drop(x)
         for i, block in enumerate(self.h):
-            x = block(x, rope, (state.k[i], state.v[i], start), mask)
+            x = block(x, rope, (state.kv[i][:, 0], state.kv[i][:, 1], start), mask)
         state.length = end
         return self.lm_head(self.ln_f(x)), state
 
@@ -355,32 +367,29 @@ class TransformerModel(LanguageModel):
                 self.rope_sin[pos][:, None, None].to(x.dtype),
             )  # (B, 1, 1, hd) each
         for i, block in enumerate(self.h):
-            x = block.decode(x, rope, state.k[i], state.v[i], start, mask)
+            x = block.decode(x, rope, state.kv[i], start, mask)
         state.length = end
         return F.linear(_norm_fn(self.ln_f, x), self.lm_head.weight), state
 
     def _grow(self, state: KVCache, end: int) -> None:
         """Give the cache room for slots ``[:end]`` (capacity doubles, up to ``max_seq_len``)."""
-        cap = state.k[0].size(2)
+        cap = state.kv[0].size(3)
         new_cap = min(self.max_seq_len, max(end, 2 * cap, 16))
         L = state.length
 
         def grow(t: torch.Tensor) -> torch.Tensor:
-            out = t.new_zeros((t.size(0), t.size(1), new_cap, t.size(3)))
-            out[:, :, :L] = t[:, :, :L]
+            out = t.new_empty((*t.shape[:3], new_cap, t.size(4)))  # slots past ``length`` are never read
+            out[:, :, :, :L] = t[:, :, :, :L]
             return out
 
-        state.k = [grow(t) for t in state.k]
-        state.v = [grow(t) for t in state.v]
+        state.kv = [grow(t) for t in state.kv]
 
     def reorder_state(self, state: KVCache, index: torch.Tensor) -> KVCache:
-        # Beam search reorders every step: copy only the filled slots plus one free slot for the next token
-        # (one copy, no copy back; ``step`` grows the cache when more room is needed). The slices are then
-        # contiguous for attention.
-        cap = min(self.max_seq_len, state.length + 1)
+        # Beam search reorders every step: copy the filled slots plus some free ones (one copy per layer, no
+        # copy back; ``step`` grows the cache when it runs out of room).
+        cap = min(state.kv[0].size(3), state.length + _REORDER_ROOM)
         return KVCache(
-            k=[t[:, :, :cap].index_select(0, index) for t in state.k],
-            v=[t[:, :, :cap].index_select(0, index) for t in state.v],
+            kv=[t[:, :, :, :cap].index_select(0, index) for t in state.kv],
             key_valid=state.key_valid.index_select(0, index),
             pos=state.pos.index_select(0, index),
             length=state.length,
