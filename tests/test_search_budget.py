@@ -15,6 +15,7 @@ from lmforge.search.budget import (
     parse_bytes,
     parse_count,
     plan_fidelity,
+    shares,
     split_budget,
 )
 
@@ -54,17 +55,22 @@ def test_sizes_and_counts():
 
 def test_short_time_budgets_reserve_time_for_the_evaluation():
     short = split_budget(Budget(seconds=60))
-    assert short["evaluate"].seconds == pytest.approx(12)  # a fifth at most
+    assert short["evaluate"].seconds == pytest.approx(60 * 0.12)  # capped share
     assert sum(b.seconds for b in short.values()) == pytest.approx(60)
-    assert short["search"].seconds / short["final"].seconds == pytest.approx(0.70 / 0.25)
-    assert split_budget(Budget(seconds=200))["evaluate"].seconds == pytest.approx(15)
+    assert split_budget(Budget(seconds=100))["evaluate"].seconds == pytest.approx(8)
+
+
+def test_short_time_budgets_give_the_final_training_more():
+    share = [shares(Budget(seconds=s))["search"] / shares(Budget(seconds=s))["final"] for s in (60, 120, 600, 1800, 7200)]
+    assert share[0] == pytest.approx(0.45 / 0.50) and share[1] == pytest.approx(share[0])
+    assert share[1] < share[2] < share[3] == pytest.approx(0.70 / 0.25) and share[4] == pytest.approx(share[3])
 
 
 def test_split_time_and_tokens():
-    t = split_budget(Budget(seconds=1000))
-    assert t["search"].seconds == pytest.approx(700) and t["final"].seconds == pytest.approx(250)
-    assert t["evaluate"].seconds == pytest.approx(50) and t["decode"].seconds == 0
-    assert sum(b.seconds for b in t.values()) == pytest.approx(1000)
+    t = split_budget(Budget(seconds=2000))
+    assert t["search"].seconds == pytest.approx(1400) and t["final"].seconds == pytest.approx(500)
+    assert t["evaluate"].seconds == pytest.approx(100) and t["decode"].seconds == 0
+    assert sum(b.seconds for b in t.values()) == pytest.approx(2000)
     k = split_budget(Budget(tokens=1000))
     # evaluation trains nothing: its share of a token budget goes to the final training
     assert k["search"].tokens == 700 and k["final"].tokens == 300 and k["evaluate"].tokens == 0
@@ -73,13 +79,13 @@ def test_split_time_and_tokens():
 
 
 def test_ledger_passes_unused_budget_on():
-    led = Ledger(Budget(seconds=1000))
-    assert led.allowance("search") == pytest.approx(700)
-    led.charge("search", 400)  # the search stopped early
-    assert led.allowance("final") == pytest.approx(950 - 400)
-    led.charge("final", 550)
-    assert led.allowance("evaluate") == pytest.approx(50)
-    led.charge("evaluate", 80)
+    led = Ledger(Budget(seconds=2000))
+    assert led.allowance("search") == pytest.approx(1400)
+    led.charge("search", 800)  # the search stopped early
+    assert led.allowance("final") == pytest.approx(1900 - 800)
+    led.charge("final", 1100)
+    assert led.allowance("evaluate") == pytest.approx(100)
+    led.charge("evaluate", 160)
     assert led.remaining() == 0 and led.allowance("evaluate") == 0
 
 

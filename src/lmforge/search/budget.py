@@ -118,20 +118,40 @@ def parse_bytes(text: str | int, option: str = "--disk-cap") -> int:
 
 
 # ---------------------------------------------------------------------------------------- split
-EVAL_SECONDS = 15.0
-"""Wall clock the evaluation step needs at least (loading, scoring, the report); short time budgets reserve
-this much, up to a fifth of the budget, and scale the other shares down."""
+EVAL_SECONDS = 8.0
+"""Wall clock the evaluation step needs at least (loading, scoring, the report: about 5 s on 2 CPU cores for a
+small model); short time budgets reserve this much, up to ``EVAL_MAX_SHARE`` of the budget."""
+EVAL_MAX_SHARE = 0.12
+SHORT_BUDGET_S, LONG_BUDGET_S = 120.0, 1800.0
+SHORT_SEARCH_SHARE = 0.45
+"""Share of the search at budgets up to ``SHORT_BUDGET_S`` (then growing log-linearly to the default 70% at
+``LONG_BUDGET_S``). A short budget cannot afford many full-length trials, and the final training, which
+continues the best trial, turns time into validation loss more surely than a wider search does."""
+
+
+def search_share(seconds: float, full: float = _SHARES_TIME["search"]) -> float:
+    """The search's share of a time budget before the evaluation's reserve is taken out."""
+    if seconds >= LONG_BUDGET_S:
+        return full
+    if seconds <= SHORT_BUDGET_S:
+        return SHORT_SEARCH_SHARE
+    f = math.log(seconds / SHORT_BUDGET_S) / math.log(LONG_BUDGET_S / SHORT_BUDGET_S)
+    return SHORT_SEARCH_SHARE + f * (full - SHORT_SEARCH_SHARE)
 
 
 def shares(budget: Budget, has_task: bool = False) -> dict[str, float]:
     """Fraction of the budget per step. Tokens are spent by training only, so the evaluation's share of a
-    token budget goes to the final training."""
+    token budget goes to the final training. Short time budgets move part of the search's share to the
+    final training (:func:`search_share`) and keep ``EVAL_SECONDS`` for the evaluation."""
     s = dict(_SHARES_TIME_TASK if has_task else _SHARES_TIME)
     if budget.kind == "tokens":
         s["final"] += s["evaluate"]
         s["evaluate"] = 0.0
         return s
-    ev = max(s["evaluate"], min(EVAL_SECONDS / max(budget.amount, 1e-9), 0.2))
+    moved = s["search"] - search_share(budget.amount, s["search"])
+    s["search"] -= moved
+    s["final"] += moved
+    ev = max(s["evaluate"], min(EVAL_SECONDS / max(budget.amount, 1e-9), EVAL_MAX_SHARE))
     scale = (1.0 - ev) / (1.0 - s["evaluate"])
     return {k: (ev if k == "evaluate" else v * scale) for k, v in s.items()}
 

@@ -71,6 +71,8 @@ STATE_FILE = "pipeline.json"
 _STATE_VERSION = 1
 FINAL_PATIENCE = 6
 """Evaluations without improvement before the final training stops."""
+FINAL_RATE_FACTOR = 1.2
+"""Final training steps planned per second of budget, relative to the continued trial's tokens per second."""
 EVAL_BLOCKS = 512
 """Most blocks scored per split by the final evaluation."""
 
@@ -572,6 +574,8 @@ class _Pipeline:
             )
             tc = cfg_raw["train"]
             tps = int(tc["batch_size"]) * int(cfg_raw["data"]["block_size"]) * int(tc.get("grad_accum", 1))
+            # the loop's clock leaves out checkpoint writing: keep a small margin for it
+            train_s = max(0.0, allowance - (0.5 + 0.03 * allowance))
             if self.budget.kind == "tokens":
                 extra = int(allowance // tps)
             else:
@@ -580,7 +584,10 @@ class _Pipeline:
                     if tokens0 and elapsed0 > 0
                     else self.state["plan"].get("reference_tokens_per_s", 1e4)
                 )
-                extra = int(0.9 * allowance * rate // tps)
+                # The trial's rate includes its frequent evaluations, so the final training runs faster; plan
+                # the schedule a little long and stop on the clock (the last ~15% of a cosine barely moves
+                # the learning rate, while steps planned too few would leave budget unused).
+                extra = int(FINAL_RATE_FACTOR * train_s * rate // tps)
             if not ckpts:  # from scratch (cross-validation folds trained on part of the data)
                 extra += int(tc["max_steps"])
             plan = {
@@ -589,8 +596,7 @@ class _Pipeline:
                 "start_step": step0,
                 "start_tokens": tokens0,
                 "max_steps": step0 + max(0, extra),
-                # the loop's clock leaves out checkpoint writing: keep a margin for it
-                "max_time": elapsed0 + 0.85 * allowance if self.budget.kind == "time" else None,
+                "max_time": elapsed0 + train_s if self.budget.kind == "time" else None,
                 # about 20 evaluations for early stopping, but not more often than the trials evaluated
                 "eval_interval": max(1, int(tc["eval_interval"]), extra // 20),
                 "checkpoint_interval": max(1, extra // 5),
