@@ -203,3 +203,51 @@ def test_default_space_samples_valid_configs():
         families.add(cfg.model.family)
         assert math.isfinite(cfg.optim.lr)
     assert families == {"transformer", "gru", "lstm", "rcnn"}
+
+
+def test_start_points_are_moved_into_the_space_and_tried_first():
+    raw = dict(SPACE, start=[
+        {"model.family": "gru", "optim.lr": 0.5, "model.d_model": 100, "model.n_layer": 2, "model.residual": True},
+        {"model.family": "transformer", "model.n_head": 3, "model.n_layer": 9},
+        {"model.family": "gru", "optim.lr": 0.5, "model.d_model": 100, "model.n_layer": 2, "model.residual": True},
+        {"train.seed": 3},  # nothing the space searches: no start point
+    ])
+    space = parse_space(raw)
+    starts = space.start_params()
+    assert starts == [
+        # lr and d_model clipped to their ranges, the gru block's values kept
+        {"model.family": "gru", "optim.lr": 1e-2, "model.d_model": 64, "model.residual": True,
+         "model.n_layer|model.family=gru": 2},
+        # n_head 3 -> the nearest choice (the lower on a tie); n_layer 9 -> the range's top
+        {"model.family": "transformer", "model.n_head": 2, "model.n_layer": 4},
+    ]
+    study = _study()
+    for p in starts:
+        study.enqueue_trial(p)
+    first = [space.suggest(study.ask()) for _ in range(2)]
+    assert first[0]["model.family"] == "gru" and first[0]["optim.lr"] == 1e-2 and first[0]["model.residual"] is True
+    assert first[1]["model.family"] == "transformer" and first[1]["model.n_layer"] == 4
+    assert "model.d_model" in first[1]  # left out by the start point: sampled
+    # narrowing the space narrows the start points; the spec keeps them; user-fixed paths leave them
+    assert parse_space(space.to_spec()).start_params() == starts
+    assert all("optim.lr" not in p for p in space.restrict({"optim.lr"}).start_params())
+
+
+def test_start_points_must_be_plain_values():
+    with pytest.raises(SpaceError, match=r"start\[0\].optim.lr"):
+        parse_space(dict(SPACE, start=[{"optim.lr": [1e-3, 2e-3]}]))
+    with pytest.raises(SpaceError, match="bogus"):
+        parse_space(dict(SPACE, start=[{"model.bogus": 1}]))
+
+
+def test_short_runs_do_not_search_dropout():
+    from lmforge.search.sizing import fix_regularization
+
+    space = load_space()
+    assert "model.dropout" in {d.path for d in space.dists}
+    same, notes = fix_regularization(space, epochs=5.0)
+    assert same is space and notes == []
+    short, notes = fix_regularization(space, epochs=0.7)
+    assert "model.dropout" not in {d.path for d in short.dists} and "0.7 passes" in notes[0]
+    values = short.suggest(_study().ask())
+    assert values["model.dropout"] == 0.0 and short.starts == space.starts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -296,3 +297,20 @@ def test_cli_rejects_empty_corpus(tmp_path):
     )
     assert r.returncode == 2 and "empty" in r.stderr.lower() and "Traceback" not in r.stderr
     assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+def test_time_horizon_decays_the_learning_rate_by_the_clock(corpus, tmp_path):
+    out = tmp_path / "timed"
+    cfg = cfg_for(
+        corpus, "--train.max_steps", "100000", "--train.max_time", "1.5", "--train.eval_interval", "5",
+        "--schedule.name", "cosine", "--schedule.horizon", "time", "--optim.lr", "1e-3", "--schedule.min_lr", "1e-5",
+    )
+    res = train(cfg, out, verbose=False)
+    assert res.stop_reason == "max_time" and 5 < res.step < 100000
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in recs]
+    assert lrs == sorted(lrs, reverse=True)  # decays (warmup of 2 steps lies before the first record)
+    for r in recs:  # each record's lr follows its elapsed time
+        p = min(1.0, r["elapsed_s"] / 1.5)
+        assert r["lr"] <= 1e-5 + 0.5 * (1 + math.cos(math.pi * p * 0.8)) * (1e-3 - 1e-5) + 1e-9
+    assert lrs[-1] < 1e-4  # the clock ended the decay

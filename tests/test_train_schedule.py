@@ -187,3 +187,38 @@ def test_schedule_errors_name_the_field() -> None:
     state = build_scheduler(_optimizer(), ScheduleConfig(name="cosine"), 10, LR).state_dict()
     with pytest.raises(ScheduleError, match="'cosine'"):
         build_scheduler(_optimizer(), ScheduleConfig(name="wsd"), 10, LR).load_state_dict(state)
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear", "wsd"])
+def test_time_horizon_decays_over_the_clock(name: str) -> None:
+    """``horizon: time``: the step-horizon formula with the progress measured in seconds instead of steps."""
+    cfg = ScheduleConfig(name=name, warmup_steps=2, min_lr=MIN_LR, horizon="time", decay_fraction=0.25)
+    opt = _optimizer((LR, 0.5 * LR))
+    sched = build_scheduler(opt, cfg, None, LR, total_time=40.0)
+    ref = build_scheduler(_optimizer(), cfg.model_copy(update={"horizon": "steps"}), 102, LR)
+    for _ in range(2):  # warmup counts steps
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(LR)
+    for seconds, it in ((0.0, 2), (10.0, 27), (20.0, 52), (30.0, 77), (35.0, 89.5), (40.0, 102), (55.0, 200)):
+        sched.set_elapsed(seconds)
+        # step horizon 102 with warmup 2: progress (it - 2) / 100 equals seconds / 40 at these points
+        want = ref.lr_at(int(it)) if float(it).is_integer() else 0.5 * (ref.lr_at(89) + ref.lr_at(90))
+        if name == "wsd":  # wsd's step form counts its decay from total - fraction * total, the time form likewise
+            p = min(1.0, seconds / 40)
+            want = LR if p < 0.75 else LR - (p - 0.75) / 0.25 * (LR - MIN_LR)
+        assert opt.param_groups[0]["lr"] == pytest.approx(want, rel=1e-3 if name == "cosine" else 1e-9)
+        assert opt.param_groups[1]["lr"] == pytest.approx(0.5 * opt.param_groups[0]["lr"])
+    assert opt.param_groups[0]["lr"] == pytest.approx(MIN_LR)
+
+
+def test_time_horizon_needs_a_clock_and_a_decay() -> None:
+    with pytest.raises(ScheduleError, match="train.max_time"):
+        build_scheduler(_optimizer(), ScheduleConfig(name="cosine", horizon="time"), 100, LR)
+    with pytest.raises(ScheduleError, match="decaying"):
+        build_scheduler(_optimizer(), ScheduleConfig(name="constant", horizon="time"), None, LR, total_time=5.0)
+    from lmforge.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="schedule.horizon"):
+        build_config({"schedule": {"name": "cosine", "horizon": "time"}, "train": {"max_steps": 10}})
+    cfg = build_config({"schedule": {"name": "cosine", "horizon": "time"}, "train": {"max_steps": None, "max_time": "1m"}})
+    assert cfg.schedule.horizon == "time" and cfg.train.max_time == 60

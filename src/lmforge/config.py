@@ -181,6 +181,11 @@ class ScheduleConfig(_Section):
     """``plateau``: evaluations without improvement before the learning rate is multiplied by the factor."""
     total_steps: int | None = Field(None, ge=1)
     """Length of the decay (default ``train.max_steps``)."""
+    horizon: Literal["steps", "time"] = "steps"
+    """``time``: ``linear``, ``cosine`` and ``wsd`` decay over ``train.max_time`` (progress = training seconds /
+    max_time) instead of over steps, so a run stopped by the clock ends its decay when it stops. Warmup
+    still counts steps. A resumed run then follows the clock, so it is not bitwise equal to an uninterrupted
+    one."""
 
 
 # ---------------------------------------------------------------------------------------- train
@@ -268,7 +273,12 @@ class RunConfig(_Section):
             )
         if s.min_lr > o.lr:
             raise ValueError(f"schedule.min_lr ({s.min_lr}) is larger than optim.lr ({o.lr})")
-        if s.name in ("linear", "cosine", "wsd") and self.total_steps is None:
+        if s.horizon == "time" and (t.max_time is None or s.name not in ("linear", "cosine", "wsd")):
+            raise ValueError(
+                f"schedule.horizon 'time' needs train.max_time (got {t.max_time}) and a decaying schedule.name "
+                f"(linear, cosine or wsd; got {s.name!r})"
+            )
+        if s.name in ("linear", "cosine", "wsd") and self.total_steps is None and s.horizon == "steps":
             raise ValueError(
                 f"schedule.name '{s.name}' needs a length: set train.max_steps or schedule.total_steps"
             )

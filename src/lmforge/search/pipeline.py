@@ -71,8 +71,11 @@ STATE_FILE = "pipeline.json"
 _STATE_VERSION = 1
 FINAL_PATIENCE = 6
 """Evaluations without improvement before the final training stops."""
-FINAL_RATE_FACTOR = 1.2
-"""Final training steps planned per second of budget, relative to the continued trial's tokens per second."""
+RUNG_MIN_STEPS = 16
+"""Optimizer steps of the shortest rung (unless --trial-tokens sets the trial length)."""
+FINAL_STEP_CAP = 3
+"""A time-budgeted final training may run up to this many times the steps estimated from the trial's speed
+(the clock, and its learning-rate decay, end it)."""
 EVAL_BLOCKS = 512
 """Most blocks scored per split by the final evaluation."""
 
@@ -315,19 +318,26 @@ class _Pipeline:
             # small models are bound by per-step overhead (the reference's speed), larger ones by FLOPs
             tok_s = min(flops / typical, ref_tok_s)
             search_tokens_est = 0.6 * tok_s * search_s * o.n_jobs**0.5
+            final_model_tokens = tok_s * (final_s + search_s / 8)
             plan.update(flops_per_s=flops, reference_tokens_per_s=ref_tok_s, search_tokens_estimate=search_tokens_est)
         else:
             search_tokens_est = budget.amount * led.shares["search"]
             final_tokens = budget.amount * led.shares["final"]
             cap = sizing.size_cap_for_tokens(final_tokens + search_tokens_est / 8, n_train)
-        fid = plan_fidelity(search_tokens_est, tps, max_tokens=trial_tokens)
+            final_model_tokens = final_tokens + search_tokens_est / 8
+        # the first rung needs enough optimizer steps to rank trials by more than their initialization; a
+        # trial length set by the user (--trial-tokens) gets as many rungs as fit it
+        fid = plan_fidelity(
+            search_tokens_est, tps, max_tokens=trial_tokens, min_steps=4 if trial_tokens else RUNG_MIN_STEPS
+        )
         plan.update(param_cap=cap, fidelity=fid.to_dict())
 
         # -- the space: the user's as given, or the default one narrowed to the budget
         param_cap = None
         if o.space is None:
             space, cap_notes = sizing.cap_space(space, base, vocab, cap)
-            notes += cap_notes
+            space, reg_notes = sizing.fix_regularization(space, final_model_tokens / max(1, n_train))
+            notes += cap_notes + reg_notes
             param_cap = cap
         space = parse_space(space.to_spec(), source=o.space or "default space")
         if sampler == "grid":
@@ -364,6 +374,11 @@ class _Pipeline:
         if sampler == "grid":
             for params in space.grid():
                 study.enqueue_trial(params, skip_if_exists=True)
+        elif o.strategy == "optuna" and o.backend == "embedded" and space.starts:
+            starts = space.start_params()
+            for params in starts:  # tried first; the sampler fills in what a start point leaves out
+                study.enqueue_trial(params, skip_if_exists=True)
+            notes.append(f"{len(starts)} start point(s) of the space tried first")
         self.state = {
             "version": _STATE_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -584,19 +599,20 @@ class _Pipeline:
                     if tokens0 and elapsed0 > 0
                     else self.state["plan"].get("reference_tokens_per_s", 1e4)
                 )
-                # The trial's rate includes its frequent evaluations, so the final training runs faster; plan
-                # the schedule a little long and stop on the clock (the last ~15% of a cosine barely moves
-                # the learning rate, while steps planned too few would leave budget unused).
-                extra = int(FINAL_RATE_FACTOR * train_s * rate // tps)
+                extra = int(train_s * rate // tps)  # an estimate: the clock stops the final training
             if not ckpts:  # from scratch (cross-validation folds trained on part of the data)
                 extra += int(tc["max_steps"])
+            timed = self.budget.kind == "time"
             plan = {
                 "trial": best.number,
                 "from": str(ckpts[-1]) if ckpts else None,
                 "start_step": step0,
                 "start_tokens": tokens0,
-                "max_steps": step0 + max(0, extra),
-                "max_time": elapsed0 + train_s if self.budget.kind == "time" else None,
+                # a time budget: the learning rate decays over the time left (schedule.horizon time), the
+                # steps only cap it, at several times the estimate
+                "max_steps": step0 + max(0, FINAL_STEP_CAP * extra if timed else extra),
+                "max_time": elapsed0 + train_s if timed else None,
+                "horizon": "time" if timed else "steps",
                 # about 20 evaluations for early stopping, but not more often than the trials evaluated
                 "eval_interval": max(1, int(tc["eval_interval"]), extra // 20),
                 "checkpoint_interval": max(1, extra // 5),
@@ -622,6 +638,11 @@ class _Pipeline:
                 keep_last=2,
                 progress=self.opts.verbose,
             )
+            cfg_raw.setdefault("schedule", {})["horizon"] = plan.get("horizon", "steps")
+            if cfg_raw["schedule"]["horizon"] == "time" and cfg_raw["schedule"].get("name") not in (
+                "linear", "cosine", "wsd"
+            ):
+                cfg_raw["schedule"]["horizon"] = "steps"  # constant / plateau schedules have no horizon
             cfg = build_config(cfg_raw)
             data = self._search_data(ctx)
             result = train(

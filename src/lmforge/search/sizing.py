@@ -18,6 +18,8 @@ import torch
 from lmforge.config import ConfigError, RunConfig, build_config
 from lmforge.search.space import Dist, SearchSpace, apply_values
 
+SHORT_RUN_EPOCHS = 2.0
+"""Below this many passes over the corpus by the final model, the default space does not search dropout."""
 TOKENS_PER_PARAM = 10.0
 CORPUS_PARAMS_PER_TOKEN = 10.0
 _REFERENCE = {"family": "transformer", "d_model": 128, "n_layer": 2, "n_head": 4}
@@ -125,7 +127,7 @@ def cap_space(space: SearchSpace, base: dict[str, Any], vocab_size: int, cap: in
                 d = nd
             dists.append(d)
         new_blocks.append(replace(b, dists=dists))
-    return SearchSpace(blocks=new_blocks, source=space.source), sorted(set(notes))
+    return SearchSpace(blocks=new_blocks, source=space.source, starts=space.starts), sorted(set(notes))
 
 
 def _values(d: Dist) -> list[Any]:
@@ -142,3 +144,25 @@ def _clip(d: Dist, limit: int) -> Dist:
     high = max(d.low, min(d.high, float(limit)))
     grid = tuple(g for g in d.grid if g <= high) if d.grid is not None else None
     return replace(d, high=high, grid=grid or None)
+
+
+def fix_regularization(space: SearchSpace, epochs: float) -> tuple[SearchSpace, list[str]]:
+    """A model that sees its corpus fewer than ``SHORT_RUN_EPOCHS`` times cannot overfit it, and dropout
+    only slows its learning: then ``model.dropout`` is fixed at 0 instead of searched."""
+    if epochs >= SHORT_RUN_EPOCHS:
+        return space, []
+    blocks, hit = [], False
+    for b in space.blocks:
+        dists = [d for d in b.dists if d.path != "model.dropout"]
+        fixed = dict(b.fixed)
+        if len(dists) != len(b.dists):
+            hit = True
+            fixed["model.dropout"] = 0.0
+        blocks.append(replace(b, dists=dists, fixed=fixed))
+    if not hit:
+        return space, []
+    note = (
+        f"model.dropout fixed at 0: the budget trains the final model on about {epochs:.1f} passes over the "
+        "corpus, too few to overfit it"
+    )
+    return SearchSpace(blocks=blocks, source=space.source, starts=space.starts), [note]

@@ -12,6 +12,9 @@ The format (documented with examples in ``default_space.yaml``)::
           model.n_head: [2, 4]
     fixed:                                    # the same in every trial (not searched)
       train.batch_size: 16
+    start:                                    # configurations tried first (Optuna's enqueue_trial)
+      - {model.family: lstm, optim.lr: 3.0e-3}  # values outside the space are clipped into it; the
+                                                 # sampler chooses the paths a start point leaves out
 
 A mapping without ``params``/``conditional``/``fixed`` is read as ``params``. A scalar instead of a
 distribution fixes that path (also inside a conditional block). ``when`` may name any path sampled or fixed
@@ -118,6 +121,23 @@ class Dist:
             return IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
         return FloatDistribution(self.low, self.high, log=self.log, step=self.step)
 
+    def nearest(self, v: Any) -> Any:
+        """``v`` moved into this distribution (the closest allowed value; None if there is none)."""
+        if self.kind == "categorical":
+            if v in self.choices:
+                return v
+            nums = [c for c in self.choices if _number(c)]
+            if not _number(v) or not nums:
+                return None
+            return min(nums, key=lambda c: (abs(c - v), c))
+        if not _number(v):
+            return None
+        x = min(max(float(v), self.low), self.high)
+        if self.step:
+            x = self.low + round((x - self.low) / self.step) * self.step
+            x = min(x, self.high)
+        return int(round(x)) if self.kind == "int" else x
+
     def describe(self) -> str:
         if self.kind == "categorical":
             return "[" + ", ".join(str(c) for c in self.choices) + "]"
@@ -145,6 +165,8 @@ class SearchSpace:
 
     blocks: list[Block]
     source: str = "<space>"
+    starts: list[dict[str, Any]] = field(default_factory=list)
+    """Start points (``start:`` in the YAML): partial configurations the search tries first."""
 
     # -------------------------------------------------------------------------------- queries
     @property
@@ -202,6 +224,26 @@ class SearchSpace:
                 values[d.path] = ask(d)
         return values
 
+    def start_params(self) -> list[dict[str, Any]]:
+        """The start points as (partial) Optuna ``params``: each value moved into its distribution (so a
+        space narrowed to the budget narrows them too), paths the space does not search left out, and
+        duplicates dropped. Conditional values count only where their block applies."""
+        out: list[dict[str, Any]] = []
+        for point in self.starts:
+            values: dict[str, Any] = {}
+            params: dict[str, Any] = {}
+            for b in self.blocks:
+                if not b.applies(values):
+                    continue
+                values.update(b.fixed)
+                for d in b.dists:
+                    v = d.nearest(point[d.path]) if d.path in point else None
+                    if v is not None:
+                        values[d.path] = params[d.name] = v
+            if params and params not in out:
+                out.append(params)
+        return out
+
     def grid(self) -> list[dict[str, Any]]:
         """Every combination as Optuna ``params`` (conditional values only where their block applies)."""
         points: list[tuple[dict[str, Any], dict[str, Any]]] = [({}, {})]  # (optuna params, path values)
@@ -233,7 +275,8 @@ class SearchSpace:
             )
             for b in self.blocks
         ]
-        return SearchSpace(blocks=blocks, source=self.source)
+        starts = [{p: v for p, v in point.items() if p not in fixed_paths} for point in self.starts]
+        return SearchSpace(blocks=blocks, source=self.source, starts=[p for p in starts if p])
 
     def to_spec(self) -> dict[str, Any]:
         """The YAML-format dict of this space (stored with the study, so workers rebuild it)."""
@@ -259,6 +302,8 @@ class SearchSpace:
             else:
                 when = {p: (list(vs) if len(vs) > 1 else vs[0]) for p, vs in b.when.items()}
                 spec["conditional"].append({"when": when, "params": {**params, **b.fixed}})
+        if self.starts:
+            spec["start"] = [dict(p) for p in self.starts]
         return spec
 
 
@@ -281,12 +326,14 @@ def parse_space(raw: Any, source: str = "<space>") -> SearchSpace:
         raw = {}
     if not isinstance(raw, dict):
         raise SpaceError(f"{source}: a search space is a mapping, got {type(raw).__name__}")
-    sections = {"params", "conditional", "fixed"}
+    sections = {"params", "conditional", "fixed", "start"}
     if not sections & set(raw):
         raw = {"params": raw}
     unknown = set(raw) - sections
     if unknown:
-        raise SpaceError(f"{source}: unknown section(s) {sorted(unknown)}; known: params, conditional, fixed")
+        raise SpaceError(
+            f"{source}: unknown section(s) {sorted(unknown)}; known: params, conditional, fixed, start"
+        )
     top = Block()
     _fill_block(top, raw.get("params") or {}, source, "params")
     for path, v in _mapping(raw.get("fixed") or {}, source, "fixed").items():
@@ -306,7 +353,15 @@ def parse_space(raw: Any, source: str = "<space>") -> SearchSpace:
             b.when[path] = tuple(accepted) if isinstance(accepted, list) else (accepted,)
         _fill_block(b, entry.get("params") or {}, source, f"{where}.params")
         blocks.append(b)
-    space = SearchSpace(blocks=blocks, source=source)
+    starts = raw.get("start") or []
+    if not isinstance(starts, list):
+        raise SpaceError(f"{source}: 'start' must be a list of {{path: value}} mappings")
+    for i, point in enumerate(starts):
+        for path, v in _mapping(point, source, f"start[{i}]").items():
+            _check_path(path, source)
+            if not _scalar(v):
+                raise SpaceError(f"{source}: start[{i}].{path} = {v!r}: a start point gives plain values")
+    space = SearchSpace(blocks=blocks, source=source, starts=[dict(p) for p in starts])
     _check_conditions(space)
     _name_params(space)
     return space

@@ -324,7 +324,7 @@ def _train(
         write_config(out, config_yaml)
 
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.total_steps, cfg.optim.lr)
+    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.total_steps, cfg.optim.lr, tc.max_time)
     # data-parallel: the sampler draws the global batch of batch_size * world_size blocks (what one process
     # with that batch size would draw) and this rank keeps its rows; the evaluation batches are global too
     global_batch = tc.batch_size * dist.world_size
@@ -371,6 +371,7 @@ def _train(
         state.best_val_loss, state.best_step = float(ts["best_val_loss"]), int(ts["best_step"])
         bad_evals = int(ts["bad_evals"])
         history = _truncate_metrics(out, state.step, write=dist.is_main)
+        scheduler.set_elapsed(state.elapsed_s)
         log(f"resumed from {resume_ckpt.path} at step {state.step}")
     if dist.enabled:  # every rank must start from the same checkpoint, or their collectives go out of step
         starts = dist.gather_object(state.step)
@@ -533,6 +534,7 @@ def _train(
             if dist.enabled:  # the same stop decision on every rank: their clocks and SIGTERMs differ
                 state.elapsed_s, any_term = dist.max([state.elapsed_s, float(term.requested)])
                 term.requested = any_term > 0
+            scheduler.set_elapsed(state.elapsed_s)
             reason = stop_reason()
             if term.requested:
                 reason = "sigterm"

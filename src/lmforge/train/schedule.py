@@ -19,6 +19,9 @@ Shapes (W = ``warmup_steps``, N = ``total_steps``, lr = ``base_lr``):
 - ``cosine``: ``min_lr + 0.5 * (1 + cos(pi * (it - W) / (N - W))) * (lr - min_lr)``, ``min_lr`` from N on
 - ``linear``: ``lr - (it - W) / (N - W) * (lr - min_lr)``, ``min_lr`` from N on
 - ``wsd``: ``lr`` until ``D = max(W, N - round(decay_fraction * N))``, then linear to ``min_lr`` at N
+- ``horizon: time`` (with ``total_time`` = ``train.max_time``): ``linear``, ``cosine`` and ``wsd`` use the
+  progress ``p = elapsed / total_time`` (the loop reports its training seconds with ``set_elapsed``) in place
+  of ``(it - W) / (N - W)``; ``wsd`` decays over the last ``decay_fraction`` of the time
 - ``plateau``: ``lr * scale``; ``scale *= plateau_factor`` when more than ``plateau_patience``
   evaluations in a row did not improve on the best, never below ``min_lr`` (torch's ReduceLROnPlateau
   with ``threshold=0``).
@@ -42,9 +45,22 @@ class Schedule:
     """Sets ``group["lr"]`` of every parameter group of ``optimizer`` from the step count."""
 
     def __init__(
-        self, optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int | None, base_lr: float
+        self,
+        optimizer: torch.optim.Optimizer,
+        cfg: ScheduleConfig,
+        total_steps: int | None,
+        base_lr: float,
+        total_time: float | None = None,
     ) -> None:
-        if cfg.name in ("linear", "cosine", "wsd"):
+        self.total_time = None
+        if cfg.horizon == "time":
+            if total_time is None or not total_time > 0 or cfg.name not in ("linear", "cosine", "wsd"):
+                raise ScheduleError(
+                    f"schedule.horizon 'time' needs a positive total_time (train.max_time; got {total_time}) and "
+                    f"a decaying schedule (linear, cosine, wsd; got {cfg.name!r})"
+                )
+            self.total_time = float(total_time)
+        elif cfg.name in ("linear", "cosine", "wsd"):
             if total_steps is None:
                 raise ScheduleError(
                     f"schedule.name '{cfg.name}' needs a length: set train.max_steps or schedule.total_steps"
@@ -65,6 +81,8 @@ class Schedule:
             group.setdefault("initial_lr", group["lr"])
         self.it = 0
         """Index of the optimizer step whose lr is currently set."""
+        self.elapsed = 0.0
+        """Training seconds so far (``horizon: time`` only)."""
         self.plateau_scale = 1.0
         self.best: float | None = None
         self.bad_evals = 0
@@ -82,6 +100,14 @@ class Schedule:
             return lr * (it + 1) / (warmup + 1)
         if c.name == "constant":
             return lr
+        if self.total_time is not None:
+            p = min(1.0, max(0.0, self.elapsed / self.total_time))
+            if c.name == "wsd":
+                start = 1.0 - c.decay_fraction
+                return lr if p < start else lr - (p - start) / c.decay_fraction * (lr - min_lr)
+            if c.name == "cosine":
+                return min_lr + 0.5 * (1.0 + math.cos(math.pi * p)) * (lr - min_lr)
+            return lr - p * (lr - min_lr)
         n = self.total_steps
         assert n is not None  # checked in __init__
         if it >= n:
@@ -119,6 +145,12 @@ class Schedule:
         """Advance to the next optimizer step (call once after every ``optimizer.step()``)."""
         self.it += 1
         self._apply()
+
+    def set_elapsed(self, seconds: float) -> None:
+        """Report the training seconds so far; with ``horizon: time`` this sets the learning rate."""
+        if self.total_time is not None:
+            self.elapsed = float(seconds)
+            self._apply()
 
     def observe(self, val_loss: float) -> None:
         """Report an evaluation; ``plateau`` may reduce the learning rate, the others ignore it."""
@@ -163,11 +195,15 @@ class Schedule:
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int | None, base_lr: float
+    optimizer: torch.optim.Optimizer,
+    cfg: ScheduleConfig,
+    total_steps: int | None,
+    base_lr: float,
+    total_time: float | None = None,
 ) -> Schedule:
     """A :class:`Schedule` for ``optimizer``; it sets the lr of step 0 right away.
 
     ``total_steps`` is the schedule length (``RunConfig.total_steps``); ``base_lr`` the main learning
     rate (``optim.lr``), the reference of ``min_lr``.
     """
-    return Schedule(optimizer, cfg, total_steps, base_lr)
+    return Schedule(optimizer, cfg, total_steps, base_lr, total_time)
