@@ -217,3 +217,30 @@ def test_beam_sampling_is_seeded():
     assert a.sequences == b.sequences
     assert all(math.isfinite(s) for s in a.scores[0])
     assert a.scores[0] == sorted(a.scores[0], reverse=True)
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_fast_path_without_end_tokens_equals_the_general_path(length_penalty):
+    """Without an eos token no candidate can end before the budget, and beam search takes a shorter path;
+    an eos the model is never allowed to produce runs the general path: both must give the same beams."""
+    V = 9
+    model = TinyAttention(vocab_size=V, seed=3, max_seq_len=24).eval()
+    prompts = [[1, 2, 3], [4], [5, 1, 7, 7]]
+
+    def ban(token):
+        def proc(ids, scores):
+            return scores.index_fill(1, torch.tensor([token]), float("-inf"))
+
+        return proc
+
+    def run(eos, procs):
+        cfg = GenerationConfig(max_new_tokens=10, num_beams=4, num_return_sequences=3, eos_token_id=eos,
+                               length_penalty=length_penalty)
+        return generate(model, prompts, cfg, processors=procs)
+
+    fast = run([], [ban(8)])
+    general = run(8, [ban(8)])
+    assert fast.sequences == general.sequences and fast.finish_reasons == general.finish_reasons
+    for a, b in zip(fast.scores, general.scores, strict=True):
+        assert a == pytest.approx(b, abs=1e-6)
+    assert all(r == "length" for rows in fast.finish_reasons for r in rows)

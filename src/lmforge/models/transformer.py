@@ -78,11 +78,94 @@ def _norm(cfg: TransformerConfig) -> nn.Module:
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def _norm_fn(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``m(x)`` for a LayerNorm / RMSNorm module without the module-call overhead (decoding fast path)."""
-    if isinstance(m, nn.LayerNorm):
-        return F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)
-    return F.rms_norm(x, m.normalized_shape, m.weight, m.eps)
+def _norm_spec(m: nn.Module) -> tuple:
+    """What the decoding fast path needs of a LayerNorm / RMSNorm module."""
+    rms = not isinstance(m, nn.LayerNorm)
+    return (rms, m.normalized_shape, m.weight, None if rms else m.bias, m.eps)
+
+
+def _norm_apply(x: torch.Tensor, spec: tuple) -> torch.Tensor:
+    rms, shape, w, b, eps = spec
+    return F.rms_norm(x, shape, w, eps) if rms else F.layer_norm(x, shape, w, b, eps)
+
+
+@dataclass(frozen=True)
+class _LayerParams:
+    """One block's tensors and options as plain attributes: the decoding fast path reads them without
+    ``nn.Module.__getattr__`` (a noticeable share of a small model's decoding step)."""
+
+    parallel: bool
+    ln_1: tuple
+    ln_2: tuple | None
+    qkv: tuple[torch.Tensor, torch.Tensor | None]
+    out: tuple[torch.Tensor, torch.Tensor | None]
+    fc: tuple[torch.Tensor, torch.Tensor | None]
+    proj: tuple[torch.Tensor, torch.Tensor | None]
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    gqa: bool
+    swiglu: bool
+    approximate: str
+
+    @classmethod
+    def of(cls, block: Block) -> _LayerParams:
+        a, m = block.attn, block.mlp
+        return cls(
+            parallel=block.parallel,
+            ln_1=_norm_spec(block.ln_1),
+            ln_2=None if block.ln_2 is None else _norm_spec(block.ln_2),
+            qkv=(a.c_attn.weight, a.c_attn.bias),
+            out=(a.c_proj.weight, a.c_proj.bias),
+            fc=(m.c_fc.weight, m.c_fc.bias),
+            proj=(m.c_proj.weight, m.c_proj.bias),
+            n_head=a.n_head,
+            n_kv_head=a.n_kv_head,
+            head_dim=a.head_dim,
+            gqa=a.gqa,
+            swiglu=m.swiglu,
+            approximate=m.approximate,
+        )
+
+
+def _decode_layer(
+    p: _LayerParams,
+    x: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor] | None,
+    kv_cache: torch.Tensor,
+    start: int,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """``Block.forward`` for one new token per row (x (B, 1, C)) in eval mode, with functional ops only;
+    writes the token's key and value into ``kv_cache`` (B, 2, nkv, capacity, hd) at slot ``start``."""
+    B = x.size(0)
+    hd, nq = p.head_dim, p.n_head * p.head_dim
+    h = _norm_apply(x, p.ln_1)
+    qkv = F.linear(h, *p.qkv)  # (B, 1, nq + 2 nkv)
+    q = qkv[..., :nq].view(B, p.n_head, 1, hd)
+    kv = qkv[..., nq:].view(B, 2, p.n_kv_head, 1, hd)
+    end = start + 1
+    if rope is not None:
+        q = apply_rope(q, *rope)
+        kv_cache[:, 0, :, start:end] = apply_rope(kv[:, 0], *rope)
+        kv_cache[:, 1, :, start:end] = kv[:, 1]
+    else:
+        kv_cache[:, :, :, start:end] = kv
+    y = F.scaled_dot_product_attention(
+        q, kv_cache[:, 0, :, :end], kv_cache[:, 1, :, :end], attn_mask=mask, enable_gqa=p.gqa
+    )  # (B, nh, 1, hd)
+    att = F.linear(y.transpose(1, 2).reshape(B, 1, nq), *p.out)
+    if not p.parallel:
+        x = x + att
+        h = _norm_apply(x, p.ln_2)
+    m = F.linear(h, *p.fc)
+    if p.swiglu:
+        gate, up = m.chunk(2, dim=-1)
+        m = F.silu(gate) * up
+    else:
+        m = F.gelu(m, approximate=p.approximate)
+    m = F.linear(m, *p.proj)
+    return x + att + m if p.parallel else x + m
 
 
 def mlp_hidden(cfg: TransformerConfig) -> int:
@@ -132,34 +215,6 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, self.n_head * hd)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def decode(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
-        kv_cache: torch.Tensor,
-        start: int,
-        mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """``forward`` for one new token per row (x (B, 1, C)), in eval mode, with functional ops only;
-        ``kv_cache`` (B, 2, nkv, capacity, hd)."""
-        B = x.size(0)
-        hd, nq = self.head_dim, self.n_head * self.head_dim
-        qkv = F.linear(x, self.c_attn.weight, self.c_attn.bias)  # (B, 1, nq + 2 nkv)
-        q = qkv[..., :nq].view(B, self.n_head, 1, hd)
-        kv = qkv[..., nq:].view(B, 2, self.n_kv_head, 1, hd)
-        end = start + 1
-        if rope is not None:
-            q = apply_rope(q, *rope)
-            kv_cache[:, 0, :, start:end] = apply_rope(kv[:, 0], *rope)
-            kv_cache[:, 1, :, start:end] = kv[:, 1]
-        else:
-            kv_cache[:, :, :, start:end] = kv
-        y = F.scaled_dot_product_attention(
-            q, kv_cache[:, 0, :, :end], kv_cache[:, 1, :, :end], attn_mask=mask, enable_gqa=self.gqa
-        )  # (B, nh, 1, hd)
-        return F.linear(y.transpose(1, 2).reshape(B, 1, nq), self.c_proj.weight, self.c_proj.bias)
-
-
 class MLP(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -179,17 +234,6 @@ class MLP(nn.Module):
         else:
             h = F.gelu(h, approximate=self.approximate)
         return self.dropout(self.c_proj(h))
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """``forward`` in eval mode with functional ops only (decoding fast path)."""
-        h = F.linear(x, self.c_fc.weight, self.c_fc.bias)
-        if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h, approximate=self.approximate)
-        return F.linear(h, self.c_proj.weight, self.c_proj.bias)
-
 
 class Block(nn.Module):
     def __init__(self, cfg: TransformerConfig):
@@ -214,22 +258,6 @@ class Block(nn.Module):
             return x + self.attn(h, rope, cache, mask) + self.mlp(h)
         x = x + self.attn(self.ln_1(x), rope, cache, mask)
         return x + self.mlp(self.ln_2(x))
-
-    def decode(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
-        kv_cache: torch.Tensor,
-        start: int,
-        mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """``forward`` for one new token per row, eval mode (no dropout), functional ops only."""
-        if self.parallel:
-            h = _norm_fn(self.ln_1, x)
-            return x + self.attn.decode(h, rope, kv_cache, start, mask) + self.mlp.decode(h)
-        x = x + self.attn.decode(_norm_fn(self.ln_1, x), rope, kv_cache, start, mask)
-        return x + self.mlp.decode(_norm_fn(self.ln_2, x))
-
 
 class TransformerModel(LanguageModel):
     """Decoder-only transformer; see the module docstring."""
@@ -366,10 +394,28 @@ class TransformerModel(LanguageModel):
                 self.rope_cos[pos][:, None, None].to(x.dtype),
                 self.rope_sin[pos][:, None, None].to(x.dtype),
             )  # (B, 1, 1, hd) each
-        for i, block in enumerate(self.h):
-            x = block.decode(x, rope, state.kv[i], start, mask)
+        layers, ln_f, head = self._decode_params()
+        for p, kv in zip(layers, state.kv, strict=True):
+            x = _decode_layer(p, x, rope, kv, start, mask)
         state.length = end
-        return F.linear(_norm_fn(self.ln_f, x), self.lm_head.weight), state
+        return F.linear(_norm_apply(x, ln_f), head), state
+
+    def _decode_params(self) -> tuple[list[_LayerParams], tuple, torch.Tensor]:
+        """The decoding fast path's view of the parameters, cached until ``train``/``eval``/``to`` (which
+        every :func:`~lmforge.predict.generate` call goes through); in-place updates stay visible."""
+        cached = self.__dict__.get("_decode_cache")
+        if cached is None:
+            cached = ([_LayerParams.of(b) for b in self.h], _norm_spec(self.ln_f), self.lm_head.weight)
+            self.__dict__["_decode_cache"] = cached
+        return cached
+
+    def train(self, mode: bool = True) -> TransformerModel:
+        self.__dict__.pop("_decode_cache", None)
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .half(), ...: parameters may be new tensors
+        self.__dict__.pop("_decode_cache", None)
+        return super()._apply(fn, *args, **kwargs)
 
     def _grow(self, state: KVCache, end: int) -> None:
         """Give the cache room for slots ``[:end]`` (capacity doubles, up to ``max_seq_len``)."""

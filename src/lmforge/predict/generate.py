@@ -712,6 +712,10 @@ def _beam_search(run: _Run, prompts: list[list[int]], budgets: list[int], prompt
     improvable = torch.ones(N, dtype=torch.bool, device=device)
     base = torch.arange(N, device=device)[:, None] * K  # (N, 1) first row of each prompt
 
+    min_budget = min(budgets)
+    no_fin = torch.full((N,), _NEG, device=device)
+    any_full = False  # whether some prompt holds K finished hypotheses (only then can its worst one bar a beam)
+
     for t in range(max_steps):
         logp = (logits if logits.dtype == torch.float32 else logits.float()).log_softmax(dim=-1)  # (N*K, V)
         if run.procs:
@@ -720,58 +724,70 @@ def _beam_search(run: _Run, prompts: list[list[int]], budgets: list[int], prompt
                 hist = torch.cat([prompt_hist, run_seqs[:, :, :t].reshape(N * K, t)], dim=1)
             logp = run.procs(hist, logp)
         acc = (logp.view(N, K, V) + run_scores[:, :, None]).view(N, K * V)
-        if run.sampling:
-            idx = torch.multinomial(acc.softmax(dim=-1), C, generator=run.generator)
-            cand_scores, order = acc.gather(1, idx).sort(dim=-1, descending=True)
-            idx = idx.gather(1, order)
+        at_budget = min_budget <= t + 1  # some prompt spends its last token at this step
+        if eos_t is None and not run.stops and not at_budget and not run.sampling:
+            # fast path: no candidate can end at this step, so the K best ones go on and the finished
+            # hypotheses stay as they are (the same result as the general path below, with fewer ops)
+            run_scores, idx = torch.topk(acc, K, dim=-1)  # (N, K)
+            run_beam, tok = idx // V, idx % V
+            run_seqs = run_seqs.gather(1, run_beam[:, :, None].expand(N, K, max_steps))
+            run_seqs[:, :, t] = tok
         else:
-            cand_scores, idx = torch.topk(acc, C, dim=-1)  # (N, C)
-        beam, tok = idx // V, idx % V
-        cand_seqs = run_seqs.gather(1, beam[:, :, None].expand(N, C, max_steps))  # (N, C, steps)
-        cand_seqs[:, :, t] = tok
+            if run.sampling:
+                idx = torch.multinomial(acc.softmax(dim=-1), C, generator=run.generator)
+                cand_scores, order = acc.gather(1, idx).sort(dim=-1, descending=True)
+                idx = idx.gather(1, order)
+            else:
+                cand_scores, idx = torch.topk(acc, C, dim=-1)  # (N, C)
+            beam, tok = idx // V, idx % V
+            cand_seqs = run_seqs.gather(1, beam[:, :, None].expand(N, C, max_steps))  # (N, C, steps)
+            cand_seqs[:, :, t] = tok
 
-        hit_eos = torch.isin(tok, eos_t) if eos_t is not None else torch.zeros_like(tok, dtype=torch.bool)
-        hit = hit_eos | (budget_t <= t + 1)[:, None]
-        hit_stop = None
-        if run.stops:
-            texts = [[run.tokenizer.decode(s) for s in row] for row in cand_seqs[:, :, : t + 1].tolist()]
-            hit_stop = (
-                torch.tensor([[_find_stop(x, run.stops) >= 0 for x in row] for row in texts], device=device) & ~hit_eos
-            )
-            hit = hit | hit_stop
+            hit_eos = torch.isin(tok, eos_t) if eos_t is not None else torch.zeros_like(tok, dtype=torch.bool)
+            hit = hit_eos | (budget_t <= t + 1)[:, None] if at_budget else hit_eos
+            hit_stop = None
+            if run.stops:
+                texts = [[run.tokenizer.decode(s) for s in row] for row in cand_seqs[:, :, : t + 1].tolist()]
+                hit_stop = (
+                    torch.tensor([[_find_stop(x, run.stops) >= 0 for x in row] for row in texts], device=device)
+                    & ~hit_eos
+                )
+                hit = hit | hit_stop
 
-        # the best K candidates that go on
-        live_scores = cand_scores + hit.float() * _NEG
-        nxt = torch.topk(live_scores, K, dim=-1).indices  # (N, K)
-        run_seqs = cand_seqs.gather(1, nxt[:, :, None].expand(N, K, max_steps))
-        run_scores = live_scores.gather(1, nxt)
-        run_beam = beam.gather(1, nxt)
+            # the best K candidates that go on
+            live_scores = cand_scores + hit.float() * _NEG
+            nxt = torch.topk(live_scores, K, dim=-1).indices  # (N, K)
+            run_seqs = cand_seqs.gather(1, nxt[:, :, None].expand(N, K, max_steps))
+            run_scores = live_scores.gather(1, nxt)
+            run_beam = beam.gather(1, nxt)
 
-        # candidates that end here, among the top K, join the finished hypotheses if they are good enough
-        # (not those grown from the placeholder beams of step 0: they only exist when K * V is tiny)
-        just = hit & top_k_mask & (cand_scores > _NEG / 2)
-        new_scores = cand_scores / float(t + 1) ** lp_pow
-        new_scores = new_scores + (~just | ~improvable[:, None]).float() * _NEG
-        new_len = torch.full_like(tok, t + 1).masked_fill(hit_eos, t)  # eos is not returned
-        new_reason = torch.full_like(tok, _LENGTH).masked_fill(hit_eos, _EOS)
-        if hit_stop is not None:
-            new_reason = new_reason.masked_fill(hit_stop, _STOP)
-        merged = torch.cat([fin_scores, new_scores], dim=1)
-        best = torch.topk(merged, K, dim=-1).indices  # (N, K)
-        fin_scores = merged.gather(1, best)
-        fin_seqs = torch.cat([fin_seqs, cand_seqs], dim=1).gather(1, best[:, :, None].expand(N, K, max_steps))
-        fin_len = torch.cat([fin_len, new_len], dim=1).gather(1, best)
-        fin_reason = torch.cat([fin_reason, new_reason], dim=1).gather(1, best)
-        fin_done = torch.cat([fin_done, just], dim=1).gather(1, best)
+            # candidates that end here, among the top K, join the finished hypotheses if they are good enough
+            # (not those grown from the placeholder beams of step 0: they only exist when K * V is tiny)
+            just = hit & top_k_mask & (cand_scores > _NEG / 2)
+            if bool(just.any()):
+                new_scores = cand_scores / float(t + 1) ** lp_pow
+                new_scores = new_scores + (~just | ~improvable[:, None]).float() * _NEG
+                new_len = torch.full_like(tok, t + 1).masked_fill(hit_eos, t)  # eos is not returned
+                new_reason = torch.full_like(tok, _LENGTH).masked_fill(hit_eos, _EOS)
+                if hit_stop is not None:
+                    new_reason = new_reason.masked_fill(hit_stop, _STOP)
+                merged = torch.cat([fin_scores, new_scores], dim=1)
+                best = torch.topk(merged, K, dim=-1).indices  # (N, K)
+                fin_scores = merged.gather(1, best)
+                fin_seqs = torch.cat([fin_seqs, cand_seqs], dim=1).gather(1, best[:, :, None].expand(N, K, max_steps))
+                fin_len = torch.cat([fin_len, new_len], dim=1).gather(1, best)
+                fin_reason = torch.cat([fin_reason, new_reason], dim=1).gather(1, best)
+                fin_done = torch.cat([fin_done, just], dim=1).gather(1, best)
+                any_full = bool(fin_done.all(dim=1).any())
 
         # can a running beam still beat the worst finished one? (HF's heuristics, per prompt)
-        gen_len = torch.full_like(budget_t, t + 1)
-        if cfg.early_stopping == "never" and lp_pow > 0:
-            gen_len = budget_t
+        gen_len = budget_t if cfg.early_stopping == "never" and lp_pow > 0 else torch.full_like(budget_t, t + 1)
         best_running = run_scores[:, 0] / gen_len.float() ** lp_pow
-        worst_fin = torch.where(fin_done.all(dim=1), fin_scores.min(dim=1).values, torch.full_like(best_running, _NEG))
-        improvable = improvable & (best_running > worst_fin) & (budget_t > t + 1)
-        if cfg.early_stopping is True:  # done as soon as K hypotheses finished
+        worst_fin = torch.where(fin_done.all(dim=1), fin_scores.min(dim=1).values, no_fin) if any_full else no_fin
+        improvable = improvable & (best_running > worst_fin)
+        if at_budget:
+            improvable &= budget_t > t + 1
+        if cfg.early_stopping is True and any_full:  # done as soon as K hypotheses finished
             improvable &= ~fin_done.all(dim=1)
         if t + 1 == max_steps or not bool(improvable.any()):
             break
