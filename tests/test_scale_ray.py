@@ -32,6 +32,8 @@ SPACE = """
 params:
   model.family: [transformer, gru]
   optim.lr: {float: [1.0e-3, 1.0e-2], log: true}
+start:
+  - {model.family: gru, optim.lr: 5.0e-3}
 """
 
 
@@ -79,6 +81,7 @@ def test_ray_search_fills_the_run_directory_like_the_embedded_backend(local_ray,
     trials = [t for t in study.get_trials() if not t.user_attrs.get("discarded")]
     assert sorted(t.number for t in trials) == [0, 1, 2, 3]
     assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    assert trials[0].params == {"model.family": "gru", "optim.lr": 5e-3}  # the space's start point came first
     assert any(t.state == TrialState.COMPLETE for t in trials)
     with open(run / "leaderboard.csv", newline="") as f:
         rows = list(csv.DictReader(f))

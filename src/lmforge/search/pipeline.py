@@ -374,7 +374,7 @@ class _Pipeline:
         if sampler == "grid":
             for params in space.grid():
                 study.enqueue_trial(params, skip_if_exists=True)
-        elif o.strategy == "optuna" and o.backend == "embedded" and space.starts:
+        elif o.strategy == "optuna" and space.starts:  # Ray's OptunaSearch asks the same study: it sees them too
             starts = space.start_params()
             for params in starts:  # tried first; the sampler fills in what a start point leaves out
                 study.enqueue_trial(params, skip_if_exists=True)
