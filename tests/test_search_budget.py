@@ -110,3 +110,31 @@ def test_fidelity_round_trip():
     fid = Fidelity(min_tokens=100, max_tokens=900, eta=3, rungs=2, tokens_per_step=50)
     assert Fidelity.from_dict(fid.to_dict()) == fid
     assert math.isclose(fid.max_tokens / fid.min_tokens, 9)
+
+
+def test_throughput_probe_takes_its_fastest_window(monkeypatch):
+    """A stall during one window of the probe (another process, a page-cache flush) must not shrink the
+    measured speed, which sizes every model of the run: the fastest of three windows counts. A fake clock
+    makes it exact: an optimizer step takes 1 ms, except two stalled steps of 250 ms in the first window."""
+    import types
+
+    import numpy as np
+    import torch
+
+    from lmforge.search import sizing
+
+    clock = {"t": 0.0, "calls": 0}
+    monkeypatch.setattr(sizing, "time", types.SimpleNamespace(perf_counter=lambda: clock["t"]))
+    real = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        clock["calls"] += 1
+        clock["t"] += 0.25 if clock["calls"] in (2, 3) else 0.001  # call 1 is the warm-up
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    base = {"data": {"block_size": 16}, "train": {"batch_size": 4}}
+    tokens = np.random.default_rng(0).integers(0, 30, 5000).astype(np.uint16)
+    flops, tok_s = sizing.measure_throughput(base, tokens, 30, seconds=0.6)
+    assert tok_s == pytest.approx(4 * 16 / 0.001)  # 64 tokens per 1 ms step, the stall left out
+    assert flops > 0
