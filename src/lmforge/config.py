@@ -169,6 +169,10 @@ class OptimConfig(_Section):
 
 
 # ------------------------------------------------------------------------------------- schedule
+DECAYING_SCHEDULES = ("linear", "cosine", "wsd")
+"""The schedules with a length (``total_steps``, or ``train.max_time`` with ``horizon: time``)."""
+
+
 class ScheduleConfig(_Section):
     name: Literal["constant", "linear", "cosine", "wsd", "plateau"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
@@ -273,12 +277,12 @@ class RunConfig(_Section):
             )
         if s.min_lr > o.lr:
             raise ValueError(f"schedule.min_lr ({s.min_lr}) is larger than optim.lr ({o.lr})")
-        if s.horizon == "time" and (t.max_time is None or s.name not in ("linear", "cosine", "wsd")):
+        if s.horizon == "time" and (t.max_time is None or s.name not in DECAYING_SCHEDULES):
             raise ValueError(
                 f"schedule.horizon 'time' needs train.max_time (got {t.max_time}) and a decaying schedule.name "
                 f"(linear, cosine or wsd; got {s.name!r})"
             )
-        if s.name in ("linear", "cosine", "wsd") and self.total_steps is None and s.horizon == "steps":
+        if s.name in DECAYING_SCHEDULES and self.total_steps is None and s.horizon == "steps":
             raise ValueError(
                 f"schedule.name '{s.name}' needs a length: set train.max_steps or schedule.total_steps"
             )

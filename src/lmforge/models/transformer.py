@@ -47,15 +47,6 @@ class KVCache:
     padded: bool = False
     """Whether any slot holds padding (else a single query needs no mask)."""
 
-    @property
-    def k(self) -> list[torch.Tensor]:
-        """Per layer keys (B, n_kv_head, capacity, head_dim) (views of ``kv``)."""
-        return [t[:, 0] for t in self.kv]
-
-    @property
-    def v(self) -> list[torch.Tensor]:
-        return [t[:, 1] for t in self.kv]
-
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (max_len, head_dim), computed as Hugging Face Llama does (float32, halves repeated)."""
@@ -215,6 +206,7 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, self.n_head * hd)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
+
 class MLP(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -234,6 +226,7 @@ class MLP(nn.Module):
         else:
             h = F.gelu(h, approximate=self.approximate)
         return self.dropout(self.c_proj(h))
+
 
 class Block(nn.Module):
     def __init__(self, cfg: TransformerConfig):
@@ -258,6 +251,7 @@ class Block(nn.Module):
             return x + self.attn(h, rope, cache, mask) + self.mlp(h)
         x = x + self.attn(self.ln_1(x), rope, cache, mask)
         return x + self.mlp(self.ln_2(x))
+
 
 class TransformerModel(LanguageModel):
     """Decoder-only transformer; see the module docstring."""
@@ -341,7 +335,7 @@ class TransformerModel(LanguageModel):
             self._grow(state, end)
         if T == 1 and valid is None and not self.training:
             return self._decode_one(idx, state)
-        if valid is None:  # decoding fast path: every new token is real
+        if valid is None:  # every new token is real (one token per row in eval mode took _decode_one above)
             pos = state.pos[:, None] + torch.arange(T, device=idx.device)  # (B, T)
             state.key_valid[:, start:end] = True
             state.pos = state.pos + T

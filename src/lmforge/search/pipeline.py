@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import ConfigError, apply_overrides, build_config, load_yaml
+from lmforge.config import DECAYING_SCHEDULES, ConfigError, apply_overrides, build_config, load_yaml
 from lmforge.search.budget import (
     STEPS,
     Budget,
@@ -603,6 +603,7 @@ class _Pipeline:
             if not ckpts:  # from scratch (cross-validation folds trained on part of the data)
                 extra += int(tc["max_steps"])
             timed = self.budget.kind == "time"
+            decaying = (cfg_raw.get("schedule") or {}).get("name") in DECAYING_SCHEDULES
             plan = {
                 "trial": best.number,
                 "from": str(ckpts[-1]) if ckpts else None,
@@ -612,7 +613,7 @@ class _Pipeline:
                 # steps only cap it, at several times the estimate
                 "max_steps": step0 + max(0, FINAL_STEP_CAP * extra if timed else extra),
                 "max_time": elapsed0 + train_s if timed else None,
-                "horizon": "time" if timed else "steps",
+                "horizon": "time" if timed and decaying else "steps",  # constant / plateau have no horizon
                 # about 20 evaluations for early stopping, but not more often than the trials evaluated
                 "eval_interval": max(1, int(tc["eval_interval"]), extra // 20),
                 "checkpoint_interval": max(1, extra // 5),
@@ -639,10 +640,6 @@ class _Pipeline:
                 progress=self.opts.verbose,
             )
             cfg_raw.setdefault("schedule", {})["horizon"] = plan.get("horizon", "steps")
-            if cfg_raw["schedule"]["horizon"] == "time" and cfg_raw["schedule"].get("name") not in (
-                "linear", "cosine", "wsd"
-            ):
-                cfg_raw["schedule"]["horizon"] = "steps"  # constant / plateau schedules have no horizon
             cfg = build_config(cfg_raw)
             data = self._search_data(ctx)
             result = train(

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from lmforge.config import LmforgeError, ScheduleConfig
+from lmforge.config import DECAYING_SCHEDULES, LmforgeError, ScheduleConfig
 
 
 class ScheduleError(LmforgeError, ValueError):
@@ -54,13 +54,13 @@ class Schedule:
     ) -> None:
         self.total_time = None
         if cfg.horizon == "time":
-            if total_time is None or not total_time > 0 or cfg.name not in ("linear", "cosine", "wsd"):
+            if total_time is None or not total_time > 0 or cfg.name not in DECAYING_SCHEDULES:
                 raise ScheduleError(
                     f"schedule.horizon 'time' needs a positive total_time (train.max_time; got {total_time}) and "
                     f"a decaying schedule (linear, cosine, wsd; got {cfg.name!r})"
                 )
             self.total_time = float(total_time)
-        elif cfg.name in ("linear", "cosine", "wsd"):
+        elif cfg.name in DECAYING_SCHEDULES:
             if total_steps is None:
                 raise ScheduleError(
                     f"schedule.name '{cfg.name}' needs a length: set train.max_steps or schedule.total_steps"
