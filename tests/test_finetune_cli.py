@@ -149,44 +149,15 @@ def test_lm_finetune_and_perplexity(base_ckpt, tmp_path, capsys):
 def test_user_errors_are_one_line(base_ckpt, tmp_path, capsys):
     corpus = tmp_path / "train.txt"
     corpus.write_text("abc " * 200, encoding="utf-8")
-    assert (
-        main(
-            [
-                "finetune",
-                "--model",
-                str(base_ckpt),
-                "--data",
-                str(corpus),
-                "--out",
-                str(tmp_path / "x"),
-                "--model.n_layer",
-                "3",
-            ]
-        )
-        == 2
-    )
+
+    def finetune(model, *extra: str) -> int:
+        return main(["finetune", "--model", str(model), "--data", str(corpus), "--out", str(tmp_path / "x"), *extra])
+
+    assert finetune(base_ckpt, "--model.n_layer", "3") == 2
     assert "cannot change model.n_layer" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "finetune",
-                "--model",
-                str(base_ckpt),
-                "--data",
-                str(corpus),
-                "--out",
-                str(tmp_path / "x"),
-                "--task",
-                "classification",
-            ]
-        )
-        == 2
-    )
+    assert finetune(base_ckpt, "--task", "classification") == 2
     assert "plain text is for --task lm" in capsys.readouterr().err
-    assert (
-        main(["finetune", "--model", str(tmp_path / "missing"), "--data", str(corpus), "--out", str(tmp_path / "x")])
-        == 2
-    )
+    assert finetune(tmp_path / "missing") == 2
     assert "missing" in capsys.readouterr().err
 
 
