@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import ConfigError, RCNNConfig
-from lmforge.models.base import LanguageModel, lm_loss
-from lmforge.models.recurrent import Hidden, non_embedding_params, run_rnn, select_hidden, zero_hidden
+from lmforge.models.base import lm_loss
+from lmforge.models.recurrent import Hidden, TokenTableLM, run_rnn, select_hidden, zero_hidden
 
 
 @dataclass
@@ -90,7 +90,7 @@ class RCNNBlock(nn.Module):
         return x, buf, hidden
 
 
-class RCNNModel(LanguageModel):
+class RCNNModel(TokenTableLM):
     """Recurrent-convolutional language model; see the module docstring."""
 
     def __init__(self, cfg: RCNNConfig):
@@ -149,16 +149,6 @@ class RCNNModel(LanguageModel):
             hidden=[select_hidden(h, index) for h in state.hidden],
             length=state.length,
         )
-
-    def state_length(self, state: RCNNState) -> int:
-        return state.length
-
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        """Unique parameters (tied weights once); ``exclude_embeddings`` leaves out the token lookup table
-        unless it is tied (then it is also the output layer)."""
-        if exclude_embeddings:
-            return non_embedding_params(self, self.wte, self.config.tie_embeddings)
-        return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """6 x (convolution, recurrent and output weights): each is used once per token."""

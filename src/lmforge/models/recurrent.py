@@ -75,7 +75,22 @@ def non_embedding_params(model: nn.Module, wte: nn.Embedding, tied: bool) -> int
     return n if tied else n - wte.weight.numel()
 
 
-class RecurrentModel(LanguageModel):
+class TokenTableLM(LanguageModel):
+    """What the recurrent families share: a token table ``wte`` (tied to the output layer or not) and a state
+    that counts its tokens in ``length``."""
+
+    def state_length(self, state: RecurrentState) -> int:  # RCNNState too: both count tokens in ``length``
+        return state.length
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (tied weights once); ``exclude_embeddings`` leaves out the token lookup table
+        unless it is tied (then it is also the output layer)."""
+        if exclude_embeddings:
+            return non_embedding_params(self, self.wte, self.config.tie_embeddings)
+        return sum(p.numel() for p in self.parameters())
+
+
+class RecurrentModel(TokenTableLM):
     """Stacked LSTM or GRU language model (``RecurrentConfig.family``)."""
 
     def __init__(self, cfg: RecurrentConfig):
@@ -126,16 +141,6 @@ class RecurrentModel(LanguageModel):
 
     def reorder_state(self, state: RecurrentState, index: torch.Tensor) -> RecurrentState:
         return RecurrentState([select_hidden(h, index) for h in state.hidden], state.length)
-
-    def state_length(self, state: RecurrentState) -> int:
-        return state.length
-
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        """Unique parameters (tied weights once); ``exclude_embeddings`` leaves out the token lookup table
-        unless it is tied (then it is also the output layer)."""
-        if exclude_embeddings:
-            return non_embedding_params(self, self.wte, self.config.tie_embeddings)
-        return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """6 x (recurrent weights + output layer): every one is used in one matmul per token."""
