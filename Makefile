@@ -9,6 +9,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/python -m lmforge.models.native || echo "lmforge: no C++ decoding step (decoding runs in Python)"
 	touch $(STAMP)
 
 .PHONY: setup demo train-demo test test-slow bench

@@ -15,6 +15,7 @@ Incremental decoding keeps a preallocated KV cache (:class:`KVCache`); see the s
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -23,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import ConfigError, TransformerConfig
-from lmforge.models.base import ContextLengthError, LanguageModel, lm_loss
+from lmforge.models.base import ContextLengthError, LanguageModel, lm_loss, without_onednn
+from lmforge.models.native import decode_step
 
 _REORDER_ROOM = 16
 """Free cache slots kept by ``reorder_state`` (beam search reorders every step: a few slots of room per copy
@@ -127,14 +129,14 @@ def _decode_layer(
     start: int,
     mask: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``Block.forward`` for one new token per row (x (B, 1, C)) in eval mode, with functional ops only;
-    writes the token's key and value into ``kv_cache`` (B, 2, nkv, capacity, hd) at slot ``start``."""
+    """``Block.forward`` for one new token per row (x (B, C), no time axis) in eval mode, with functional ops
+    only; writes the token's key and value into ``kv_cache`` (B, 2, nkv, capacity, hd) at slot ``start``."""
     B = x.size(0)
     hd, nq = p.head_dim, p.n_head * p.head_dim
     h = _norm_apply(x, p.ln_1)
-    qkv = F.linear(h, *p.qkv)  # (B, 1, nq + 2 nkv)
-    q = qkv[..., :nq].view(B, p.n_head, 1, hd)
-    kv = qkv[..., nq:].view(B, 2, p.n_kv_head, 1, hd)
+    qkv = F.linear(h, *p.qkv)  # (B, nq + 2 nkv hd)
+    q = qkv[:, :nq].view(B, p.n_head, 1, hd)
+    kv = qkv[:, nq:].view(B, 2, p.n_kv_head, 1, hd)
     end = start + 1
     if rope is not None:
         q = apply_rope(q, *rope)
@@ -145,7 +147,7 @@ def _decode_layer(
     y = F.scaled_dot_product_attention(
         q, kv_cache[:, 0, :, :end], kv_cache[:, 1, :, :end], attn_mask=mask, enable_gqa=p.gqa
     )  # (B, nh, 1, hd)
-    att = F.linear(y.transpose(1, 2).reshape(B, 1, nq), *p.out)
+    att = F.linear(y.reshape(B, nq), *p.out)
     if not p.parallel:
         x = x + att
         h = _norm_apply(x, p.ln_2)
@@ -371,7 +373,8 @@ class TransformerModel(LanguageModel):
 
     def _decode_one(self, idx: torch.Tensor, state: KVCache) -> tuple[torch.Tensor, KVCache]:
         """``step`` for one real token per row in eval mode: the same computation, written with functional
-        ops only (about a dozen per layer), since decoding small models is bound by per-op overhead."""
+        ops only (about a dozen per layer), since decoding small models is bound by per-op overhead. The
+        C++ build of these ops (:mod:`lmforge.models.native`) runs instead when it is available."""
         start = state.length
         end = start + 1
         pos = state.pos  # (B,)
@@ -379,27 +382,48 @@ class TransformerModel(LanguageModel):
         state.pos = pos + 1
         # one query per row sees every filled slot that is not padding
         mask = state.key_valid[:, None, None, :end] if state.padded else None  # (B, 1, 1, S)
-        x = F.embedding(idx, self.wte.weight)  # (B, 1, C)
+        layers, ln_f, head, native_args = self._decode_params()
+        state.length = end
+        native = decode_step() if native_args is not None else None
+        if native is not None:
+            args, options = native_args
+            logits = native(idx.view(-1), pos, *args, state.kv, start, mask, ln_f[2], ln_f[3], head, *options)
+            return logits[:, None], state
+        x = F.embedding(idx.view(-1), self.wte.weight)  # (B, C)
         rope = None
         if self.wpe is not None:
-            x = x + F.embedding(pos, self.wpe.weight)[:, None]
+            x = x + F.embedding(pos, self.wpe.weight)
         else:
             rope = (
                 self.rope_cos[pos][:, None, None].to(x.dtype),
                 self.rope_sin[pos][:, None, None].to(x.dtype),
             )  # (B, 1, 1, hd) each
-        layers, ln_f, head = self._decode_params()
         for p, kv in zip(layers, state.kv, strict=True):
             x = _decode_layer(p, x, rope, kv, start, mask)
-        state.length = end
-        return F.linear(_norm_apply(x, ln_f), head), state
+        return F.linear(_norm_apply(x, ln_f), head)[:, None], state
 
-    def _decode_params(self) -> tuple[list[_LayerParams], tuple, torch.Tensor]:
-        """The decoding fast path's view of the parameters, cached until ``train``/``eval``/``to`` (which
-        every :func:`~lmforge.predict.generate` call goes through); in-place updates stay visible."""
+    def _decode_params(self) -> tuple[list[_LayerParams], tuple, torch.Tensor, tuple | None]:
+        """The decoding fast path's view of the parameters (and the native step's arguments), cached until
+        ``train``/``eval``/``to`` (which every :func:`~lmforge.predict.generate` call goes through); in-place
+        updates stay visible."""
         cached = self.__dict__.get("_decode_cache")
         if cached is None:
-            cached = ([_LayerParams.of(b) for b in self.h], _norm_spec(self.ln_f), self.lm_head.weight)
+            layers = [_LayerParams.of(b) for b in self.h]
+            ln_f = _norm_spec(self.ln_f)
+            native_args = None
+            if layers:  # the native step's arguments: 12 tensors (or None) per layer, then the options
+                flat = []
+                for p in layers:
+                    ln_2 = p.ln_2 or (None, None, None, None)
+                    flat += [p.ln_1[2], p.ln_1[3], *p.qkv, *p.out, ln_2[2], ln_2[3], *p.fc, *p.proj]
+                first = layers[0]
+                mlp = 2 if first.swiglu else (1 if first.approximate == "tanh" else 0)
+                wpe = None if self.wpe is None else self.wpe.weight
+                rope = (getattr(self, "rope_cos", None), getattr(self, "rope_sin", None))
+                args = (self.wte.weight, wpe, *rope, flat)
+                n_heads = (first.n_head, first.n_kv_head, first.head_dim)
+                native_args = (args, (*n_heads, ln_f[0], float(ln_f[4]), first.parallel, mlp))
+            cached = (layers, ln_f, self.lm_head.weight, native_args)
             self.__dict__["_decode_cache"] = cached
         return cached
 
@@ -438,6 +462,9 @@ class TransformerModel(LanguageModel):
 
     def state_length(self, state: KVCache) -> int:
         return state.length
+
+    def decoding(self) -> contextlib.AbstractContextManager:
+        return without_onednn()  # its GELU costs 4 us a call more than the native kernel at decoding sizes
 
     # ------------------------------------------------------------------------------------- accounting
     def num_params(self, exclude_embeddings: bool = False) -> int:

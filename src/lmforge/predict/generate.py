@@ -20,6 +20,7 @@ scores ``sum_logprobs / n ** length_penalty``, and ``early_stopping`` means the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -223,7 +224,8 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        decoding = model.decoding() if hasattr(model, "decoding") else contextlib.nullcontext()
+        with torch.inference_mode(), decoding:
             for group in _context_groups([len(p) for p in prompt_lists], budgets, max_seq_len):
                 group_prompts = [prompt_lists[i] for i in group]
                 group_budgets = [budgets[i] for i in group]

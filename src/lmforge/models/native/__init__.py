@@ -1,0 +1,121 @@
+"""Optional C++ decoding step for the transformer (``decode.cpp``), built on first use.
+
+At decoding sizes a transformer step is a few dozen tiny ops, and the Python interpreter between them costs
+about a quarter of it on the CPU. ``decode.cpp`` runs the same ATen ops in the same order as the Python fast
+path (``TransformerModel._decode_one``, the reference: tests check that both give the same logits), so it
+changes speed, not results. It is compiled with ``torch.utils.cpp_extension`` (a C++ compiler and ninja) the
+first time it is needed, about 20 s, then loaded from ``$XDG_CACHE_HOME/lmforge/native`` (default
+``~/.cache/lmforge/native``); ``python -m lmforge.models.native`` builds it ahead of time.
+
+``LMFORGE_NATIVE_DECODE`` chooses: ``auto`` (default: use it when it builds, else warn once and use Python),
+``1`` (required: a failed build raises), ``0`` (never).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import sysconfig
+import threading
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ENV = "LMFORGE_NATIVE_DECODE"
+_SOURCE = Path(__file__).with_name("decode.cpp")
+_lock = threading.Lock()
+_loaded: Callable | None = None
+_failed: str | None = None
+_warned = False
+_enabled_override: bool | None = None
+
+
+class NativeBuildError(RuntimeError):
+    """The C++ decoding step could not be built or loaded (the message says why)."""
+
+
+def _mode() -> str:
+    mode = os.environ.get(ENV)
+    if mode is None:
+        return "auto"
+    mode = mode.strip().lower()
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"{ENV}={mode!r}: use auto, 1 or 0")
+    return mode
+
+
+def _name() -> str:
+    """Extension name: changes with the source, torch and Python, so a stale build is never loaded."""
+    key = _SOURCE.read_bytes() + f"{torch.__version__} {sys.version} {sysconfig.get_config_var('EXT_SUFFIX')}".encode()
+    return f"lmforge_native_{hashlib.sha256(key).hexdigest()[:12]}"
+
+
+def build_dir() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "lmforge" / "native" / _name()
+
+
+def build(verbose: bool = False) -> Callable:
+    """Compile (or load the cached build of) ``decode.cpp``; return ``torch.ops.lmforge_native.decode_step``."""
+    global _loaded, _failed
+    with _lock:
+        if _loaded is not None:
+            return _loaded
+        from torch.utils import cpp_extension
+
+        name, where = _name(), build_dir()
+        if not (where / f"{name}.so").exists():
+            print(f"lmforge: compiling the C++ decoding step (once, about 20 s; {ENV}=0 skips it)", file=sys.stderr)
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+            cpp_extension.load(
+                name=name,
+                sources=[str(_SOURCE)],
+                build_directory=str(where),
+                extra_cflags=["-O2"],
+                is_python_module=False,
+                verbose=verbose,
+            )
+            _loaded = torch.ops.lmforge_native.decode_step
+        except Exception as e:  # compiler, ninja or headers missing, or a failed compile
+            _failed = f"{type(e).__name__}: {e}".strip()
+            raise NativeBuildError(f"building {_SOURCE.name} failed: {_failed}") from e
+        return _loaded
+
+
+def set_enabled(enabled: bool | None) -> None:
+    """Force the native step on (True) or off (False) in this process; None: back to ``LMFORGE_NATIVE_DECODE``."""
+    global _enabled_override
+    _enabled_override = enabled
+
+
+def decode_step() -> Callable | None:
+    """The native decoding step if it is enabled and builds, else None (the caller runs the Python path)."""
+    global _warned
+    if _enabled_override is False:
+        return None
+    mode = "1" if _enabled_override else _mode()
+    if mode == "0":
+        return None
+    if _loaded is not None:
+        return _loaded
+    if _failed is None:
+        try:
+            return build()
+        except NativeBuildError:
+            if mode == "1":
+                raise
+    elif mode == "1":
+        raise NativeBuildError(f"building {_SOURCE.name} failed: {_failed}")
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"lmforge: the C++ decoding step is unavailable, decoding runs in Python ({_failed}); "
+            f"set {ENV}=0 to skip the attempt",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return None

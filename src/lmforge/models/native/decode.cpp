@@ -1,0 +1,107 @@
+// One decoding step of lmforge's transformer (one new token per row, eval mode), in C++.
+//
+// The same ATen ops in the same order as TransformerModel._decode_one / _decode_layer in transformer.py
+// (the reference; tests check that both give the same logits): at decoding sizes a step is a few dozen
+// tiny ops, and the Python interpreter between them costs about a quarter of the step. Built on first
+// use by lmforge.models.native (torch.utils.cpp_extension) and registered as torch.ops.lmforge_native.*.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+constexpr int64_t kParamsPerLayer = 12;  // ln_1 w, b; qkv w, b; out w, b; ln_2 w, b; fc w, b; proj w, b
+
+struct Options {
+  int64_t n_head, n_kv_head, head_dim;
+  bool rms, parallel;
+  double eps;
+  int64_t mlp;  // 0: GELU (exact), 1: GELU (tanh), 2: SwiGLU
+};
+
+Tensor norm(const Tensor& x, const OptTensor& w, const OptTensor& b, const Options& o) {
+  const int64_t C = x.size(-1);
+  if (o.rms) return at::rms_norm(x, {C}, w, o.eps);
+  return at::layer_norm(x, {C}, w, b, o.eps, /*cudnn_enable=*/false);
+}
+
+Tensor rope(const Tensor& x, const Tensor& cos, const Tensor& sin) {
+  const int64_t half = x.size(-1) / 2;
+  Tensor rotated = at::cat({x.narrow(-1, half, x.size(-1) - half).neg(), x.narrow(-1, 0, half)}, -1);
+  return x * cos + rotated * sin;
+}
+
+Tensor layer(const std::vector<OptTensor>& p, int64_t i, Tensor x, const OptTensor& cos, const OptTensor& sin,
+             Tensor& kv_cache, int64_t start, const OptTensor& mask, const Options& o) {
+  const OptTensor* w = p.data() + i * kParamsPerLayer;
+  const int64_t B = x.size(0), hd = o.head_dim, nq = o.n_head * hd, end = start + 1;
+  Tensor h = norm(x, w[0], w[1], o);
+  Tensor qkv = at::linear(h, *w[2], w[3]);  // (B, nq + 2 nkv hd)
+  Tensor q = qkv.narrow(1, 0, nq).view({B, o.n_head, 1, hd});
+  Tensor kv = qkv.narrow(1, nq, qkv.size(1) - nq).view({B, 2, o.n_kv_head, 1, hd});
+  if (cos.has_value()) {
+    q = rope(q, *cos, *sin);
+    kv_cache.select(1, 0).narrow(2, start, 1).copy_(rope(kv.select(1, 0), *cos, *sin));
+    kv_cache.select(1, 1).narrow(2, start, 1).copy_(kv.select(1, 1));
+  } else {
+    kv_cache.narrow(3, start, 1).copy_(kv);
+  }
+  Tensor k_all = kv_cache.select(1, 0).narrow(2, 0, end);
+  Tensor v_all = kv_cache.select(1, 1).narrow(2, 0, end);
+  Tensor y = at::scaled_dot_product_attention(q, k_all, v_all, mask, 0.0, false, std::nullopt,
+                                              o.n_kv_head != o.n_head);  // (B, nh, 1, hd)
+  Tensor att = at::linear(y.reshape({B, nq}), *w[4], w[5]);
+  if (!o.parallel) {
+    x = x + att;
+    h = norm(x, w[6], w[7], o);
+  }
+  Tensor m = at::linear(h, *w[8], w[9]);
+  if (o.mlp == 2) {
+    std::vector<Tensor> gate_up = m.chunk(2, -1);
+    m = at::silu(gate_up[0]) * gate_up[1];
+  } else {
+    m = at::gelu(m, o.mlp == 1 ? "tanh" : "none");
+  }
+  m = at::linear(m, *w[10], w[11]);
+  return o.parallel ? x + att + m : x + m;
+}
+
+// idx, pos (B,) long; returns logits (B, V). kv: per layer (B, 2, nkv, capacity, hd), written at slot start.
+Tensor decode_step(const Tensor& idx, const Tensor& pos, const Tensor& wte, const OptTensor& wpe,
+                   const OptTensor& rope_cos, const OptTensor& rope_sin, std::vector<OptTensor> params,
+                   std::vector<Tensor> kv, int64_t start, const OptTensor& mask, const OptTensor& ln_f_w,
+                   const OptTensor& ln_f_b, const Tensor& head, int64_t n_head, int64_t n_kv_head,
+                   int64_t head_dim, bool rms, double eps, bool parallel, int64_t mlp) {
+  TORCH_CHECK(params.size() == kv.size() * kParamsPerLayer, "decode_step: ", params.size(),
+              " parameters for ", kv.size(), " layers");
+  const Options o{n_head, n_kv_head, head_dim, rms, parallel, eps, mlp};
+  Tensor x = at::embedding(wte, idx);  // (B, C)
+  OptTensor cos, sin;
+  if (wpe.has_value()) {
+    x = x + at::embedding(*wpe, pos);
+  } else {
+    cos = rope_cos->index_select(0, pos).view({pos.size(0), 1, 1, -1}).to(x.scalar_type());
+    sin = rope_sin->index_select(0, pos).view({pos.size(0), 1, 1, -1}).to(x.scalar_type());
+  }
+  for (int64_t i = 0; i < static_cast<int64_t>(kv.size()); ++i) {
+    x = layer(params, i, x, cos, sin, kv[i], start, mask, o);
+  }
+  return at::linear(norm(x, ln_f_w, ln_f_b, o), head);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lmforge_native, m) {
+  m.def(
+      "decode_step(Tensor idx, Tensor pos, Tensor wte, Tensor? wpe, Tensor? rope_cos, Tensor? rope_sin, "
+      "Tensor?[] params, Tensor(a!)[] kv, int start, Tensor? mask, Tensor? ln_f_w, Tensor? ln_f_b, "
+      "Tensor head, int n_head, int n_kv_head, int head_dim, bool rms, float eps, bool parallel, int mlp) "
+      "-> Tensor");
+  m.impl("decode_step", c10::DispatchKey::CompositeImplicitAutograd, TORCH_FN(decode_step));
+}
