@@ -10,8 +10,10 @@ State contract (the generation engine relies on it):
   ``valid`` (B, T) bool marks real tokens; ``False`` entries are LEFT padding of batched prompts of
   different lengths: they must not change the state (recurrent) or be attended to (transformer),
   and positions count only valid tokens, so a padded row gives the same logits as the row alone.
-- ``model.reorder_state(state, index)`` selects/reorders batch rows (beam search), index (B',) long.
+- ``model.reorder_state(state, index)`` selects/reorders batch rows (beam search), index (B',) long. Use only
+  the state it returns: it may reuse the buffers of the one it was given (as Hugging Face's ``reorder_cache``).
 - ``model.state_length(state)`` -> tokens consumed so far (padding included), for context checks.
+- ``model.reserve_state(state, length)`` (optional) hints how long the state will grow.
 - States are treated as opaque by callers.
 """
 
@@ -59,6 +61,9 @@ class LanguageModel(nn.Module):
 
     def state_length(self, state: Any) -> int:
         raise NotImplementedError
+
+    def reserve_state(self, state: Any, length: int) -> None:
+        """Hint that ``state`` will hold ``length`` tokens (a cache can allocate once instead of growing)."""
 
     def decoding(self) -> contextlib.AbstractContextManager:
         """Context the generation engine decodes in (kernel settings that suit one-token steps)."""

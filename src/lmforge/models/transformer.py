@@ -27,9 +27,8 @@ from lmforge.config import ConfigError, TransformerConfig
 from lmforge.models.base import ContextLengthError, LanguageModel, lm_loss, without_onednn
 from lmforge.models.native import decode_step
 
-_REORDER_ROOM = 16
-"""Free cache slots kept by ``reorder_state`` (beam search reorders every step: a few slots of room per copy
-save growing the cache every step)."""
+_INITIAL_CAPACITY = 16
+"""Cache slots of a new state; ``step`` doubles the capacity when it runs out (up to ``max_seq_len``)."""
 
 
 @dataclass
@@ -48,6 +47,10 @@ class KVCache:
     """Slots used (padding included)."""
     padded: bool = False
     """Whether any slot holds padding (else a single query needs no mask)."""
+    spare: list[torch.Tensor] | None = None
+    """Buffers shaped like ``kv`` that the next ``reorder_state`` writes into (those of the state this one was
+    reordered from): beam search reorders every step, and a fresh allocation of this size each time costs
+    more than the copy (page faults)."""
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,9 +319,9 @@ class TransformerModel(LanguageModel):
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> KVCache:
         p = self.wte.weight
         device = p.device if device is None else torch.device(device)
-        shape = (batch_size, 2, self.config.kv_heads, self.max_seq_len, self.head_dim)
+        shape = (batch_size, 2, self.config.kv_heads, min(self.max_seq_len, _INITIAL_CAPACITY), self.head_dim)
         return KVCache(
-            kv=[torch.zeros(shape, dtype=p.dtype, device=device) for _ in self.h],
+            kv=[torch.empty(shape, dtype=p.dtype, device=device) for _ in self.h],
             key_valid=torch.zeros(batch_size, self.max_seq_len, dtype=torch.bool, device=device),
             pos=torch.zeros(batch_size, dtype=torch.long, device=device),
             length=0,
@@ -435,10 +438,14 @@ class TransformerModel(LanguageModel):
         self.__dict__.pop("_decode_cache", None)
         return super()._apply(fn, *args, **kwargs)
 
-    def _grow(self, state: KVCache, end: int) -> None:
-        """Give the cache room for slots ``[:end]`` (capacity doubles, up to ``max_seq_len``)."""
+    def reserve_state(self, state: KVCache, length: int) -> None:
+        if length > state.kv[0].size(3):
+            self._grow(state, min(length, self.max_seq_len), exact=True)
+
+    def _grow(self, state: KVCache, end: int, exact: bool = False) -> None:
+        """Give the cache room for slots ``[:end]`` (capacity doubles unless ``exact``, up to ``max_seq_len``)."""
         cap = state.kv[0].size(3)
-        new_cap = min(self.max_seq_len, max(end, 2 * cap, 16))
+        new_cap = end if exact else min(self.max_seq_len, max(end, 2 * cap, 16))
         L = state.length
 
         def grow(t: torch.Tensor) -> torch.Tensor:
@@ -447,17 +454,24 @@ class TransformerModel(LanguageModel):
             return out
 
         state.kv = [grow(t) for t in state.kv]
+        state.spare = None
 
     def reorder_state(self, state: KVCache, index: torch.Tensor) -> KVCache:
-        # Beam search reorders every step: copy the filled slots plus some free ones (one copy per layer, no
-        # copy back; ``step`` grows the cache when it runs out of room).
-        cap = min(state.kv[0].size(3), state.length + _REORDER_ROOM)
+        # Beam search reorders every step: copy the filled slots, into the spare buffers when the shapes allow
+        # (then the state given is overwritten by the next reorder, as the contract allows).
+        B, L = index.numel(), state.length
+        spare = state.spare
+        if spare is None or spare[0].size(0) != B:
+            spare = [t.new_empty((B, *t.shape[1:])) for t in state.kv]
+        for src, dst in zip(state.kv, spare, strict=True):
+            torch.index_select(src[:, :, :, :L], 0, index, out=dst[:, :, :, :L])
         return KVCache(
-            kv=[t[:, :, :, :cap].index_select(0, index) for t in state.kv],
+            kv=spare,
             key_valid=state.key_valid.index_select(0, index),
             pos=state.pos.index_select(0, index),
-            length=state.length,
+            length=L,
             padded=state.padded,
+            spare=state.kv if state.kv[0].size(0) == B else None,
         )
 
     def state_length(self, state: KVCache) -> int:

@@ -421,7 +421,7 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(getattr(ids, "ids", ids))
 
 
-def _prefill(run: _Run, prompts: list[list[int]]) -> tuple[Any, torch.Tensor, torch.Tensor | None]:
+def _prefill(run: _Run, prompts: list[list[int]], budget: int) -> tuple[Any, torch.Tensor, torch.Tensor | None]:
     """Left-pad the prompts into (N, L), one ``step`` -> state, last logits (N, V), history (N, L) or None
     (history: the prompt ids with -1 for padding, only kept when a processor reads it)."""
     lengths = [len(p) for p in prompts]
@@ -432,6 +432,8 @@ def _prefill(run: _Run, prompts: list[list[int]]) -> tuple[Any, torch.Tensor, to
         lens = torch.tensor(lengths, device=run.device)
         valid = torch.arange(L, device=run.device)[None, :] >= (L - lens)[:, None]  # (N, L)
     state = run.model.init_state(N, run.device)
+    if hasattr(run.model, "reserve_state"):  # a cache can be allocated once (the longest prompt + its budget)
+        run.model.reserve_state(state, L + budget)
     logits, state = run.model.step(ids, state, valid=valid)
     history = None
     if run.procs.needs_history:
@@ -583,7 +585,7 @@ class _TextStreamAdapter:
 def _sample_search(run: _Run, prompts: list[list[int]], budgets: list[int], prompt_ids: list[int]) -> list[_Hyp]:
     """Greedy or sampled decoding of a batch; returns ``len(prompts) * R`` hypotheses, prompt-major."""
     model, device, R = run.model, run.device, run.config.num_return_sequences
-    state, logits, history = _prefill(run, prompts)
+    state, logits, history = _prefill(run, prompts, max(budgets))
     if R > 1:  # one prefill per prompt, then R rows each
         expand = torch.arange(len(prompts), device=device).repeat_interleave(R)
         state = model.reorder_state(state, expand)
@@ -689,7 +691,7 @@ def _beam_search(run: _Run, prompts: list[list[int]], budgets: list[int], prompt
     """Beam search over a batch of prompts (N prompts x K beams as rows), as HF transformers does it."""
     cfg, model, device = run.config, run.model, run.device
     N, K, R = len(prompts), cfg.num_beams, cfg.num_return_sequences
-    state, logits, prompt_hist = _prefill(run, prompts)
+    state, logits, prompt_hist = _prefill(run, prompts, max(budgets))
     expand = torch.arange(N, device=device).repeat_interleave(K)  # one prefill per prompt, K rows each
     state = model.reorder_state(state, expand)
     logits = logits[expand]
@@ -727,9 +729,10 @@ def _beam_search(run: _Run, prompts: list[list[int]], budgets: list[int], prompt
             logp = run.procs(hist, logp)
         acc = (logp.view(N, K, V) + run_scores[:, :, None]).view(N, K * V)
         at_budget = min_budget <= t + 1  # some prompt spends its last token at this step
-        if eos_t is None and not run.stops and not at_budget and not run.sampling:
-            # fast path: no candidate can end at this step, so the K best ones go on and the finished
-            # hypotheses stay as they are (the same result as the general path below, with fewer ops)
+        fast = eos_t is None and not run.stops and not at_budget and not run.sampling
+        if fast:
+            # no candidate can end at this step, so the K best ones go on and the finished hypotheses stay
+            # as they are (the same result as the general path below, with fewer ops)
             run_scores, idx = torch.topk(acc, K, dim=-1)  # (N, K)
             run_beam, tok = idx // V, idx % V
             run_seqs = run_seqs.gather(1, run_beam[:, :, None].expand(N, K, max_steps))
@@ -782,6 +785,13 @@ def _beam_search(run: _Run, prompts: list[list[int]], budgets: list[int], prompt
                 fin_done = torch.cat([fin_done, just], dim=1).gather(1, best)
                 any_full = bool(fin_done.all(dim=1).any())
 
+        if fast and not any_full and not run.procs and t + 1 < max_steps:
+            # nothing finished and every score finite (no processor can ban tokens): every prompt can
+            # still improve, so the test below would change nothing
+            state = model.reorder_state(state, (base + run_beam).view(-1))
+            logits, state = model.step(tok.view(N * K, 1), state)
+            logits = logits[:, -1, :]
+            continue
         # can a running beam still beat the worst finished one? (HF's heuristics, per prompt)
         gen_len = budget_t if cfg.early_stopping == "never" and lp_pow > 0 else torch.full_like(budget_t, t + 1)
         best_running = run_scores[:, 0] / gen_len.float() ** lp_pow
