@@ -2,7 +2,8 @@
 
 A small GPT-2-format lmforge transformer (random weights) is exported with ``lmforge.export`` and loaded back
 with ``AutoModelForCausalLM``; both decode the same random prompts with greedy search and 5-beam search at
-batch 1 and batch 8. No end-of-sequence token (every run produces exactly ``--new-tokens`` per prompt), rounds
+batch 1 and batch 8. lmforge runs twice: with its C++ decoding step (``lmforge.models.native``, built on first
+use) and in pure Python (``LMFORGE_NATIVE_DECODE=0``, what a machine without a C++ compiler gets). No end-of-sequence token (every run produces exactly ``--new-tokens`` per prompt), rounds
 alternate between the two implementations (and which goes first) because the machine is shared and noisy;
 the median of the rounds is reported. tokens/s counts returned new tokens (one sequence per prompt).
 
@@ -49,11 +50,20 @@ def build(args: argparse.Namespace, root: Path):
     return model.eval().to(args.device), hf, tok.vocab_size
 
 
-def run_lmforge(model, prompts: torch.Tensor, beams: int, new: int) -> list[list[int]]:
+def run_lmforge(model, prompts: torch.Tensor, beams: int, new: int, use_native: bool = True) -> list[list[int]]:
+    from lmforge.models import native
     from lmforge.predict import GenerationConfig, generate
 
     gen = GenerationConfig(max_new_tokens=new, num_beams=beams, eos_token_id=[])
-    return [s[0] for s in generate(model, prompts, gen).sequences]
+    native.set_enabled(use_native)
+    try:
+        return [s[0] for s in generate(model, prompts, gen).sequences]
+    finally:
+        native.set_enabled(None)
+
+
+def run_python(model, prompts: torch.Tensor, beams: int, new: int) -> list[list[int]]:
+    return run_lmforge(model, prompts, beams, new, use_native=False)
 
 
 def run_hf(hf, prompts: torch.Tensor, beams: int, new: int) -> list[list[int]]:
@@ -90,15 +100,19 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     cases = [(mode, beams, batch) for mode, beams in (("greedy", 1), ("beam5", 5)) for batch in (1, 8)]
     prompts = {b: torch.randint(0, vocab, (b, args.prompt_len), generator=g).to(args.device) for b in (1, 8)}
-    times: dict[tuple, dict[str, list[float]]] = {c: {"lmforge": [], "hf": []} for c in cases}
+    from lmforge.models import native
+
+    has_native = native.decode_step() is not None
+    times: dict[tuple, dict[str, list[float]]] = {c: {"lmforge": [], "python": [], "hf": []} for c in cases}
     agree: dict[tuple, bool] = {}
     for c in cases:  # warm-up, and the outputs must agree
         _, beams, batch = c
-        agree[c] = run_lmforge(model, prompts[batch], beams, 4) == run_hf(hf, prompts[batch], beams, 4)
+        theirs = run_hf(hf, prompts[batch], beams, 4)
+        agree[c] = run_lmforge(model, prompts[batch], beams, 4) == theirs == run_python(model, prompts[batch], beams, 4)
     for r in range(args.rounds):
         for c in cases:
             _, beams, batch = c
-            order = (("lmforge", run_lmforge, model), ("hf", run_hf, hf))
+            order = (("lmforge", run_lmforge, model), ("python", run_python, model), ("hf", run_hf, hf))
             for name, fn, m in order if r % 2 == 0 else order[::-1]:
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
@@ -111,25 +125,35 @@ def main() -> None:
     rows = []
     print(
         f"model: GPT-2 format, {args.layers} layers, width {args.width}, vocab {vocab}; prompt {args.prompt_len} "
-        f"tokens, {args.new_tokens} new tokens, {args.rounds} rounds, {args.threads} thread(s), {args.device}"
+        f"tokens, {args.new_tokens} new tokens, {args.rounds} rounds, {args.threads} thread(s), {args.device}; "
+        f"C++ decoding step: {'yes' if has_native else 'NOT AVAILABLE (both lmforge columns run Python)'}"
     )
-    print(f"{'mode':<8}{'batch':>6}{'lmforge tok/s':>15}{'hf tok/s':>11}{'ratio':>8}{'agree(4 tok)':>14}")
+    print(
+        f"{'mode':<8}{'batch':>6}{'lmforge tok/s':>15}{'python tok/s':>14}{'hf tok/s':>11}{'ratio':>8}"
+        f"{'python ratio':>14}{'agree(4 tok)':>14}"
+    )
     for c in cases:
         mode, _, batch = c
         n = batch * args.new_tokens
         ours = n / statistics.median(times[c]["lmforge"])
+        py = n / statistics.median(times[c]["python"])
         theirs = n / statistics.median(times[c]["hf"])
         rows.append(
             {
                 "mode": mode,
                 "batch": batch,
                 "lmforge_tok_s": round(ours, 1),
+                "python_tok_s": round(py, 1),
                 "hf_tok_s": round(theirs, 1),
                 "ratio": round(ours / theirs, 2),
+                "python_ratio": round(py / theirs, 2),
                 "outputs_agree": agree[c],
             }
         )
-        print(f"{mode:<8}{batch:>6}{ours:>15.1f}{theirs:>11.1f}{ours / theirs:>8.2f}{str(agree[c]):>14}")
+        print(
+            f"{mode:<8}{batch:>6}{ours:>15.1f}{py:>14.1f}{theirs:>11.1f}{ours / theirs:>8.2f}{py / theirs:>14.2f}"
+            f"{str(agree[c]):>14}"
+        )
     print(
         "RESULT "
         + json.dumps(
@@ -137,6 +161,7 @@ def main() -> None:
                 "benchmark": "generate_throughput",
                 "device": args.device,
                 "threads": args.threads,
+                "native_decode": has_native,
                 "new_tokens": args.new_tokens,
                 "rows": rows,
             }

@@ -414,7 +414,8 @@ class TransformerModel(LanguageModel):
             layers = [_LayerParams.of(b) for b in self.h]
             ln_f = _norm_spec(self.ln_f)
             native_args = None
-            if layers:  # the native step's arguments: 12 tensors (or None) per layer, then the options
+            if layers and ln_f[4] is not None and self.wte.weight.device.type == "cpu":  # (GPUs: not tried yet)
+                # the native step's arguments: 12 tensors (or None) per layer, then the options
                 flat = []
                 for p in layers:
                     ln_2 = p.ln_2 or (None, None, None, None)
