@@ -729,11 +729,16 @@ def _beam_search(run: _Run, prompts: list[list[int]], budgets: list[int], prompt
             logp = run.procs(hist, logp)
         acc = (logp.view(N, K, V) + run_scores[:, :, None]).view(N, K * V)
         at_budget = min_budget <= t + 1  # some prompt spends its last token at this step
-        fast = eos_t is None and not run.stops and not at_budget and not run.sampling
+        fast = not run.stops and not at_budget and not run.sampling
         if fast:
-            # no candidate can end at this step, so the K best ones go on and the finished hypotheses stay
-            # as they are (the same result as the general path below, with fewer ops)
-            run_scores, idx = torch.topk(acc, K, dim=-1)  # (N, K)
+            # when none of the K best candidates ends here (always so without an eos token), they are the K
+            # that go on and the finished hypotheses stay as they are: the general path below would give the
+            # same result with more ops
+            cand_scores, idx = torch.topk(acc, K if eos_t is None else C, dim=-1)  # (N, K or C)
+            if eos_t is not None:
+                fast = not bool(torch.isin(idx[:, :K] % V, eos_t).any())
+        if fast:
+            run_scores, idx = cand_scores[:, :K], idx[:, :K]  # (N, K)
             run_beam, tok = idx // V, idx % V
             run_seqs = run_seqs.gather(1, run_beam[:, :, None].expand(N, K, max_steps))
             run_seqs[:, :, t] = tok
@@ -742,7 +747,7 @@ def _beam_search(run: _Run, prompts: list[list[int]], budgets: list[int], prompt
                 idx = torch.multinomial(acc.softmax(dim=-1), C, generator=run.generator)
                 cand_scores, order = acc.gather(1, idx).sort(dim=-1, descending=True)
                 idx = idx.gather(1, order)
-            else:
+            elif run.stops or at_budget:
                 cand_scores, idx = torch.topk(acc, C, dim=-1)  # (N, C)
             beam, tok = idx // V, idx % V
             cand_seqs = run_seqs.gather(1, beam[:, :, None].expand(N, C, max_steps))  # (N, C, steps)
