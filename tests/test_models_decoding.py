@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from lmforge.config import RecurrentConfig, TransformerConfig
+from lmforge.config import RCNNConfig, RecurrentConfig, TransformerConfig
 from lmforge.models import build_model
 from lmforge.models.base import without_onednn
 from lmforge.predict import GenerationConfig, generate
@@ -48,8 +48,12 @@ def test_without_onednn_restores_the_setting_after_nested_and_concurrent_use():
 
 @pytest.mark.parametrize(
     "model",
-    [_transformer(), build_model(RecurrentConfig(family="lstm", n_layer=1, d_model=16), vocab_size=V)],
-    ids=["transformer", "lstm"],
+    [
+        _transformer(),
+        build_model(RecurrentConfig(family="lstm", n_layer=1, d_model=16), vocab_size=V),
+        build_model(RCNNConfig(n_layer=1, d_model=16, rnn="lstm"), vocab_size=V),
+    ],
+    ids=["transformer", "lstm", "rcnn"],
 )
 def test_generate_decodes_without_onednn_and_restores_it(model, monkeypatch):
     flags = []
