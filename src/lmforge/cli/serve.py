@@ -84,6 +84,10 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.model_name:
         options["model_name"] = args.model_name
     app = load_app(args.model, device=device, chat_template_file=args.chat_template, **options)
+    if device == "cpu":  # build (or load) the C++ decoding step now rather than during the first request
+        from lmforge.models import native
+
+        native.decode_step()
     print(
         f"serving {app.state.server.options.model_name} on http://{args.host}:{args.port} "
         f"(playground: http://{args.host}:{args.port}/)",
