@@ -117,3 +117,82 @@ def test_user_errors(tmp_path):
         load_pretrained(tmp_path / "notok")
     with pytest.raises(ModelLoadError, match="hf:NAME"):
         load_pretrained("hf:")
+
+
+def _hf_greedy_and_beam(path: Path, prompt: list[int], new: int) -> tuple[list[int], list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(path).eval()
+    idx = torch.tensor([prompt])
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    greedy = ref.generate(idx, **kw)[0, len(prompt) :].tolist()
+    beam = ref.generate(idx, num_beams=3, early_stopping=False, **kw)[0, len(prompt) :].tolist()
+    return greedy, beam
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_native_load_runs_hf_gpt2_and_llama_as_lmforge_transformers(arch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.models.transformer import TransformerModel
+    from test_finetune_gpt2 import make_gpt2_dir
+
+    path = save_hf_llama(tmp_path / "m")[0] if arch == "llama" else make_gpt2_dir(tmp_path / "m", TEXT * 20)
+    model, tokenizer, cfg = load_pretrained(path, native=True)
+    assert isinstance(model, TransformerModel) and not model.training
+    assert cfg.model.family == "transformer" and cfg.tokenizer.kind == "hf" and cfg.tokenizer.path == str(path)
+    ref = AutoModelForCausalLM.from_pretrained(path).eval()
+    idx = torch.randint(0, tokenizer.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], ref(input_ids=idx).logits, rtol=0, atol=1e-5)
+    prompt = tokenizer.encode("hello")
+    greedy, beam = _hf_greedy_and_beam(path, prompt, 8)
+    gen = GenerationConfig(max_new_tokens=8, eos_token_id=[])
+    assert generate(model, [prompt], gen).sequences[0][0] == greedy
+    gen = GenerationConfig(max_new_tokens=8, num_beams=3, eos_token_id=[])
+    assert generate(model, [prompt], gen).sequences[0][0] == beam
+
+
+def test_native_load_keeps_what_does_not_map_wrapped(tmp_path):
+    """A GPT-2 variant lmforge's transformer does not reproduce (attention scaled by 1 / layer index)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from test_finetune_gpt2 import make_gpt2_dir
+
+    path = make_gpt2_dir(tmp_path / "m", TEXT * 20)
+    cfg = GPT2Config.from_pretrained(path)
+    cfg.scale_attn_by_inverse_layer_idx = True
+    GPT2LMHeadModel(cfg).save_pretrained(path)
+    model, _, run_cfg = load_pretrained(path, native=True)
+    assert isinstance(model, HFCausalLM) and run_cfg.model.family == "hf"
+
+
+def test_native_load_of_a_fine_tuned_hf_checkpoint_keeps_its_weights(tmp_path):
+    path, _ = save_hf_llama(tmp_path / "llama")
+    model, tok, cfg = load_pretrained(path)
+    with torch.no_grad():
+        model.hf.lm_head.weight.add_(0.5)  # "fine-tuned"
+    save_checkpoint(tmp_path / "ft", model=model, config_yaml=cfg.to_yaml(), tokenizer=tok)
+    native, _, native_cfg = load_pretrained(tmp_path / "ft", native=True)
+    wrapped, _, _ = load_pretrained(tmp_path / "ft")
+    assert native_cfg.model.family == "transformer" and isinstance(wrapped, HFCausalLM)
+    idx = torch.randint(0, tok.vocab_size, (1, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(native(idx)[0], wrapped(idx)[0], rtol=0, atol=1e-5)
+
+
+def test_generate_eval_and_serve_load_natively(tmp_path, monkeypatch):
+    import lmforge.models.hf as hf_module
+    from lmforge.cli import main
+    from lmforge.serve.app import load_app
+
+    path, _ = save_hf_llama(tmp_path / "llama")
+    calls = []
+    real = hf_module.native_transformer
+    monkeypatch.setattr(hf_module, "native_transformer", lambda m: calls.append(1) or real(m))
+    assert main(["generate", str(path), "hello", "--max-new-tokens", "3", "--quiet"]) == 0
+    (tmp_path / "valid.txt").write_text(TEXT * 3, encoding="utf-8")
+    assert main(["eval", str(path), "--data", str(tmp_path / "valid.txt")]) == 0
+    app = load_app(path)
+    assert app.state.server.model.config.family == "transformer"
+    assert calls == [1, 1, 1]

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     info = _task_info(args.model)
     task = args.task or info.get("task") or "lm"
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model, tokenizer, _ = load_pretrained(args.model, map_location=device)
+    model, tokenizer, _ = load_pretrained(args.model, map_location=device, native=True)
 
     if task == "lm":
         from lmforge.data import read_documents

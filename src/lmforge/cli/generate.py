@@ -94,7 +94,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer, _ = load_pretrained(args.model, map_location=device)
+    model, tokenizer, _ = load_pretrained(args.model, map_location=device, native=True)
     prompt = sys.stdin.read() if args.prompt == "-" else (args.prompt or "")
     ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
     max_new = args.max_new_tokens

@@ -196,6 +196,27 @@ class HFCausalLM(LanguageModel):
         return 6.0 * self.num_params(exclude_embeddings=True) + 12.0 * n_layer * d_model * T
 
 
+def native_transformer(model: HFCausalLM) -> LanguageModel | None:
+    """An lmforge transformer holding ``model``'s weights when it is a GPT-2 or Llama checkpoint that maps
+    exactly (:mod:`lmforge.models.hf_mapping`), on the same device and dtype, in eval mode; else None.
+
+    It computes the same logits (within float rounding: the mapping tests hold them to 1e-5) and decodes several
+    times faster than the wrapped model (lmforge's decoding path instead of transformers' forward per token).
+    Weights are copied, so memory peaks at twice the model while both exist.
+    """
+    from lmforge.models.hf_mapping import FORMATS, HFMappingError, from_hf_state_dict
+
+    fmt = getattr(model.hf.config, "model_type", None)
+    if fmt not in FORMATS:
+        return None
+    weight = model.hf.get_input_embeddings().weight
+    try:
+        native = from_hf_state_dict(fmt, model.hf.config.to_dict(), model.hf.state_dict())
+    except HFMappingError:
+        return None
+    return native.to(device=weight.device, dtype=weight.dtype).eval()
+
+
 @register_model("hf")
 def build_hf_model(cfg: HFModelConfig) -> HFCausalLM:
     return HFCausalLM(cfg)

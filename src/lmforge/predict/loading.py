@@ -6,6 +6,11 @@
 - a Hugging Face causal-LM directory (has ``config.json``), e.g. an ``lmforge export`` of a transformer: wrapped
   as model family ``hf`` with the directory's own ``tokenizer.json`` (tokenizer kind ``hf``);
 - ``hf:NAME``: a Hugging Face Hub model, downloaded (needs a network) and then loaded as a local directory.
+
+With ``native=True`` (what ``generate``, ``eval`` and ``serve`` ask for) a Hugging Face GPT-2 or Llama model
+(a directory, or an ``hf``-family checkpoint fine-tuned from one) that maps exactly onto lmforge's transformer
+is returned as that transformer: the same logits, lmforge's faster decoding. Fine-tuning and export keep the
+wrapped model, so the checkpoint's own Hugging Face config travels on.
 """
 
 from __future__ import annotations
@@ -43,10 +48,25 @@ def is_hf_dir(path: str | Path) -> bool:
     return (p / "config.json").is_file() and not (p / "COMPLETE").is_file()
 
 
-def load_pretrained(path: str | Path, *, map_location: str | torch.device = "cpu") -> tuple[Any, Any, RunConfig]:
+def load_pretrained(
+    path: str | Path, *, map_location: str | torch.device = "cpu", native: bool = False
+) -> tuple[Any, Any, RunConfig]:
     """``(model, tokenizer, RunConfig)`` from an lmforge run/checkpoint directory, a Hugging Face directory or
-    ``hf:NAME``; the model is on ``map_location`` in eval mode. Raises :class:`ModelLoadError` (or the
+    ``hf:NAME``; the model is on ``map_location`` in eval mode. ``native``: a Hugging Face GPT-2 / Llama comes
+    back as lmforge's transformer (see the module docstring). Raises :class:`ModelLoadError` (or the
     checkpoint/config error of the layer below) with a one-line message naming the path."""
+    model, tokenizer, cfg = _load(path, map_location)
+    if native and getattr(cfg.model, "family", None) == "hf":
+        from lmforge.models.hf import native_transformer
+
+        converted = native_transformer(model)
+        if converted is not None:
+            cfg = cfg.model_copy(update={"model": converted.config})
+            model = converted
+    return model, tokenizer, cfg
+
+
+def _load(path: str | Path, map_location: str | torch.device) -> tuple[Any, Any, RunConfig]:
     text = str(path)
     if text.startswith(HF_PREFIX):
         return load_hf_dir(_download(text[len(HF_PREFIX) :]), map_location=map_location)

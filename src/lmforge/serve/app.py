@@ -946,7 +946,7 @@ def load_app(
     build its app; ``options`` are :class:`ServeOptions` fields."""
     from lmforge.predict.loading import load_pretrained, resolve_checkpoint
 
-    model, tokenizer, cfg = load_pretrained(model_dir, map_location=device)
+    model, tokenizer, cfg = load_pretrained(model_dir, map_location=device, native=True)
     options.setdefault("model_name", default_model_name(model_dir))
     if chat_template_file is not None:
         try:
