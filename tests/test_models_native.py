@@ -118,3 +118,21 @@ def test_a_failed_build_falls_back_in_auto_mode_and_raises_when_required(monkeyp
 
 def test_python_only_fixture_turns_it_off(python_only):
     assert native.decode_step() is None
+
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, capsys):
+    """A build killed mid-way leaves torch's lock file behind (torch would wait on it forever); a recent one
+    belongs to a build in progress in another process. (Loading a second build into this process would abort
+    it: the op namespace can be registered once, so ``build`` itself is not called here.)"""
+    import os
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    native._remove_stale_lock(lock)
+    assert lock.exists()
+    old = lock.stat().st_mtime - native.STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    native._remove_stale_lock(lock)
+    assert not lock.exists() and "stale build lock" in capsys.readouterr().err
+    native._remove_stale_lock(lock)  # no lock: nothing to do

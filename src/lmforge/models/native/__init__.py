@@ -18,6 +18,7 @@ import os
 import sys
 import sysconfig
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +59,20 @@ def build_dir() -> Path:
     return cache / "lmforge" / "native" / _name()
 
 
+STALE_LOCK_S = 600.0
+"""A build lock older than this is left over from a killed build (one takes about 20 s): it is removed, or
+torch would wait on it forever."""
+
+
+def _remove_stale_lock(lock: Path) -> None:
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink()
+            print(f"lmforge: removed a stale build lock {lock}", file=sys.stderr)
+    except FileNotFoundError:
+        pass
+
+
 def build(verbose: bool = False) -> Callable:
     """Compile (or load the cached build of) ``decode.cpp``; return ``torch.ops.lmforge_native.decode_step``."""
     global _loaded, _failed
@@ -71,6 +86,7 @@ def build(verbose: bool = False) -> Callable:
             print(f"lmforge: compiling the C++ decoding step (once, about 20 s; {ENV}=0 skips it)", file=sys.stderr)
         try:
             where.mkdir(parents=True, exist_ok=True)
+            _remove_stale_lock(where / "lock")
             cpp_extension.load(
                 name=name,
                 sources=[str(_SOURCE)],
