@@ -74,7 +74,7 @@ def _remove_stale_lock(lock: Path) -> None:
 
 
 def build(verbose: bool = False) -> Callable:
-    """Compile (or load the cached build of) ``decode.cpp``; return ``torch.ops.lmforge_native.decode_step``."""
+    """Compile (or load the cached build of) ``decode.cpp``; return its ``torch.ops.<name>.decode_step``."""
     global _loaded, _failed
     with _lock:
         if _loaded is not None:
@@ -83,7 +83,7 @@ def build(verbose: bool = False) -> Callable:
 
         name, where = _name(), build_dir()
         if not (where / f"{name}.so").exists():
-            print(f"lmforge: compiling the C++ decoding step (once, about 20 s; {ENV}=0 skips it)", file=sys.stderr)
+            print(f"lmforge: compiling the C++ decoding step (once, 10-20 s; {ENV}=0 skips it)", file=sys.stderr)
         try:
             where.mkdir(parents=True, exist_ok=True)
             _remove_stale_lock(where / "lock")
@@ -91,11 +91,11 @@ def build(verbose: bool = False) -> Callable:
                 name=name,
                 sources=[str(_SOURCE)],
                 build_directory=str(where),
-                extra_cflags=["-O2"],
+                extra_cflags=["-O2", f"-DLMFORGE_NAMESPACE={name}"],
                 is_python_module=False,
                 verbose=verbose,
             )
-            _loaded = torch.ops.lmforge_native.decode_step
+            _loaded = getattr(torch.ops, name).decode_step
         except Exception as e:  # compiler, ninja or headers missing, or a failed compile
             _failed = f"{type(e).__name__}: {e}".strip()
             raise NativeBuildError(f"building {_SOURCE.name} failed: {_failed}") from e

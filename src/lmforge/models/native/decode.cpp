@@ -3,7 +3,8 @@
 // The same ATen ops in the same order as TransformerModel._decode_one / _decode_layer in transformer.py
 // (the reference; tests check that both give the same logits): at decoding sizes a step is a few dozen
 // tiny ops, and the Python interpreter between them costs about a quarter of the step. Built on first
-// use by lmforge.models.native (torch.utils.cpp_extension) and registered as torch.ops.lmforge_native.*.
+// use by lmforge.models.native (torch.utils.cpp_extension) and registered as torch.ops.<LMFORGE_NAMESPACE>.*,
+// a name that changes with this file (two builds loaded into one process must not register the same one).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -97,7 +98,12 @@ Tensor decode_step(const Tensor& idx, const Tensor& pos, const Tensor& wte, cons
 
 }  // namespace
 
-TORCH_LIBRARY(lmforge_native, m) {
+#ifndef LMFORGE_NAMESPACE
+#define LMFORGE_NAMESPACE lmforge_native
+#endif
+#define LMFORGE_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)  // expands LMFORGE_NAMESPACE before TORCH_LIBRARY pastes it
+
+LMFORGE_LIBRARY(LMFORGE_NAMESPACE, m) {
   m.def(
       "decode_step(Tensor idx, Tensor pos, Tensor wte, Tensor? wpe, Tensor? rope_cos, Tensor? rope_sin, "
       "Tensor?[] params, Tensor(a!)[] kv, int start, Tensor? mask, Tensor? ln_f_w, Tensor? ln_f_b, "
