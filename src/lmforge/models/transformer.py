@@ -389,8 +389,8 @@ class TransformerModel(LanguageModel):
         state.length = end
         native = decode_step() if native_args is not None else None
         if native is not None:
-            args, options = native_args
-            logits = native(idx.view(-1), pos, *args, state.kv, start, mask, ln_f[2], ln_f[3], head, *options)
+            (*args, head_t), options = native_args
+            logits = native(idx.view(-1), pos, *args, state.kv, start, mask, ln_f[2], ln_f[3], head_t, *options)
             return logits[:, None], state
         x = F.embedding(idx.view(-1), self.wte.weight)  # (B, C)
         rope = None
@@ -419,7 +419,9 @@ class TransformerModel(LanguageModel):
                 flat = []
                 for p in layers:
                     ln_2 = p.ln_2 or (None, None, None, None)
-                    flat += [p.ln_1[2], p.ln_1[3], *p.qkv, *p.out, ln_2[2], ln_2[3], *p.fc, *p.proj]
+                    linears = (p.qkv, p.out, p.fc, p.proj)
+                    qkv, out, fc, proj = ((w.t(), b) for w, b in linears)  # transposed views, made once
+                    flat += [p.ln_1[2], p.ln_1[3], *qkv, *out, ln_2[2], ln_2[3], *fc, *proj]
                 first = layers[0]
                 mlp = 2 if first.swiglu else (1 if first.approximate == "tanh" else 0)
                 wpe = None if self.wpe is None else self.wpe.weight
@@ -428,6 +430,9 @@ class TransformerModel(LanguageModel):
                 n_heads = (first.n_head, first.n_kv_head, first.head_dim)
                 native_args = (args, (*n_heads, ln_f[0], float(ln_f[4]), first.parallel, mlp))
             cached = (layers, ln_f, self.lm_head.weight, native_args)
+            if native_args is not None:
+                native_args = (native_args[0] + (self.lm_head.weight.t(),), native_args[1])
+                cached = (layers, ln_f, self.lm_head.weight, native_args)
             self.__dict__["_decode_cache"] = cached
         return cached
 

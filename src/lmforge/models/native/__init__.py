@@ -97,7 +97,10 @@ def build(verbose: bool = False) -> Callable:
             )
             _loaded = getattr(torch.ops, name).decode_step
         except Exception as e:  # compiler, ninja or headers missing, or a failed compile
-            _failed = f"{type(e).__name__}: {e}".strip()
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            # a compiler's output runs to pages: keep its first error (the exception chain has the rest)
+            first = next((line for line in lines if "error:" in line), lines[0] if lines else "")
+            _failed = f"{type(e).__name__}: {first[:300]}"
             raise NativeBuildError(f"building {_SOURCE.name} failed: {_failed}") from e
         return _loaded
 

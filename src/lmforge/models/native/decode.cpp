@@ -17,7 +17,9 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-constexpr int64_t kParamsPerLayer = 12;  // ln_1 w, b; qkv w, b; out w, b; ln_2 w, b; fc w, b; proj w, b
+// ln_1 w, b; qkv w^T, b; out w^T, b; ln_2 w, b; fc w^T, b; proj w^T, b (the Linear weights as transposed views,
+// what at::linear would make of them on every call)
+constexpr int64_t kParamsPerLayer = 12;
 
 struct Options {
   int64_t n_head, n_kv_head, head_dim;
@@ -29,7 +31,19 @@ struct Options {
 Tensor norm(const Tensor& x, const OptTensor& w, const OptTensor& b, const Options& o) {
   const int64_t C = x.size(-1);
   if (o.rms) return at::rms_norm(x, {C}, w, o.eps);
-  return at::layer_norm(x, {C}, w, b, o.eps, /*cudnn_enable=*/false);
+  return std::get<0>(at::native_layer_norm(x, {C}, w, b, o.eps));  // what at::layer_norm calls
+}
+
+// at::linear for 2-D input, given the weight already transposed: the same addmm / mm
+Tensor linear_t(const Tensor& x, const Tensor& w_t, const OptTensor& b) {
+  return b.has_value() ? at::addmm(*b, x, w_t) : at::mm(x, w_t);
+}
+
+Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& mask, bool gqa) {
+  if (!gqa && !mask.has_value() && q.device().is_cpu()) {  // the kernel at::scaled_dot_product_attention picks
+    return std::get<0>(at::_scaled_dot_product_flash_attention_for_cpu(q, k, v));
+  }
+  return at::scaled_dot_product_attention(q, k, v, mask, 0.0, false, std::nullopt, gqa);
 }
 
 Tensor rope(const Tensor& x, const Tensor& cos, const Tensor& sin) {
@@ -43,7 +57,7 @@ Tensor layer(const std::vector<OptTensor>& p, int64_t i, Tensor x, const OptTens
   const OptTensor* w = p.data() + i * kParamsPerLayer;
   const int64_t B = x.size(0), hd = o.head_dim, nq = o.n_head * hd, end = start + 1;
   Tensor h = norm(x, w[0], w[1], o);
-  Tensor qkv = at::linear(h, *w[2], w[3]);  // (B, nq + 2 nkv hd)
+  Tensor qkv = linear_t(h, *w[2], w[3]);  // (B, nq + 2 nkv hd)
   Tensor q = qkv.narrow(1, 0, nq).view({B, o.n_head, 1, hd});
   Tensor kv = qkv.narrow(1, nq, qkv.size(1) - nq).view({B, 2, o.n_kv_head, 1, hd});
   if (cos.has_value()) {
@@ -55,25 +69,25 @@ Tensor layer(const std::vector<OptTensor>& p, int64_t i, Tensor x, const OptTens
   }
   Tensor k_all = kv_cache.select(1, 0).narrow(2, 0, end);
   Tensor v_all = kv_cache.select(1, 1).narrow(2, 0, end);
-  Tensor y = at::scaled_dot_product_attention(q, k_all, v_all, mask, 0.0, false, std::nullopt,
-                                              o.n_kv_head != o.n_head);  // (B, nh, 1, hd)
-  Tensor att = at::linear(y.reshape({B, nq}), *w[4], w[5]);
+  Tensor y = attention(q, k_all, v_all, mask, o.n_kv_head != o.n_head);  // (B, nh, 1, hd)
+  Tensor att = linear_t(y.reshape({B, nq}), *w[4], w[5]);
   if (!o.parallel) {
     x = x + att;
     h = norm(x, w[6], w[7], o);
   }
-  Tensor m = at::linear(h, *w[8], w[9]);
+  Tensor m = linear_t(h, *w[8], w[9]);
   if (o.mlp == 2) {
     std::vector<Tensor> gate_up = m.chunk(2, -1);
     m = at::silu(gate_up[0]) * gate_up[1];
   } else {
     m = at::gelu(m, o.mlp == 1 ? "tanh" : "none");
   }
-  m = at::linear(m, *w[10], w[11]);
+  m = linear_t(m, *w[10], w[11]);
   return o.parallel ? x + att + m : x + m;
 }
 
 // idx, pos (B,) long; returns logits (B, V). kv: per layer (B, 2, nkv, capacity, hd), written at slot start.
+// head: the output projection transposed (C, V).
 Tensor decode_step(const Tensor& idx, const Tensor& pos, const Tensor& wte, const OptTensor& wpe,
                    const OptTensor& rope_cos, const OptTensor& rope_sin, std::vector<OptTensor> params,
                    std::vector<Tensor> kv, int64_t start, const OptTensor& mask, const OptTensor& ln_f_w,
@@ -93,7 +107,7 @@ Tensor decode_step(const Tensor& idx, const Tensor& pos, const Tensor& wte, cons
   for (int64_t i = 0; i < static_cast<int64_t>(kv.size()); ++i) {
     x = layer(params, i, x, cos, sin, kv[i], start, mask, o);
   }
-  return at::linear(norm(x, ln_f_w, ln_f_b, o), head);
+  return at::mm(norm(x, ln_f_w, ln_f_b, o), head);
 }
 
 }  // namespace
