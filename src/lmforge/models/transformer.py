@@ -426,13 +426,10 @@ class TransformerModel(LanguageModel):
                 mlp = 2 if first.swiglu else (1 if first.approximate == "tanh" else 0)
                 wpe = None if self.wpe is None else self.wpe.weight
                 rope = (getattr(self, "rope_cos", None), getattr(self, "rope_sin", None))
-                args = (self.wte.weight, wpe, *rope, flat)
+                args = (self.wte.weight, wpe, *rope, flat, self.lm_head.weight.t())
                 n_heads = (first.n_head, first.n_kv_head, first.head_dim)
                 native_args = (args, (*n_heads, ln_f[0], float(ln_f[4]), first.parallel, mlp))
             cached = (layers, ln_f, self.lm_head.weight, native_args)
-            if native_args is not None:
-                native_args = (native_args[0] + (self.lm_head.weight.t(),), native_args[1])
-                cached = (layers, ln_f, self.lm_head.weight, native_args)
             self.__dict__["_decode_cache"] = cached
         return cached
 
@@ -467,7 +464,7 @@ class TransformerModel(LanguageModel):
         # (then the state given is overwritten by the next reorder, as the contract allows).
         B, L = index.numel(), state.length
         spare = state.spare
-        if spare is None or spare[0].size(0) != B:
+        if spare is None or spare[0].shape != (B, *state.kv[0].shape[1:]):
             spare = [t.new_empty((B, *t.shape[1:])) for t in state.kv]
         for src, dst in zip(state.kv, spare, strict=True):
             torch.index_select(src[:, :, :, :L], 0, index, out=dst[:, :, :, :L])

@@ -2,7 +2,8 @@
 
 The engine talks to a model only through the incremental-state contract of
 :class:`lmforge.models.base.LanguageModel`: ``init_state``, ``step`` (with a ``valid`` mask for left
-padding), ``reorder_state``, ``state_length`` and ``max_seq_len``. So a KV-cached transformer and a
+padding), ``reorder_state``, ``state_length`` and ``max_seq_len``, and where a model has them, ``reserve_state``
+(how long the state will grow) and ``decoding()`` (the context to decode in). So a KV-cached transformer and a
 recurrent network decode with the same code.
 
 Flow of :func:`generate`:
