@@ -136,3 +136,20 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, capsys):
     native._remove_stale_lock(lock)
     assert not lock.exists() and "stale build lock" in capsys.readouterr().err
     native._remove_stale_lock(lock)  # no lock: nothing to do
+
+
+def test_ninja_next_to_the_interpreter_is_put_on_path(monkeypatch, tmp_path):
+    """A virtual environment's programs run without activating it: its bin/ (where the ninja package puts the
+    program) is not on PATH, so the build puts it there for torch, and only for the build."""
+    import os
+    import sys
+
+    bin_dir = tmp_path / "venv-bin"
+    bin_dir.mkdir()
+    (bin_dir / "ninja").write_text("#!/bin/sh\n")
+    (bin_dir / "ninja").chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with native._ninja_on_path():
+        assert os.environ["PATH"].split(os.pathsep)[0] == str(bin_dir)
+    assert os.environ["PATH"] == str(tmp_path / "empty")

@@ -4,7 +4,7 @@ At decoding sizes a transformer step is a few dozen tiny ops, and the Python int
 about a quarter of it on the CPU. ``decode.cpp`` runs the same ATen ops in the same order as the Python fast
 path (``TransformerModel._decode_one``, the reference: tests check that both give the same logits), so it
 changes speed, not results. It is compiled with ``torch.utils.cpp_extension`` (a C++ compiler and ninja) the
-first time it is needed, about 20 s, then loaded from ``$XDG_CACHE_HOME/lmforge/native`` (default
+first time it is needed, 10-20 s, then loaded from ``$XDG_CACHE_HOME/lmforge/native`` (default
 ``~/.cache/lmforge/native``); ``python -m lmforge.models.native`` builds it ahead of time.
 
 ``LMFORGE_NATIVE_DECODE`` chooses: ``auto`` (default: use it when it builds, else warn once and use Python),
@@ -13,14 +13,16 @@ first time it is needed, about 20 s, then loaded from ``$XDG_CACHE_HOME/lmforge/
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shutil
 import sys
 import sysconfig
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -60,7 +62,7 @@ def build_dir() -> Path:
 
 
 STALE_LOCK_S = 600.0
-"""A build lock older than this is left over from a killed build (one takes about 20 s): it is removed, or
+"""A build lock older than this is left over from a killed build (one takes 10-20 s): it is removed, or
 torch would wait on it forever."""
 
 
@@ -71,6 +73,22 @@ def _remove_stale_lock(lock: Path) -> None:
             print(f"lmforge: removed a stale build lock {lock}", file=sys.stderr)
     except FileNotFoundError:
         pass
+
+
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """torch runs ``ninja`` from PATH; the ``ninja`` package installs it next to this interpreter, which is not
+    on PATH when a virtual environment's programs run without activating it."""
+    here = str(Path(sys.executable).parent)
+    if shutil.which("ninja") is not None or shutil.which("ninja", path=here) is None:
+        yield
+        return
+    old = os.environ.get("PATH", "")
+    os.environ["PATH"] = here + os.pathsep + old
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
 
 
 def build(verbose: bool = False) -> Callable:
@@ -87,14 +105,15 @@ def build(verbose: bool = False) -> Callable:
         try:
             where.mkdir(parents=True, exist_ok=True)
             _remove_stale_lock(where / "lock")
-            cpp_extension.load(
-                name=name,
-                sources=[str(_SOURCE)],
-                build_directory=str(where),
-                extra_cflags=["-O2", f"-DLMFORGE_NAMESPACE={name}"],
-                is_python_module=False,
-                verbose=verbose,
-            )
+            with _ninja_on_path():
+                cpp_extension.load(
+                    name=name,
+                    sources=[str(_SOURCE)],
+                    build_directory=str(where),
+                    extra_cflags=["-O2", f"-DLMFORGE_NAMESPACE={name}"],
+                    is_python_module=False,
+                    verbose=verbose,
+                )
             _loaded = getattr(torch.ops, name).decode_step
         except Exception as e:  # compiler, ninja or headers missing, or a failed compile
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
