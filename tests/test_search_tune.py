@@ -377,3 +377,37 @@ def test_time_budget_covers_every_step_with_the_default_space(tmp_path):
     trained = [t for t in study.trials if t.user_attrs.get("tokens")]
     assert trained and all(t.user_attrs["params"] <= 1.5 * cap for t in trained)
     assert summary["best"]["test_loss"] < math.log(40)  # better than uniform over the small vocabulary
+
+
+# ------------------------------------------------------------- a Hugging Face checkpoint as the model
+def test_search_over_fine_tuning_a_hugging_face_checkpoint(tmp_path):
+    """The issue's "and later search": a space over the fine-tuning of a local HF GPT-2 (the model fixed,
+    its learning rate searched); sizing counts the checkpoint without loading its weights."""
+    pytest.importorskip("transformers")
+    from lmforge.models.hf import HFCausalLM
+    from lmforge.predict.loading import load_pretrained
+    from test_finetune_gpt2 import make_gpt2_dir
+
+    text = "".join(f"the cat number {i} sat on the mat in the red house.\n" for i in range(200))
+    hf_dir = make_gpt2_dir(tmp_path / "gpt2", text)
+    space = f"""
+params:
+  optim.lr: [3.0e-4, 3.0e-3]
+fixed:
+  model.family: hf
+  model.path: {hf_dir}
+  tokenizer.kind: hf
+  tokenizer.path: {hf_dir}
+"""
+    opts = options(
+        tmp_path, space, budget="3ktok", sampler="grid", pruner="none", trial_tokens=8 * TPS,
+        overrides=["--data.block_size", "16", "--train.batch_size", "4"],
+    )  # fmt: skip
+    summary = run_pipeline(opts)
+    study = load_study(Path(opts.out))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    assert {t.params["optim.lr"] for t in study.trials} == {3e-4, 3e-3}
+    model, _, cfg = load_pretrained(Path(opts.out))
+    assert isinstance(model, HFCausalLM) and cfg.model.path == str(hf_dir)
+    assert summary["best"]["params"] == sum(p.numel() for p in model.parameters())
+    assert summary["steps"]["evaluate"] == "done" and math.isfinite(summary["best"]["test_loss"])

@@ -75,7 +75,13 @@ def load_hf_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> n
     except ImportError as err:
         raise HFLoadError(f"model.family 'hf' needs transformers (pip install 'lmforge[hf]'): {err}") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        if torch.get_default_device().type == "meta":
+            # sizing builds models on the meta device to count them: the architecture without the weights
+            from transformers import AutoConfig
+
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise HFLoadError(f"cannot load a Hugging Face causal LM from {str(path)!r}: {first}") from None
