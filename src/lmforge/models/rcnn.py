@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.config import ConfigError, RCNNConfig
+from lmforge.config import RCNNConfig
 from lmforge.models.base import lm_loss, without_onednn
 from lmforge.models.recurrent import Hidden, TokenTableLM, run_rnn, select_hidden, zero_hidden
 
@@ -100,20 +100,10 @@ class RCNNModel(TokenTableLM):
 
     def __init__(self, cfg: RCNNConfig):
         super().__init__()
-        if cfg.vocab_size is None:
-            raise ConfigError("model.vocab_size is not set (build the model with build_model(cfg, vocab_size=...))")
-        self.config = cfg
-        self.max_seq_len = None
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
+        self._token_table(cfg)
         self.blocks = nn.ModuleList([RCNNBlock(cfg) for _ in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(cfg.d_model)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.wte.weight
-        nn.init.normal_(self.wte.weight, std=cfg.init_std)
-        if not cfg.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+        self._output_layer(cfg)
 
     def _run(self, idx: torch.Tensor, state: RCNNState, valid: torch.Tensor | None) -> tuple[torch.Tensor, RCNNState]:
         x = self.drop(self.wte(idx))  # (B, T, d)

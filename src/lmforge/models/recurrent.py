@@ -18,7 +18,7 @@ from typing import Union
 import torch
 from torch import nn
 
-from lmforge.config import ConfigError, RecurrentConfig
+from lmforge.config import ConfigError, RCNNConfig, RecurrentConfig
 from lmforge.models.base import LanguageModel, lm_loss, without_onednn
 
 Hidden = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
@@ -80,6 +80,25 @@ class TokenTableLM(LanguageModel):
     """What the recurrent families share: a token table ``wte`` (tied to the output layer or not) and a state
     that counts its tokens in ``length``."""
 
+    def _token_table(self, cfg: RecurrentConfig | RCNNConfig) -> None:
+        """The config, the token table and its dropout (first, so that parameters keep their order)."""
+        if cfg.vocab_size is None:
+            raise ConfigError("model.vocab_size is not set (build the model with build_model(cfg, vocab_size=...))")
+        self.config = cfg
+        self.max_seq_len = None
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def _output_layer(self, cfg: RecurrentConfig | RCNNConfig) -> None:
+        """The output projection (tied or not), then the table's and its initialisation as the transformer's
+        (after the body, which keeps PyTorch's own initialisation)."""
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        nn.init.normal_(self.wte.weight, std=cfg.init_std)
+        if not cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+
     def state_length(self, state: RecurrentState) -> int:  # RCNNState too: both count tokens in ``length``
         return state.length
 
@@ -96,21 +115,10 @@ class RecurrentModel(TokenTableLM):
 
     def __init__(self, cfg: RecurrentConfig):
         super().__init__()
-        if cfg.vocab_size is None:
-            raise ConfigError("model.vocab_size is not set (build the model with build_model(cfg, vocab_size=...))")
-        self.config = cfg
-        self.max_seq_len = None
+        self._token_table(cfg)
         rnn_cls = nn.LSTM if cfg.family == "lstm" else nn.GRU
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList([rnn_cls(cfg.d_model, cfg.d_model, batch_first=True) for _ in range(cfg.n_layer)])
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.wte.weight
-        # recurrent weights keep PyTorch's uniform(+-1/sqrt(d)) init; embeddings / output as the transformer
-        nn.init.normal_(self.wte.weight, std=cfg.init_std)
-        if not cfg.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+        self._output_layer(cfg)  # recurrent weights keep PyTorch's uniform(+-1/sqrt(d)) init
 
     def _run(
         self, idx: torch.Tensor, hidden: list[Hidden | None], valid: torch.Tensor | None
