@@ -107,6 +107,14 @@ def test_a_failed_build_falls_back_in_auto_mode_and_raises_when_required(monkeyp
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second attempt, no second warning
         assert native.decode_step() is None
+    # another process (fresh module state) in auto mode does not try the same failed build again
+    monkeypatch.setattr(native, "_failed", None)
+    monkeypatch.setattr(native, "_warned", False)
+    import torch.utils.cpp_extension as cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: pytest.fail("built again"))
+    with pytest.warns(RuntimeWarning, match="an earlier attempt"):
+        assert native.decode_step() is None
     # and the model decodes in Python meanwhile
     model = build_model(TransformerConfig(**CONFIGS["gpt2"]), vocab_size=V, max_seq_len=16).eval()
     with torch.inference_mode():

@@ -7,8 +7,9 @@ changes speed, not results. It is compiled with ``torch.utils.cpp_extension`` (a
 first time it is needed, 10-20 s, then loaded from ``$XDG_CACHE_HOME/lmforge/native`` (default
 ``~/.cache/lmforge/native``); ``python -m lmforge.models.native`` builds it ahead of time.
 
-``LMFORGE_NATIVE_DECODE`` chooses: ``auto`` (default: use it when it builds, else warn once and use Python),
-``1`` (required: a failed build raises), ``0`` (never).
+``LMFORGE_NATIVE_DECODE`` chooses: ``auto`` (default: use it when it builds, else warn once and use Python; a
+failed build is remembered in its build directory, so later processes do not try again until
+``python -m lmforge.models.native``), ``1`` (required: a failed build raises), ``0`` (never).
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ def build_dir() -> Path:
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache / "lmforge" / "native" / _name()
 
+
+FAILED_FILE = "FAILED"
+"""Written into the build directory by a failed build: other processes in auto mode do not try again."""
 
 STALE_LOCK_S = 600.0
 """A build lock older than this is left over from a killed build (one takes 10-20 s): it is removed, or
@@ -120,7 +124,12 @@ def build(verbose: bool = False) -> Callable:
             # a compiler's output runs to pages: keep its first error (the exception chain has the rest)
             first = next((line for line in lines if "error:" in line), lines[0] if lines else "")
             _failed = f"{type(e).__name__}: {first[:300]}"
+            try:  # later processes in auto mode skip the attempt (python -m lmforge.models.native retries)
+                (where / FAILED_FILE).write_text(_failed + "\n", encoding="utf-8")
+            except OSError:
+                pass
             raise NativeBuildError(f"building {_SOURCE.name} failed: {_failed}") from e
+        (where / FAILED_FILE).unlink(missing_ok=True)
         return _loaded
 
 
@@ -132,7 +141,7 @@ def set_enabled(enabled: bool | None) -> None:
 
 def decode_step() -> Callable | None:
     """The native decoding step if it is enabled and builds, else None (the caller runs the Python path)."""
-    global _warned
+    global _warned, _failed
     if _enabled_override is False:
         return None
     mode = "1" if _enabled_override else _mode()
@@ -140,6 +149,10 @@ def decode_step() -> Callable | None:
         return None
     if _loaded is not None:
         return _loaded
+    if _failed is None and mode == "auto":
+        marker = build_dir() / FAILED_FILE
+        if marker.is_file():  # an earlier process failed to build this very source with this torch
+            _failed = marker.read_text(encoding="utf-8").strip() + f" (an earlier attempt; {marker})"
     if _failed is None:
         try:
             return build()
