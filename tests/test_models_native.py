@@ -70,16 +70,38 @@ def test_native_step_equals_the_python_step(name, padded):
         torch.testing.assert_close(a[:, :, :, : s1.length], b[:, :, :, : s2.length], rtol=1e-5, atol=1e-6)
 
 
-def test_the_native_step_is_what_decoding_runs(monkeypatch):
+def test_the_native_ops_are_what_decoding_and_reordering_run(monkeypatch):
     model = build_model(TransformerConfig(**CONFIGS["gpt2"]), vocab_size=V, max_seq_len=16).eval()
     calls = []
     real = native.build()
-    monkeypatch.setattr(native, "_loaded", lambda *a: calls.append(1) or real(*a))
+
+    class Spy:
+        def decode_step(self, *a):
+            calls.append("step")
+            return real.decode_step(*a)
+
+        def reorder(self, *a):
+            calls.append("reorder")
+            return real.reorder(*a)
+
+    monkeypatch.setattr(native, "_loaded", Spy())
     with torch.inference_mode():
-        state = model.init_state(1)
-        _, state = model.step(torch.zeros(1, 3, dtype=torch.long), state)
-        model.step(torch.zeros(1, 1, dtype=torch.long), state)
-    assert calls == [1]
+        state = model.init_state(2)
+        _, state = model.step(torch.zeros(2, 3, dtype=torch.long), state)
+        _, state = model.step(torch.zeros(2, 1, dtype=torch.long), state)
+        state = model.reorder_state(state, torch.tensor([1, 0]))
+    assert calls == ["step", "reorder"]
+
+
+def test_native_reorder_equals_index_select():
+    torch.manual_seed(0)
+    src = [torch.randn(4, 2, 3, 10, 5) for _ in range(2)]
+    dst = [torch.full_like(t, float("nan")) for t in src]
+    index = torch.tensor([3, 3, 0, 1])
+    native.build().reorder(src, dst, index, 7)
+    for s, d in zip(src, dst, strict=True):
+        assert torch.equal(d[:, :, :, :7], s[index][:, :, :, :7])
+        assert d[:, :, :, 7:].isnan().all()  # slots past the length are not touched
 
 
 def test_env_switch(monkeypatch):

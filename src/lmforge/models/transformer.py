@@ -25,7 +25,7 @@ from torch import nn
 
 from lmforge.config import ConfigError, TransformerConfig
 from lmforge.models.base import ContextLengthError, LanguageModel, lm_loss, without_onednn
-from lmforge.models.native import decode_step
+from lmforge.models.native import decode_step, native_ops
 
 _INITIAL_CAPACITY = 16
 """Cache slots of a new state; ``step`` doubles the capacity when it runs out (up to ``max_seq_len``)."""
@@ -466,8 +466,12 @@ class TransformerModel(LanguageModel):
         spare = state.spare
         if spare is None or spare[0].shape != (B, *state.kv[0].shape[1:]):
             spare = [t.new_empty((B, *t.shape[1:])) for t in state.kv]
-        for src, dst in zip(state.kv, spare, strict=True):
-            torch.index_select(src[:, :, :, :L], 0, index, out=dst[:, :, :, :L])
+        ops = native_ops() if index.device.type == "cpu" else None
+        if ops is not None:
+            ops.reorder(state.kv, spare, index, L)  # the same copies, without a Python call per layer
+        else:
+            for src, dst in zip(state.kv, spare, strict=True):
+                torch.index_select(src[:, :, :, :L], 0, index, out=dst[:, :, :, :L])
         return KVCache(
             kv=spare,
             key_valid=state.key_valid.index_select(0, index),

@@ -25,13 +25,15 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
 ENV = "LMFORGE_NATIVE_DECODE"
 _SOURCE = Path(__file__).with_name("decode.cpp")
 _lock = threading.Lock()
-_loaded: Callable | None = None
+_loaded: Any = None
+"""``torch.ops.<name>`` of the loaded build: ``decode_step`` and ``reorder``."""
 _failed: str | None = None
 _warned = False
 _enabled_override: bool | None = None
@@ -95,8 +97,8 @@ def _ninja_on_path() -> Iterator[None]:
         os.environ["PATH"] = old
 
 
-def build(verbose: bool = False) -> Callable:
-    """Compile (or load the cached build of) ``decode.cpp``; return its ``torch.ops.<name>.decode_step``."""
+def build(verbose: bool = False) -> Any:
+    """Compile (or load the cached build of) ``decode.cpp``; return its ops, ``torch.ops.<name>``."""
     global _loaded, _failed
     with _lock:
         if _loaded is not None:
@@ -118,7 +120,8 @@ def build(verbose: bool = False) -> Callable:
                     is_python_module=False,
                     verbose=verbose,
                 )
-            _loaded = getattr(torch.ops, name).decode_step
+            _loaded = getattr(torch.ops, name)
+            _loaded.decode_step, _loaded.reorder  # noqa: B018  (both registered, or this build is not usable)
         except Exception as e:  # compiler, ninja or headers missing, or a failed compile
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
             # a compiler's output runs to pages: keep its first error (the exception chain has the rest)
@@ -139,8 +142,9 @@ def set_enabled(enabled: bool | None) -> None:
     _enabled_override = enabled
 
 
-def decode_step() -> Callable | None:
-    """The native decoding step if it is enabled and builds, else None (the caller runs the Python path)."""
+def native_ops() -> Any:
+    """The native ops (``decode_step``, ``reorder``) if they are enabled and build, else None (the caller runs
+    the Python path)."""
     global _warned, _failed
     if _enabled_override is False:
         return None
@@ -170,3 +174,9 @@ def decode_step() -> Callable | None:
             stacklevel=2,
         )
     return None
+
+
+def decode_step() -> Callable | None:
+    """The native decoding step, or None (see :func:`native_ops`)."""
+    ops = native_ops()
+    return None if ops is None else ops.decode_step
