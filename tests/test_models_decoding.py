@@ -96,3 +96,39 @@ def test_reorders_write_into_the_spare_buffers():
         _, ref = model.step(idx[torch.tensor([2, 0, 1])[torch.tensor([1, 1, 0])]], ref)
         for a, b in zip(second.kv, ref.kv, strict=True):
             torch.testing.assert_close(a[:, :, :, :5], b[:, :, :, :5])
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+def test_beam_like_reorders_skip_the_shared_prompt_and_stay_exact(use_native, monkeypatch):
+    """Rows of one prompt share its cache slots: reorders within the groups copy only the slots after them (once
+    the spare buffers hold them); a reorder across groups copies everything and regroups. Every row's logits
+    must equal a full forward of its own tokens."""
+    from lmforge.models import native
+
+    if not use_native:
+        monkeypatch.setattr(native, "_enabled_override", False)
+    model = _transformer()
+    g = torch.Generator().manual_seed(3)
+    prompts = torch.randint(0, V, (2, 6), generator=g)
+    seqs = [prompts[0].tolist()] * 3 + [prompts[1].tolist()] * 3  # 2 prompts x 3 beams
+    skipped = []
+    with torch.inference_mode():
+        state = model.init_state(2)
+        model.reserve_state(state, 20)
+        _, state = model.step(prompts, state)
+        state = model.reorder_state(state, torch.tensor([0, 0, 0, 1, 1, 1]))
+        for t in range(10):
+            if t == 5:
+                index = torch.tensor([4, 1, 2, 3, 0, 5])  # across the groups: rows 0 and 4 swap prompts
+            else:  # each row takes a random row of its own group (after the swap: of the new groups)
+                members = [torch.nonzero(state.group == state.group[r])[:, 0] for r in range(6)]
+                index = torch.stack([m[torch.randint(0, len(m), (1,), generator=g)][0] for m in members])
+            state = model.reorder_state(state, index)
+            skipped.append(state.spare_ready and state.prefix == 6)
+            seqs = [seqs[i] for i in index.tolist()]
+            tok = torch.randint(0, V, (6, 1), generator=g)
+            logits, state = model.step(tok, state)
+            seqs = [s + [int(x)] for s, x in zip(seqs, tok[:, 0].tolist(), strict=True)]
+        ref = model(torch.tensor(seqs))[0][:, -1]
+    torch.testing.assert_close(logits[:, -1], ref, rtol=0, atol=1e-5)
+    assert any(skipped[:5]) and any(skipped[6:]) and not skipped[5]  # skipped before and after the regrouping

@@ -98,10 +98,10 @@ def test_native_reorder_equals_index_select():
     src = [torch.randn(4, 2, 3, 10, 5) for _ in range(2)]
     dst = [torch.full_like(t, float("nan")) for t in src]
     index = torch.tensor([3, 3, 0, 1])
-    native.build().reorder(src, dst, index, 7)
+    native.build().reorder(src, dst, index, 2, 7)
     for s, d in zip(src, dst, strict=True):
-        assert torch.equal(d[:, :, :, :7], s[index][:, :, :, :7])
-        assert d[:, :, :, 7:].isnan().all()  # slots past the length are not touched
+        assert torch.equal(d[:, :, :, 2:7], s[index][:, :, :, 2:7])
+        assert d[:, :, :, :2].isnan().all() and d[:, :, :, 7:].isnan().all()  # slots outside are not touched
 
 
 def test_env_switch(monkeypatch):

@@ -51,6 +51,13 @@ class KVCache:
     """Buffers shaped like ``kv`` that the next ``reorder_state`` writes into (those of the state this one was
     reordered from): beam search reorders every step, and a fresh allocation of this size each time costs
     more than the copy (page faults)."""
+    group: torch.Tensor | None = None
+    """(B,) long or None: rows with the same id hold the same slots ``[:prefix]`` (the beams of one prompt share
+    the prompt)."""
+    prefix: int = 0
+    spare_ready: bool = False
+    """Whether each row of ``spare`` holds its group's ``[:prefix]``: then a reorder within the groups copies
+    only the slots after it (a long prompt with a few new tokens is not copied every beam step)."""
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -457,28 +464,42 @@ class TransformerModel(LanguageModel):
             return out
 
         state.kv = [grow(t) for t in state.kv]
-        state.spare = None
+        state.spare, state.spare_ready = None, False
 
     def reorder_state(self, state: KVCache, index: torch.Tensor) -> KVCache:
         # Beam search reorders every step: copy the filled slots, into the spare buffers when the shapes allow
-        # (then the state given is overwritten by the next reorder, as the contract allows).
+        # (then the state given is overwritten by the next reorder, as the contract allows), and not the
+        # shared prefix when every row takes a row of its own group and the spare rows already hold it.
         B, L = index.numel(), state.length
+        same_rows = state.kv[0].size(0) == B
         spare = state.spare
+        ready = state.spare_ready
         if spare is None or spare[0].shape != (B, *state.kv[0].shape[1:]):
             spare = [t.new_empty((B, *t.shape[1:])) for t in state.kv]
+            ready = False
+        if same_rows and state.group is not None:
+            group, prefix = state.group.index_select(0, index), state.prefix
+            within = bool(torch.equal(group, state.group))
+        else:  # new rows (beams from prompts, rows dropped): rows copied from the same row agree on [:L]
+            group, prefix, within = index, L, False
+        start = prefix if within and ready else 0
         ops = native_ops() if index.device.type == "cpu" else None
         if ops is not None:
-            ops.reorder(state.kv, spare, index, L)  # the same copies, without a Python call per layer
+            ops.reorder(state.kv, spare, index, start, L)  # the same copies, without a Python call per layer
         else:
             for src, dst in zip(state.kv, spare, strict=True):
-                torch.index_select(src[:, :, :, :L], 0, index, out=dst[:, :, :, :L])
+                torch.index_select(src[:, :, :, start:L], 0, index, out=dst[:, :, :, start:L])
         return KVCache(
             kv=spare,
             key_valid=state.key_valid.index_select(0, index),
             pos=state.pos.index_select(0, index),
             length=L,
             padded=state.padded,
-            spare=state.kv if state.kv[0].size(0) == B else None,
+            spare=state.kv if same_rows else None,
+            group=group,
+            prefix=prefix,
+            # the buffers just read from hold every row's prefix for these groups, unless the groups changed
+            spare_ready=same_rows and within,
         )
 
     def state_length(self, state: KVCache) -> int:

@@ -110,12 +110,13 @@ Tensor decode_step(const Tensor& idx, const Tensor& pos, const Tensor& wte, cons
   return at::mm(norm(x, ln_f_w, ln_f_b, o), head);
 }
 
-// Beam search's reorder: dst[i][:, :, :, :length] = src[i][index][:, :, :, :length] for every layer.
-void reorder(const std::vector<Tensor>& src, std::vector<Tensor> dst, const Tensor& index, int64_t length) {
+// Beam search's reorder: dst[i][:, :, :, start:end] = src[i][index][:, :, :, start:end] for every layer.
+void reorder(const std::vector<Tensor>& src, std::vector<Tensor> dst, const Tensor& index, int64_t start,
+             int64_t end) {
   TORCH_CHECK(src.size() == dst.size(), "reorder: ", src.size(), " source and ", dst.size(), " target buffers");
   for (size_t i = 0; i < src.size(); ++i) {
-    Tensor out = dst[i].narrow(3, 0, length);
-    at::index_select_out(out, src[i].narrow(3, 0, length), 0, index);
+    Tensor out = dst[i].narrow(3, start, end - start);
+    at::index_select_out(out, src[i].narrow(3, start, end - start), 0, index);
   }
 }
 
@@ -133,6 +134,6 @@ LMFORGE_LIBRARY(LMFORGE_NAMESPACE, m) {
       "Tensor head, int n_head, int n_kv_head, int head_dim, bool rms, float eps, bool parallel, int mlp) "
       "-> Tensor");
   m.impl("decode_step", c10::DispatchKey::CompositeImplicitAutograd, TORCH_FN(decode_step));
-  m.def("reorder(Tensor[] src, Tensor(a!)[] dst, Tensor index, int length) -> ()");
+  m.def("reorder(Tensor[] src, Tensor(a!)[] dst, Tensor index, int start, int end) -> ()");
   m.impl("reorder", c10::DispatchKey::CompositeImplicitAutograd, TORCH_FN(reorder));
 }
