@@ -20,7 +20,6 @@ leave them unchanged; otherwise a whole chunk is processed at once.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import RCNNConfig
-from lmforge.models.base import lm_loss, without_onednn
+from lmforge.models.base import lm_loss
 from lmforge.models.recurrent import Hidden, TokenTableLM, run_rnn, select_hidden, zero_hidden
 
 
@@ -137,9 +136,6 @@ class RCNNModel(TokenTableLM):
         self, idx: torch.Tensor, state: RCNNState, valid: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, RCNNState]:
         return self._run(idx, state, None if valid is None else valid.to(torch.bool))
-
-    def decoding(self) -> contextlib.AbstractContextManager:
-        return without_onednn()  # its LSTM step costs ~3x the native one (one-token convolutions take no kernel)
 
     def reorder_state(self, state: RCNNState, index: torch.Tensor) -> RCNNState:
         return RCNNState(

@@ -102,6 +102,10 @@ class TokenTableLM(LanguageModel):
     def state_length(self, state: RecurrentState) -> int:  # RCNNState too: both count tokens in ``length``
         return state.length
 
+    def decoding(self) -> contextlib.AbstractContextManager:
+        # oneDNN's LSTM costs ~3x the native one per one-token step (rcnn's one-token convolutions take no kernel)
+        return without_onednn()
+
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Unique parameters (tied weights once); ``exclude_embeddings`` leaves out the token lookup table
         unless it is tied (then it is also the output layer)."""
@@ -147,9 +151,6 @@ class RecurrentModel(TokenTableLM):
     ) -> tuple[torch.Tensor, RecurrentState]:
         logits, hidden = self._run(idx, list(state.hidden), None if valid is None else valid.to(torch.bool))
         return logits, RecurrentState(hidden, state.length + idx.size(1))
-
-    def decoding(self) -> contextlib.AbstractContextManager:
-        return without_onednn()  # oneDNN's LSTM costs ~3x the native one per one-token step
 
     def reorder_state(self, state: RecurrentState, index: torch.Tensor) -> RecurrentState:
         return RecurrentState([select_hidden(h, index) for h in state.hidden], state.length)

@@ -455,7 +455,7 @@ class TransformerModel(LanguageModel):
     def _grow(self, state: KVCache, end: int, exact: bool = False) -> None:
         """Give the cache room for slots ``[:end]`` (capacity doubles unless ``exact``, up to ``max_seq_len``)."""
         cap = state.kv[0].size(3)
-        new_cap = end if exact else min(self.max_seq_len, max(end, 2 * cap, 16))
+        new_cap = end if exact else min(self.max_seq_len, max(end, 2 * cap, _INITIAL_CAPACITY))
         L = state.length
 
         def grow(t: torch.Tensor) -> torch.Tensor:

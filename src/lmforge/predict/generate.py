@@ -791,23 +791,20 @@ def _beam_search(run: _Run, prompts: list[list[int]], budgets: list[int], prompt
                 fin_done = torch.cat([fin_done, just], dim=1).gather(1, best)
                 any_full = bool(fin_done.all(dim=1).any())
 
-        if fast and not any_full and not run.procs and t + 1 < max_steps:
-            # nothing finished and every score finite (no processor can ban tokens): every prompt can
-            # still improve, so the test below would change nothing
-            state = model.reorder_state(state, (base + run_beam).view(-1))
-            logits, state = model.step(tok.view(N * K, 1), state)
-            logits = logits[:, -1, :]
-            continue
-        # can a running beam still beat the worst finished one? (HF's heuristics, per prompt)
-        gen_len = budget_t if cfg.early_stopping == "never" and lp_pow > 0 else torch.full_like(budget_t, t + 1)
-        best_running = run_scores[:, 0] / gen_len.float() ** lp_pow
-        worst_fin = torch.where(fin_done.all(dim=1), fin_scores.min(dim=1).values, no_fin) if any_full else no_fin
-        improvable = improvable & (best_running > worst_fin)
-        if at_budget:
-            improvable &= budget_t > t + 1
-        if cfg.early_stopping is True and any_full:  # done as soon as K hypotheses finished
-            improvable &= ~fin_done.all(dim=1)
-        if t + 1 == max_steps or not bool(improvable.any()):
+        # can a running beam still beat the worst finished one? (HF's heuristics, per prompt) Not asked while
+        # nothing has finished and every score is finite (no processor can ban tokens): the answer is yes.
+        if not (fast and not any_full and not run.procs):
+            gen_len = budget_t if cfg.early_stopping == "never" and lp_pow > 0 else torch.full_like(budget_t, t + 1)
+            best_running = run_scores[:, 0] / gen_len.float() ** lp_pow
+            worst_fin = torch.where(fin_done.all(dim=1), fin_scores.min(dim=1).values, no_fin) if any_full else no_fin
+            improvable = improvable & (best_running > worst_fin)
+            if at_budget:
+                improvable &= budget_t > t + 1
+            if cfg.early_stopping is True and any_full:  # done as soon as K hypotheses finished
+                improvable &= ~fin_done.all(dim=1)
+            if not bool(improvable.any()):
+                break
+        if t + 1 == max_steps:
             break
         state = model.reorder_state(state, (base + run_beam).view(-1))
         logits, state = model.step(run_seqs[:, :, t].reshape(N * K, 1), state)

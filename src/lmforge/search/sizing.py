@@ -132,7 +132,7 @@ def cap_space(space: SearchSpace, base: dict[str, Any], vocab_size: int, cap: in
                 d = nd
             dists.append(d)
         new_blocks.append(replace(b, dists=dists))
-    return SearchSpace(blocks=new_blocks, source=space.source, starts=space.starts), sorted(set(notes))
+    return replace(space, blocks=new_blocks), sorted(set(notes))
 
 
 def _values(d: Dist) -> list[Any]:
@@ -170,4 +170,4 @@ def fix_regularization(space: SearchSpace, epochs: float) -> tuple[SearchSpace, 
         f"model.dropout fixed at 0: the budget trains the final model on about {epochs:.1f} passes over the "
         "corpus, too few to overfit it"
     )
-    return SearchSpace(blocks=blocks, source=space.source, starts=space.starts), [note]
+    return replace(space, blocks=blocks), [note]

@@ -105,7 +105,8 @@ def build(verbose: bool = False) -> Any:
             return _loaded
         from torch.utils import cpp_extension
 
-        name, where = _name(), build_dir()
+        where = build_dir()
+        name = where.name
         if not (where / f"{name}.so").exists():
             print(f"lmforge: compiling the C++ decoding step (once, 10-20 s; {ENV}=0 skips it)", file=sys.stderr)
         try:
@@ -120,8 +121,8 @@ def build(verbose: bool = False) -> Any:
                     is_python_module=False,
                     verbose=verbose,
                 )
-            _loaded = getattr(torch.ops, name)
-            _loaded.decode_step, _loaded.reorder  # noqa: B018  (both registered, or this build is not usable)
+            ops = getattr(torch.ops, name)
+            ops.decode_step, ops.reorder  # noqa: B018  (both registered, or this build is not usable)
         except Exception as e:  # compiler, ninja or headers missing, or a failed compile
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
             # a compiler's output runs to pages: keep its first error (the exception chain has the rest)
@@ -133,6 +134,7 @@ def build(verbose: bool = False) -> Any:
                 pass
             raise NativeBuildError(f"building {_SOURCE.name} failed: {_failed}") from e
         (where / FAILED_FILE).unlink(missing_ok=True)
+        _loaded = ops
         return _loaded
 
 
