@@ -31,7 +31,7 @@ def build(args: argparse.Namespace, root: Path):
     from lmforge.data.tokenizer import byte_tokenizer
     from lmforge.export import export_model
     from lmforge.models import build_model
-    from lmforge.train.checkpoint import save_checkpoint
+    from lmforge.runs import save_checkpoint
 
     tok = byte_tokenizer()  # 257 ids
     cfg = build_config(

@@ -40,7 +40,7 @@ def run_recipe(data: str, out: str, extra: list[str] | None = None, verbose: boo
 
     from lmforge.config import load_config
     from lmforge.data import eval_batches, prepare_data
-    from lmforge.train.checkpoint import load_model
+    from lmforge.runs import load_model
     from lmforge.train.loop import evaluate_loss, train
 
     shutil.rmtree(out, ignore_errors=True)

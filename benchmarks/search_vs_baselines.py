@@ -46,7 +46,7 @@ BASE = [
 def full_val_loss(model_dir: Path, data_path: str) -> float:
     """Loss of a checkpoint over the whole 10% validation split (the same for every strategy)."""
     from lmforge.data import eval_batches, prepare_data
-    from lmforge.train.checkpoint import load_model
+    from lmforge.runs import load_model
     from lmforge.train.loop import evaluate_loss
 
     model, tok, cfg = load_model(model_dir)

@@ -53,7 +53,7 @@ def make_model(root: Path, width: int, layers: int, context: int) -> Path:
     from lmforge.config import build_config
     from lmforge.data.tokenizer import char_tokenizer
     from lmforge.models import build_model
-    from lmforge.train.checkpoint import save_checkpoint
+    from lmforge.runs import save_checkpoint
 
     torch.manual_seed(0)
     tok = char_tokenizer([string.printable])

@@ -10,7 +10,7 @@ import torch
 from lmforge.config import TransformerConfig, build_config
 from lmforge.data.tokenizer import char_tokenizer
 from lmforge.models import build_model
-from lmforge.train.checkpoint import save_checkpoint
+from lmforge.runs import save_checkpoint
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 .,:;!?()\n"
 

@@ -12,7 +12,7 @@ from lmforge.config import build_config
 from lmforge.data.tokenizer import char_tokenizer
 from lmforge.models import build_model
 from lmforge.predict import GenerationConfig, generate
-from lmforge.train.checkpoint import save_checkpoint
+from lmforge.runs import save_checkpoint
 
 TEXT = "the quick brown fox jumps over the lazy dog.\n"
 

@@ -17,7 +17,7 @@ from lmforge.export import ExportError, export_model  # noqa: E402
 from lmforge.models import build_model  # noqa: E402
 from lmforge.predict import GenerationConfig, generate  # noqa: E402
 from lmforge.predict.loading import load_pretrained  # noqa: E402
-from lmforge.train.checkpoint import load_model, save_checkpoint  # noqa: E402
+from lmforge.runs import load_model, save_checkpoint  # noqa: E402
 
 TEXT = "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs!\n"
 

@@ -28,7 +28,7 @@ def sentiment(n: int, offset: int = 0) -> list[dict]:
 @torch.no_grad()
 def brute_completion_loss(ckpt: Path, records: list[dict]) -> float:
     """Mean NLL of the completion tokens (" label" and end of text) after the prompt, per token."""
-    from lmforge.train.checkpoint import load_model
+    from lmforge.runs import load_model
 
     model, tok, _ = load_model(ckpt)
     model.eval()
@@ -162,7 +162,7 @@ def test_user_errors_are_one_line(base_ckpt, tmp_path, capsys):
 
 
 def test_cli_task_choices_match_the_task_registry():
-    from lmforge.cli.finetune import TASK_CHOICES
-    from lmforge.data.tasks import TASK_NAMES
+    from lmforge.config import TASK_NAMES
+    from lmforge.data.tasks import TASKS
 
-    assert TASK_CHOICES == TASK_NAMES
+    assert TASK_NAMES == ("lm", *TASKS)

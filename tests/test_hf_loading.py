@@ -17,7 +17,7 @@ from lmforge.models import build_model  # noqa: E402
 from lmforge.models.hf import HFCausalLM  # noqa: E402
 from lmforge.predict import GenerationConfig, generate  # noqa: E402
 from lmforge.predict.loading import ModelLoadError, load_pretrained, resolve_checkpoint  # noqa: E402
-from lmforge.train.checkpoint import save_checkpoint  # noqa: E402
+from lmforge.runs import save_checkpoint  # noqa: E402
 
 TEXT = "hello world, a tiny corpus for a tiny tokenizer.\n"
 

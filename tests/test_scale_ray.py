@@ -19,10 +19,10 @@ import torch
 from optuna.trial import TrialState
 
 from lmforge.config import build_config, load_yaml
+from lmforge.runs import list_checkpoints, read_metrics
 from lmforge.search.objective import fixed_val_batches, prepare_search_data
 from lmforge.search.pipeline import TuneOptions, run_pipeline
 from lmforge.search.study import SearchError, create_or_load, open_storage
-from lmforge.train.checkpoint import list_checkpoints, read_metrics
 from lmforge.train.loop import train
 from test_search_tune import BASE, TPS, write_docs, write_space
 

@@ -14,6 +14,7 @@ import pytest
 from optuna.trial import TrialState
 
 from lmforge.config import apply_overrides
+from lmforge.runs import read_metrics
 from lmforge.search.budget import Fidelity
 from lmforge.search.objective import CONTEXT_ATTR, SearchContext, prepare_search_data
 from lmforge.search.space import parse_space
@@ -30,7 +31,6 @@ from lmforge.search.study import (
     redis_url_and_prefix,
 )
 from lmforge.search.worker import over_cap
-from lmforge.train.checkpoint import read_metrics
 from test_search_tune import BASE, TPS, write_docs
 
 SPACE = {

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
+from lmforge.runs import list_checkpoints, read_metrics
 from lmforge.search.study import create_or_load, open_storage
-from lmforge.train.checkpoint import list_checkpoints, read_metrics
 from test_search_tune import BASE, TPS, write_docs
 
 SPACE = """

@@ -15,9 +15,9 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from lmforge.runs import load_model, read_metrics
 from lmforge.search.pipeline import TuneOptions, run_pipeline
 from lmforge.search.study import create_or_load, open_storage
-from lmforge.train.checkpoint import load_model, read_metrics
 
 BASE = ["--data.block_size", "16", "--train.batch_size", "4", "--model.n_layer", "1", "--model.d_model", "16"]
 TPS = 4 * 16  # tokens per optimizer step

@@ -19,8 +19,8 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from lmforge.predict import GenerationConfig, generate_text  # noqa: E402
+from lmforge.runs import load_model  # noqa: E402
 from lmforge.serve.app import PLAIN_CHAT_STOP, ServeOptions, create_app, load_app  # noqa: E402
-from lmforge.train.checkpoint import load_model  # noqa: E402
 
 NAME = "tiny"
 

@@ -21,8 +21,8 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from lmforge.predict import GenerationConfig, generate_text  # noqa: E402
+from lmforge.runs import load_model  # noqa: E402
 from lmforge.serve.app import PLAIN_CHAT_STOP, ServeOptions, create_app, load_app  # noqa: E402
-from lmforge.train.checkpoint import load_model  # noqa: E402
 
 NAME = "tiny"
 ARTIFACTS = Path(__file__).parent / "artifacts"

@@ -15,7 +15,7 @@ from torch import nn
 from lmforge.config import build_config
 from lmforge.data.tokenizer import char_tokenizer
 from lmforge.models import build_model
-from lmforge.train.checkpoint import save_checkpoint
+from lmforge.runs import save_checkpoint
 
 CONTEXT = 64
 

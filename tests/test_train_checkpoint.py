@@ -16,11 +16,11 @@ import pytest
 import torch
 from torch import nn
 
-import lmforge.train.checkpoint as ck
+import lmforge.runs.checkpoint as ck
 from lmforge.config import RunConfig, TokenizerConfig, build_config
 from lmforge.data import build_tokenizer
 from lmforge.models import build_model
-from lmforge.train.checkpoint import (
+from lmforge.runs import (
     CheckpointError,
     CheckpointWarning,
     append_metrics,
@@ -200,7 +200,7 @@ def test_hard_crash_mid_save_keeps_previous_checkpoint_loadable(tmp_path: Path) 
         import os, sys, torch
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_train_checkpoint import _save
-        import lmforge.train.checkpoint as ck
+        import lmforge.runs.checkpoint as ck
         out = {str(tmp_path)!r}
         from pathlib import Path
         _save(Path(out), 1)

@@ -28,6 +28,14 @@ class ConfigError(LmforgeError, ValueError):
     """A user-facing configuration problem; the message names the field and the value."""
 
 
+IGNORE_INDEX = -100
+"""Target id that the loss skips (prompt tokens, padding): PyTorch's and Hugging Face's convention."""
+
+TASK_NAMES = ("lm", "summarization", "translation", "classification", "semantic-parsing", "generation", "chat")
+"""Every task ``finetune``/``eval`` know; ``lm`` is plain language modelling (``lmforge.data.tasks`` defines the
+others and checks it matches this list)."""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

@@ -195,7 +195,7 @@ lmforge generate {name} "your prompt"
 ```
 
 ```python
-from lmforge.train.checkpoint import load_model
+from lmforge.runs import load_model
 model, tokenizer, config = load_model("{name}")
 ```
 
@@ -204,7 +204,7 @@ Exported from `{source}`.
 
 
 def _write_lmforge(model: Any, tokenizer: Any, cfg: Any, staging: Path, out: Path, source: str, reason: str) -> None:
-    from lmforge.train.checkpoint import save_checkpoint
+    from lmforge.runs import save_checkpoint
 
     save_checkpoint(
         staging, model=model, config_yaml=cfg.to_yaml(), tokenizer=tokenizer, meta={"exported_from": source}

@@ -143,7 +143,7 @@ class LanguageModelEstimator(BaseEstimator):
         from lmforge.data import PreparedData
         from lmforge.data.tokenizer import build_tokenizer
         from lmforge.models import build_model
-        from lmforge.train.checkpoint import best_checkpoint
+        from lmforge.runs import best_checkpoint
         from lmforge.train.loop import train
 
         texts = _texts(X, "fit")

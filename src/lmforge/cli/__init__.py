@@ -36,7 +36,7 @@ def config_from_args(args: argparse.Namespace, overrides: list[str], base: dict[
 
 def print_sample(model_dir: Path, prompt: str, max_new_tokens: int, seed: int) -> None:
     from lmforge.predict import GenerationConfig, generate_text
-    from lmforge.train.checkpoint import load_model
+    from lmforge.runs import load_model
 
     model, tokenizer, _ = load_model(model_dir)
     if model.max_seq_len is not None:  # the sample must fit in the model's context with its prompt

@@ -10,14 +10,13 @@ prediction and scores.
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from lmforge.cli import UserError, command
+from lmforge.config import TASK_NAMES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from lmforge.cli.finetune import TASK_CHOICES
 
     p = sub.add_parser(
         "eval",
@@ -29,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--task",
         default=None,
-        choices=TASK_CHOICES,
+        choices=TASK_NAMES,
         help="default: the task the model was fine-tuned on (its run's task.json), else lm",
     )
     p.add_argument("--fields", default=None, help="ROLE=FIELD pairs, e.g. document=article,summary=highlights")
@@ -47,15 +46,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _task_info(model: str) -> dict[str, Any]:
-    from lmforge.cli.finetune import task_info_path
+    from lmforge.runs import read_task_file
 
-    path = task_info_path(model)
-    if path is None:
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read {path}: {err}") from None
+    return read_task_file(model)
 
 
 @command("eval")

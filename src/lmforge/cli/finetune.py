@@ -17,16 +17,12 @@ with units = blocks (lm) or examples (tasks).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from lmforge.cli import UserError, command
-
-TASK_FILE = "task.json"
-TASK_CHOICES = ("lm", "summarization", "translation", "classification", "semantic-parsing", "generation", "chat")
-"""``lmforge.data.tasks.TASK_NAMES``, spelled out so that building the parser imports no torch."""
+from lmforge.config import TASK_NAMES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -42,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--data", required=True, help="training data: a text corpus (lm) or task records (.jsonl/.json/.csv)"
     )
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--task", default="lm", choices=TASK_CHOICES, help="what to learn (default: lm)")
+    p.add_argument("--task", default="lm", choices=TASK_NAMES, help="what to learn (default: lm)")
     p.add_argument(
         "--fields",
         default=None,
@@ -98,19 +94,11 @@ def _set_schedule_length(raw: dict[str, Any], units: int, what: str) -> None:
     print(f"{units} {what} per epoch: {float(tr['max_epochs']):g} epochs = {sch['total_steps']} steps")
 
 
-def task_info_path(model_dir: str | Path) -> Path | None:
-    """The ``task.json`` of a fine-tuned run: in ``model_dir`` or the run directory above a checkpoint."""
-    p = Path(model_dir)
-    for d in (p, p.parent, p.parent.parent):
-        if (d / TASK_FILE).is_file():
-            return d / TASK_FILE
-    return None
-
-
 @command("finetune")
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     from lmforge.config import build_config
     from lmforge.predict.loading import load_pretrained
+    from lmforge.runs import write_task_file
     from lmforge.train.loop import train
 
     # an absolute path: checkpoints of a Hugging Face model record it (model.path) and must load from anywhere
@@ -128,7 +116,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         data = prepare_data(data_cfg, tokenizer)
         _set_schedule_length(raw, num_blocks(len(data.train), data_cfg.data.block_size), "blocks")
         cfg = build_config(raw)
-        _write_task_info(out, {"task": "lm"})
+        write_task_file(out, {"task": "lm"})
         result = train(cfg, out, data=data, model=model, tokenizer=tokenizer)
         if args.sample > 0 and (out / "best").exists():
             from lmforge.cli import print_sample
@@ -161,7 +149,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = build_config(raw)
     tc = cfg.train
     pad = pad_id_of(tokenizer)
-    _write_task_info(out, {"task": args.task, "fields": _fields(args), "labels": labels})
+    write_task_file(out, {"task": args.task, "fields": _fields(args), "labels": labels})
     result = train(
         cfg,
         out,
@@ -178,7 +166,3 @@ def _fields(args: argparse.Namespace) -> dict[str, str]:
 
     return parse_fields(args.fields, get_task(args.task))
 
-
-def _write_task_info(out: Path, info: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / TASK_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")

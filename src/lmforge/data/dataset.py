@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import tokenizers
 
+from lmforge.atomic import atomic_write_bytes
 from lmforge.config import DataConfig, RunConfig, TokenizerConfig
 from lmforge.data.sources import DataError, Documents, read_documents
 from lmforge.data.tokenizer import Tokenizer, build_tokenizer
@@ -227,7 +228,7 @@ def _cached_tokenizer(
             pass
     tok = build_tokenizer(cfg, train_texts)
     try:
-        _atomic_write(path, tok.to_json().encode("utf-8"))
+        atomic_write_bytes(path, tok.to_json().encode("utf-8"), durable=False)
     except OSError as err:
         warnings.warn(f"cannot cache the tokenizer in {str(path.parent)!r}: {err}", stacklevel=3)
     return tok, False
@@ -278,7 +279,7 @@ def _write_entry(
             "train_tokens": counts["train"],
             "val_tokens": counts["val"],
         }
-        _atomic_write(entry / "meta.json", json.dumps(meta).encode())
+        atomic_write_bytes(entry / "meta.json", json.dumps(meta).encode(), durable=False)
     except OSError as err:
         warnings.warn(
             f"cannot write the token cache {str(entry)!r} ({err}); keeping the tokens in memory", stacklevel=3
@@ -327,13 +328,3 @@ def _encode_stream(tok: Tokenizer, texts: list[str], eot_last: bool, dtype: np.d
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``path`` as a whole or not at all: a uniquely named temporary file, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

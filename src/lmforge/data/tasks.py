@@ -44,9 +44,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from lmforge.config import LmforgeError, RunConfig
+from lmforge.config import IGNORE_INDEX, TASK_NAMES, LmforgeError, RunConfig
 
-IGNORE_INDEX = -100
 EOT = object()
 """Segment marker: the tokenizer's end-of-text id (not a string, so it never depends on how a tokenizer
 spells its special tokens)."""
@@ -186,8 +185,8 @@ TASKS: dict[str, Task] = {
         Task("chat", ("messages",), "", "", "rouge_exact", description="multi-turn messages; loss on assistant turns"),
     ]
 }
-TASK_NAMES = ("lm", *TASKS)
-"""``lm`` is plain causal language modelling through the normal data path (not a :class:`Task`)."""
+if TASK_NAMES != ("lm", *TASKS):  # the list in config (read without torch by the CLI) must match
+    raise AssertionError(f"lmforge.config.TASK_NAMES {TASK_NAMES} != ('lm', *{tuple(TASKS)})")
 
 
 def get_task(name: str) -> Task:

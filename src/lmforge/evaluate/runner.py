@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from lmforge.config import LmforgeError
+from lmforge.config import IGNORE_INDEX, LmforgeError
 from lmforge.data.tasks import Task, encode_example, get_task, pad_id_of, task_batches
 from lmforge.evaluate import metrics as M
 from lmforge.predict.generate import GenerationConfig
@@ -85,13 +85,13 @@ def _window_nll(model: Any, windows: list[list[int]], batch_size: int) -> list[f
         chunk = windows[i : i + batch_size]
         t = max(len(w) for w in chunk) - 1
         x = torch.zeros(len(chunk), t, dtype=torch.long)
-        y = torch.full((len(chunk), t), -100, dtype=torch.long)
+        y = torch.full((len(chunk), t), IGNORE_INDEX, dtype=torch.long)
         for j, w in enumerate(chunk):
             x[j, : len(w) - 1] = torch.tensor(w[:-1])
             y[j, : len(w) - 1] = torch.tensor(w[1:])
         logits, _ = model(x.to(device))  # (B, T, V)
         nll = torch.nn.functional.cross_entropy(
-            logits.float().transpose(1, 2), y.to(device), ignore_index=-100, reduction="none"
+            logits.float().transpose(1, 2), y.to(device), ignore_index=IGNORE_INDEX, reduction="none"
         )  # (B, T)
         out += [float(v) for v in nll.sum(dim=1)]
     return out
@@ -168,9 +168,9 @@ def completion_nll(
             logits, _ = model(x.to(device))  # (B, T, V)
             y = y.to(device)
             nll = torch.nn.functional.cross_entropy(
-                logits.float().transpose(1, 2), y, ignore_index=-100, reduction="none"
+                logits.float().transpose(1, 2), y, ignore_index=IGNORE_INDEX, reduction="none"
             )  # (B, T)
-            out += [(float(a), int(b)) for a, b in zip(nll.sum(1), (y != -100).sum(1), strict=True)]
+            out += [(float(a), int(b)) for a, b in zip(nll.sum(1), (y != IGNORE_INDEX).sum(1), strict=True)]
     finally:
         model.train(was_training)
     return out

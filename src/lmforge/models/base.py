@@ -27,9 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmforge.config import LmforgeError
+from lmforge.config import IGNORE_INDEX, LmforgeError
 
-IGNORE_INDEX = -100
 """Targets equal to this are left out of the loss (prompt tokens of a prompt -> completion task)."""
 
 

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 
 from lmforge.predict.processors import LogitsProcessor, LogitsProcessorList, build_processors
+from lmforge.predict.streaming import IncrementalDetokenizer
 
 Streamer = Callable[[int, list[int]], None]
 """``streamer(row, new_token_ids)``; ``row = prompt_index * num_return_sequences + sequence_index``."""
@@ -553,33 +554,30 @@ def _finalize_text(run: _Run, ids: list[int], text: str | None) -> tuple[list[in
 
 
 class _TextStreamAdapter:
-    """Turns id streaming into text streaming: decodes each row's ids so far and passes on the new text,
-    holding back a trailing partial character (U+FFFD) until it completes."""
+    """Turns id streaming into text streaming, one :class:`IncrementalDetokenizer` per row."""
 
     def __init__(self, tokenizer: Any, callback: TextStreamer) -> None:
         self.tokenizer = tokenizer
         self.callback = callback
-        self.ids: dict[int, list[int]] = {}
-        self.sent: dict[int, str] = {}
+        self.rows: dict[int, IncrementalDetokenizer] = {}
+
+    def _row(self, row: int) -> IncrementalDetokenizer:
+        if row not in self.rows:
+            self.rows[row] = IncrementalDetokenizer(self.tokenizer)
+        return self.rows[row]
 
     def __call__(self, row: int, ids: list[int]) -> None:
-        acc = self.ids.setdefault(row, [])
-        acc.extend(ids)
-        text = self.tokenizer.decode(acc).rstrip("\ufffd")
-        done = self.sent.get(row, "")
-        if len(text) > len(done) and text.startswith(done):
-            self.callback(row, text[len(done) :])
-            self.sent[row] = text
+        delta = self._row(row).add(ids)
+        if delta:
+            self.callback(row, delta)
 
     def close(self, texts: list[list[str]]) -> None:
         """Send what is left of each final text (e.g. the part of a token before a stop string)."""
         for i, seqs in enumerate(texts):
             for j, text in enumerate(seqs):
-                row = i * len(seqs) + j
-                done = self.sent.get(row, "")
-                if len(text) > len(done) and text.startswith(done):
-                    self.callback(row, text[len(done) :])
-                    self.sent[row] = text
+                delta = self._row(i * len(seqs) + j).finish(text)
+                if delta:
+                    self.callback(i * len(seqs) + j, delta)
 
 
 # ------------------------------------------------------------------------------ greedy / sampling

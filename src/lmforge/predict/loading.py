@@ -32,7 +32,7 @@ class ModelLoadError(LmforgeError):
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run directory -> its ``best/`` (else its newest complete checkpoint); any other path unchanged."""
-    from lmforge.train.checkpoint import BEST_DIR, is_complete, list_checkpoints
+    from lmforge.runs import BEST_DIR, is_complete, list_checkpoints
 
     p = Path(path).expanduser()
     if is_complete(p):
@@ -77,7 +77,7 @@ def _load(path: str | Path, map_location: str | torch.device) -> tuple[Any, Any,
         raise ModelLoadError(f"model path {text!r} is a file; give an lmforge run/checkpoint or Hugging Face directory")
     ckpt = resolve_checkpoint(p)
     if (ckpt / "COMPLETE").is_file():
-        from lmforge.train.checkpoint import load_model
+        from lmforge.runs import load_model
 
         model, tokenizer, cfg = load_model(ckpt, map_location=map_location)
         return model.eval(), tokenizer, cfg

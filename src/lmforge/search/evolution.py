@@ -204,7 +204,7 @@ class _Evolution:
 
     def _make_child(self, parent: Any, birth: int) -> tuple[dict[str, Any], Any, dict[str, Any]] | None:
         """(mutation spec, child model, child config) for ``parent``; None when no mutation fits the limits."""
-        from lmforge.train.checkpoint import load_model
+        from lmforge.runs import load_model
 
         model, _, cfg = load_model(self.run_dir / parent.user_attrs["run_dir"] / "best")
         rng = random.Random(f"{self.ctx.seed}:mutation:{birth}")
@@ -319,9 +319,9 @@ class _Evolution:
     ) -> tuple[str, list[float]]:
         from lmforge.config import build_config
         from lmforge.data import Tokenizer
+        from lmforge.runs import load_model
         from lmforge.search.objective import fixed_val_batches, measure_latency
         from lmforge.search.study import frozen
-        from lmforge.train.checkpoint import load_model
         from lmforge.train.loop import train
 
         parent = next((t for t in self.study.get_trials(deepcopy=False) if t.number == parent_number), None)

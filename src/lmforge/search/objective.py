@@ -192,7 +192,7 @@ class _Reporter(Callback):
         self._reported: set[int] = set()
 
     def on_train_start(self, state: Any) -> None:
-        from lmforge.train.checkpoint import read_metrics
+        from lmforge.runs import read_metrics
 
         self.start_tokens = self.tokens = state.tokens
         if state.step > 0:  # resumed: re-report the evaluations the checkpoint kept
@@ -472,7 +472,7 @@ def _cross_validate(
 
 def _elapsed_at_checkpoint(run_dir: Path) -> float:
     """Training seconds recorded by the newest checkpoint of ``run_dir`` (0 without one)."""
-    from lmforge.train.checkpoint import META_FILE, list_checkpoints
+    from lmforge.runs import META_FILE, list_checkpoints
 
     ckpts = list_checkpoints(run_dir)
     if not ckpts:
@@ -490,7 +490,7 @@ def measure_latency(model_dir: Path, new_tokens: int = LATENCY_TOKENS) -> float:
     import torch
 
     from lmforge.predict import GenerationConfig, generate
-    from lmforge.train.checkpoint import load_model
+    from lmforge.runs import load_model
     from lmforge.train.loop import resolve_device
 
     model, tokenizer, cfg = load_model(model_dir)

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmforge.atomic import atomic_write_json
 from lmforge.config import DECAYING_SCHEDULES, ConfigError, apply_overrides, build_config, load_yaml
 from lmforge.search.budget import (
     STEPS,
@@ -144,16 +145,6 @@ def _run_lock(run_dir: Path) -> Iterator[None]:
         f.close()
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def read_state(run_dir: str | Path) -> dict[str, Any] | None:
     path = Path(run_dir) / STATE_FILE
     if not path.is_file():
@@ -192,7 +183,7 @@ class _Pipeline:
     # -- state ------------------------------------------------------------------------------------
     def save(self, force: bool = True) -> None:
         if force or time.time() - self._saved > 5:
-            _write_json(self.run_dir / STATE_FILE, self.state)
+            atomic_write_json(self.run_dir / STATE_FILE, self.state)
             self._saved = time.time()
 
     @property
@@ -561,7 +552,7 @@ class _Pipeline:
 
     # -- step 2: final training -------------------------------------------------------------------
     def _step_final(self) -> None:
-        from lmforge.train.checkpoint import list_checkpoints, load_checkpoint
+        from lmforge.runs import list_checkpoints, load_checkpoint
         from lmforge.train.loop import train
 
         study, ctx = self._study()
@@ -669,7 +660,7 @@ class _Pipeline:
         import torch
 
         from lmforge.data import eval_batches
-        from lmforge.train.checkpoint import load_model
+        from lmforge.runs import load_model
         from lmforge.train.loop import evaluate_loss, resolve_device
 
         study, ctx = self._study()
@@ -706,7 +697,7 @@ class _Pipeline:
         table = rows(study, ctx.objectives, ctx.fid)
         write_csv([r for r in table], self.run_dir / "leaderboard.csv")
         summary = build_summary(self.run_dir, self.state, study, ctx, table)
-        _write_json(self.run_dir / "summary.json", summary)
+        atomic_write_json(self.run_dir / "summary.json", summary)
         if importlib.util.find_spec("lmforge.search.report") is not None:
             from lmforge.search import report  # type: ignore[attr-defined]
 
@@ -733,7 +724,7 @@ def _override_paths(overrides: list[str]) -> set[str]:
 
 
 def _has_checkpoints(run: Path) -> bool:
-    from lmforge.train.checkpoint import list_checkpoints
+    from lmforge.runs import list_checkpoints
 
     return bool(list_checkpoints(run))
 

@@ -302,7 +302,7 @@ def make_scheduler(pruner: str, fid: Any) -> Any:
 def _adopt_checkpoint(src: Path, out: Path) -> None:
     """Make the Ray checkpoint ``src`` (an lmforge checkpoint directory) the trial's newest checkpoint,
     unless the trial directory already holds it or a newer one (a shared filesystem)."""
-    from lmforge.train.checkpoint import META_FILE, checkpoint_dir, list_checkpoints
+    from lmforge.runs import META_FILE, checkpoint_dir, list_checkpoints
 
     step = int(json.loads((src / META_FILE).read_text(encoding="utf-8"))["step"])
     have = list_checkpoints(out) if out.exists() else []
@@ -322,9 +322,9 @@ def ray_trial(config: dict[str, Any], ctx: dict[str, Any], data: Any, threads: i
     import torch
 
     from lmforge.config import ConfigError
+    from lmforge.runs import list_checkpoints, read_metrics
     from lmforge.search.objective import SearchContext, _reason, fixed_val_batches, trial_config
     from lmforge.search.sizing import count_params
-    from lmforge.train.checkpoint import list_checkpoints, read_metrics
     from lmforge.train.loop import Callback, train
 
     class EndAtEval(Callback):

@@ -23,15 +23,15 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmforge.atomic import atomic_write, atomic_write_text
 from lmforge.config import LmforgeError
+from lmforge.runs import read_metrics
 
 __all__ = ["REPORT_FILE", "ReportError", "build_report", "param_importances"]
 
@@ -144,26 +144,15 @@ def _load_run(run_dir: Path) -> _Run:
 
 
 # ------------------------------------------------------------------------------------------- curves
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Records of a ``metrics.jsonl``; torn or foreign lines are skipped (the run may be writing it)."""
-    out = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if (
-            isinstance(rec, dict)
-            and isinstance(rec.get("tokens"), (int, float))
-            and isinstance(rec.get("val_loss"), (int, float))
-            and math.isfinite(rec["val_loss"])
-        ):
-            out.append(rec)
-    return out
+def _curve_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of a run's ``metrics.jsonl`` that carry a finite validation loss (the run may be writing)."""
+    return [
+        rec
+        for rec in read_metrics(run_dir, lenient=True)
+        if isinstance(rec.get("tokens"), (int, float))
+        and isinstance(rec.get("val_loss"), (int, float))
+        and math.isfinite(rec["val_loss"])
+    ]
 
 
 def _curve_dirs(trial_dir: Path) -> list[Path]:
@@ -197,7 +186,7 @@ def _curves(run: _Run) -> list[_Curve]:
         offset = float(t.user_attrs.get("tokens_offset") or 0)
         parent = values.get(t.user_attrs.get("parent"))
         for sub in _curve_dirs(d):
-            recs = _read_metrics(sub / "metrics.jsonl")
+            recs = _curve_records(sub)
             if recs:
                 curves.append(
                     _Curve(
@@ -213,10 +202,10 @@ def _curves(run: _Run) -> list[_Curve]:
     if trials_root.is_dir():  # trial directories the study does not know (no study, or another storage)
         for d in sorted(p for p in trials_root.iterdir() if p.is_dir() and p.resolve() not in seen):
             for sub in _curve_dirs(d):
-                recs = _read_metrics(sub / "metrics.jsonl")
+                recs = _curve_records(sub)
                 if recs:
                     curves.append(_Curve(d.name, [r["tokens"] for r in recs], [r["val_loss"] for r in recs], "unknown"))
-    final = _read_metrics(run.run_dir / "final" / "metrics.jsonl")
+    final = _curve_records(run.run_dir / "final")
     if final:
         offset = 0.0
         plan = ((run.state or {}).get("steps", {}).get("final") or {}).get("plan") or {}
@@ -340,9 +329,7 @@ def _figure(width: float = 7.5, height: float = 4.5) -> Any:
 
 
 def _save(fig: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.png")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"), durable=False)
 
 
 def _last_value(t: Any) -> float | None:
@@ -671,7 +658,7 @@ def _sample(run: _Run, max_new_tokens: int, seed: int) -> tuple[str | None, str]
     import torch
 
     from lmforge.predict import GenerationConfig, generate_text
-    from lmforge.train.checkpoint import load_model
+    from lmforge.runs import load_model
 
     model, tokenizer, _ = load_model(model_dir, map_location="cpu")
     n = max_new_tokens
@@ -854,7 +841,5 @@ def build_report(
     else:
         text = (None, "sampling skipped")
     out = root / REPORT_FILE
-    tmp = out.with_name(f".{REPORT_FILE}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(_html(run, figures, columns, table, text), encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write_text(out, _html(run, figures, columns, table, text))
     return out

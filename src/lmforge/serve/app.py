@@ -45,6 +45,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lmforge import __version__
 from lmforge.config import LmforgeError
 from lmforge.predict import GenerationConfig, GenerationError, GenerationOutput
+from lmforge.predict.streaming import IncrementalDetokenizer
 from lmforge.serve.batcher import Batcher, DoneEvent, ErrorEvent, Job, TokenEvent
 from lmforge.serve.schemas import (
     ApiError,
@@ -408,30 +409,6 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
 
 
-class _RowText:
-    """Streams one engine row as text: decodes its ids so far, passes on the new text, holds back a
-    trailing partial character (U+FFFD); the final text (cut at a stop string) settles the rest."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.sent = ""
-
-    def add(self, ids: list[int]) -> str:
-        self.ids.extend(ids)
-        text = self.tokenizer.decode(self.ids).rstrip("\ufffd")
-        if len(text) > len(self.sent) and text.startswith(self.sent):
-            delta, self.sent = text[len(self.sent) :], text
-            return delta
-        return ""
-
-    def finish(self, final: str) -> str:
-        if len(final) > len(self.sent) and final.startswith(self.sent):
-            delta, self.sent = final[len(self.sent) :], final
-            return delta
-        return ""
-
-
 # ------------------------------------------------------------------------------------------ server
 class Server:
     """The state behind the routes: model, tokenizer, options, batcher, slots."""
@@ -758,7 +735,7 @@ class Server:
         self, prep: Prepared, job: Job, first: TokenEvent | DoneEvent | ErrorEvent, deadline: float, request: Request
     ) -> AsyncIterator[str]:
         R = prep.rows_per_prompt
-        rows = [_RowText(self.tokenizer) for _ in range(len(prep.prompts) * R)]
+        rows = [IncrementalDetokenizer(self.tokenizer) for _ in range(len(prep.prompts) * R)]
         # the opening chunk: the assistant role (chat) or the echoed prompt (completions)
         if prep.kind == "chat":
             yield self._chunk(

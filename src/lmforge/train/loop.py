@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmforge.config import LmforgeError, RunConfig
+from lmforge.config import IGNORE_INDEX, LmforgeError, RunConfig
 from lmforge.data import BlockSampler, PreparedData, Tokenizer, eval_batches, full_batches, prepare_data
 from lmforge.models import build_model
 from lmforge.models.base import LanguageModel
-from lmforge.train.checkpoint import (
+from lmforge.runs import (
     CheckpointError,
     append_metrics,
     capture_rng_state,
@@ -39,6 +39,7 @@ from lmforge.train.checkpoint import (
     restore_rng_state,
     save_best,
     save_checkpoint,
+    truncate_metrics,
     write_config,
 )
 from lmforge.train.distributed import Distributed, RankSlice
@@ -133,7 +134,7 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, 
     total, count = 0.0, 0
     for batch in batches:
         x, y = dist.shard(batch) if dist is not None else batch
-        n = int((y != -100).sum())
+        n = int((y != IGNORE_INDEX).sum())
         if n == 0:  # nothing to score (an empty shard, all targets masked): the mean loss would be NaN
             continue
         x, y = x.to(device), y.to(device)
@@ -148,30 +149,6 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, 
     if count == 0:
         raise TrainingError("validation set has no tokens to score")
     return total / count, count
-
-
-def _truncate_metrics(out: Path, step: int, write: bool = True) -> list[dict[str, Any]]:
-    """On resume, drop the records a killed run wrote after its last checkpoint (they are redone);
-    ``write=False`` only reads them (data-parallel ranks other than 0)."""
-    import json
-
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return []
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by the kill
-            continue
-        if rec.get("step", 0) <= step:
-            kept.append(rec)
-    if not write:
-        return kept
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-    os.replace(tmp, path)
-    return kept
 
 
 class _Terminate:
@@ -370,7 +347,7 @@ def _train(
         state.step, state.tokens, state.elapsed_s = int(ts["step"]), int(ts["tokens"]), float(ts["elapsed_s"])
         state.best_val_loss, state.best_step = float(ts["best_val_loss"]), int(ts["best_step"])
         bad_evals = int(ts["bad_evals"])
-        history = _truncate_metrics(out, state.step, write=dist.is_main)
+        history = truncate_metrics(out, state.step, write=dist.is_main)
         scheduler.set_elapsed(state.elapsed_s)
         log(f"resumed from {resume_ckpt.path} at step {state.step}")
     if dist.enabled:  # every rank must start from the same checkpoint, or their collectives go out of step

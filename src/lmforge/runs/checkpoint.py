@@ -1,4 +1,4 @@
-"""Run directories and crash-safe checkpoints (layer 3).
+"""Crash-safe checkpoints of a run directory (layer 2b: the run-directory format).
 
 Layout of a run directory ``OUT``::
 
@@ -42,14 +42,16 @@ import torch
 import yaml
 from torch import nn
 
-from lmforge.config import LmforgeError
+from lmforge.atomic import atomic_write_text, fsync_dir, write_durable
+from lmforge.config import LmforgeError, RunConfig, build_config
+from lmforge.data import Tokenizer
+from lmforge.models import build_model
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 TRAINER_FILE = "trainer_state.pt"
 META_FILE = "meta.json"
 MARKER = "COMPLETE"
-METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -81,30 +83,6 @@ class Checkpoint:
 
 
 # ------------------------------------------------------------------------------------ fs helpers
-def _fsync_dir(path: Path) -> None:
-    if os.name != "posix":  # directories cannot be opened for fsync on Windows
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = _hidden(path, "tmp")
-    _write_bytes(tmp, text.encode("utf-8"))
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -166,7 +144,7 @@ def _recover(target: Path) -> None:
         for cand in reversed(_siblings(target, kind)):
             if (cand / MARKER).is_file():
                 os.rename(cand, target)
-                _fsync_dir(target.parent)
+                fsync_dir(target.parent)
                 return
 
 
@@ -297,10 +275,10 @@ def save_checkpoint(
                 os.fsync(fh.fileno())
             files[f.relative_to(tmp).as_posix()] = {"size": f.stat().st_size, "sha256": _sha256(f)}
         for d in sorted({f.parent for f in _files(tmp)}, reverse=True):
-            _fsync_dir(d)
+            fsync_dir(d)
         marker = {"format": _FORMAT, "files": files}
-        _write_bytes(tmp / MARKER, (json.dumps(marker, indent=1) + "\n").encode("utf-8"))
-        _fsync_dir(tmp)
+        write_durable(tmp / MARKER, (json.dumps(marker, indent=1) + "\n").encode("utf-8"))
+        fsync_dir(tmp)
         _install(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -313,7 +291,7 @@ def _install(tmp: Path, path: Path) -> None:
     which neither a complete old nor a complete new checkpoint is at ``path`` (Linux) or recoverable."""
     if path.exists():
         if _exchange(tmp, path):
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
             shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old checkpoint
             return
         old = _hidden(path, "old")
@@ -323,11 +301,11 @@ def _install(tmp: Path, path: Path) -> None:
         except BaseException:
             os.rename(old, path)
             raise
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         shutil.rmtree(old, ignore_errors=True)
         return
     os.rename(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def save_best(out_dir: str | Path, **kwargs: Any) -> Path:
@@ -339,38 +317,8 @@ def write_config(out_dir: str | Path, config_yaml: str) -> Path:
     """Write ``OUT/config.yaml`` atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(out / CONFIG_FILE, config_yaml)
+    atomic_write_text(out / CONFIG_FILE, config_yaml)
     return out / CONFIG_FILE
-
-
-def append_metrics(out_dir: str | Path, record: dict[str, Any]) -> None:
-    """Append ``record`` as one JSON line to ``OUT/metrics.jsonl`` (flushed and fsynced)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, default=str) + "\n"
-    with open(out / METRICS_FILE, "a", encoding="utf-8") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of ``OUT/metrics.jsonl``; a torn last line (crash while appending) is skipped."""
-    path = Path(out_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    records = []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise CheckpointError(f"{path}: line {i + 1} is not valid JSON") from None
-    return records
 
 
 # -------------------------------------------------------------------------------------- loading
@@ -509,7 +457,7 @@ def prune_checkpoints(out_dir: str | Path, keep_last: int) -> list[Path]:
     for p in doomed:
         _remove_dir(p)
     if doomed:
-        _fsync_dir(root)
+        fsync_dir(root)
     return doomed
 
 
@@ -551,12 +499,10 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------ rebuild
-def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") -> tuple[nn.Module, Any, Any]:
+def load_model(
+    path: str | Path, *, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, Tokenizer, RunConfig]:
     """Rebuild ``(model, tokenizer, RunConfig)`` from a checkpoint directory (weights loaded strictly)."""
-    from lmforge.config import build_config
-    from lmforge.data import Tokenizer
-    from lmforge.models import build_model
-
     path = Path(path)
     ckpt = load_checkpoint(path, map_location=map_location, load_trainer_state=False)
     cfg = build_config(ckpt.config)
