@@ -20,6 +20,7 @@ repaired by the next writer). A crash at any point leaves the previous checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -52,6 +53,11 @@ CONFIG_FILE = "config.yaml"
 TRAINER_FILE = "trainer_state.pt"
 META_FILE = "meta.json"
 MARKER = "COMPLETE"
+REQUIRED_FILES = ("model.safetensors", "config.yaml", "meta.json")
+"""Files every checkpoint's ``COMPLETE`` must list (an empty or partial list is a corrupt marker)."""
+CORRUPT_PREFIX = "corrupt-"
+"""A corrupt checkpoint found on resume is renamed ``corrupt-step-NNNNNNN`` (kept for inspection, never
+loaded, listed or pruned)."""
 CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -326,16 +332,39 @@ def is_complete(path: str | Path) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
+def recorded_step(path: str | Path) -> int | None:
+    """The step a checkpoint records in its ``meta.json`` (``None`` when unreadable or absent)."""
+    try:
+        step = json.loads((Path(path) / META_FILE).read_text(encoding="utf-8")).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Complete step checkpoints of a run directory, oldest first (never modifies anything)."""
+    """Complete step checkpoints of a run directory, oldest first (never modifies anything).
+
+    Ordered by the step each one records in ``meta.json`` (the directory name when that is unreadable:
+    verification will then reject it). Symlinks are ignored (a checkpoint of this run is a real
+    directory written here), and so is a directory whose name and recorded step disagree (a copy from
+    another run or a renamed directory): the order never depends on a name alone."""
     root = Path(out_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
     found = []
     for p in root.iterdir():
         m = _STEP_DIR.match(p.name)
-        if m and p.is_dir() and is_complete(p):
-            found.append((int(m.group(1)), p))
+        if not m or p.is_symlink() or not p.is_dir() or not is_complete(p):
+            continue
+        named, recorded = int(m.group(1)), recorded_step(p)
+        if recorded is not None and recorded != named:
+            warnings.warn(
+                f"ignoring {p}: its meta.json records step {recorded}, not {named} (copied from another run?)",
+                CheckpointWarning,
+                stacklevel=2,
+            )
+            continue
+        found.append((named if recorded is None else recorded, p))
     return [p for _, p in sorted(found)]
 
 
@@ -353,12 +382,26 @@ def verify_checkpoint(path: str | Path, *, skip: tuple[str, ...] = ()) -> dict[s
     try:
         marker = json.loads(marker_path.read_text(encoding="utf-8"))
         files = marker["files"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-        raise CheckpointError(f"{marker_path} is corrupted (not a checksum list)") from None
+        well_formed = isinstance(files, dict) and all(
+            isinstance(rel, str)
+            and isinstance(info, dict)
+            and isinstance(info.get("size"), int)
+            and isinstance(info.get("sha256"), str)
+            for rel, info in files.items()
+        )
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, AttributeError):
+        well_formed = False
+    if not well_formed:
+        raise CheckpointError(f"{marker_path} is corrupted (not a checksum list)")
+    missing = [name for name in REQUIRED_FILES if name not in files]
+    if missing:
+        raise CheckpointError(f"{marker_path} is corrupted: it lists no {', '.join(missing)}")
     for rel, info in files.items():
         if rel in skip:
             continue
         f = path / rel
+        if f.resolve().parent != path.resolve() and path.resolve() not in f.resolve().parents:
+            raise CheckpointError(f"{marker_path} is corrupted: {rel!r} points outside the checkpoint")
         if not f.is_file():
             raise CheckpointError(f"{f} is missing")
         size = f.stat().st_size
@@ -387,9 +430,16 @@ def load_checkpoint(
     trainer_state = None
     if load_trainer_state and TRAINER_FILE in marker["files"]:
         try:
-            trainer_state = torch.load(path / TRAINER_FILE, map_location=map_location, weights_only=True)
+            with warnings.catch_warnings():  # torch's advice to load with weights_only=False is not for users
+                warnings.simplefilter("ignore")
+                trainer_state = torch.load(path / TRAINER_FILE, map_location=map_location, weights_only=True)
         except Exception as err:
-            raise CheckpointError(f"cannot read {path / TRAINER_FILE}: {err}") from None
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if "weights_only" in str(err) or "Unsupported global" in str(err):
+                first = "it holds objects other than tensors and plain values (refusing to unpickle them)"
+            raise CheckpointError(f"cannot read {path / TRAINER_FILE}: {first}") from None
+        if not isinstance(trainer_state, dict):
+            raise CheckpointError(f"cannot read {path / TRAINER_FILE}: not a dictionary of trainer state")
     return Checkpoint(path=path, config=config, state_dict=state, trainer_state=trainer_state, meta=meta)
 
 
@@ -407,11 +457,26 @@ def latest_checkpoint(
             m = re.match(r"^\.(?:tmp|old)-(step-\d+)-", p.name)
             if m:
                 _recover(root / m.group(1))
+    bad: list[str] = []
     for path in reversed(list_checkpoints(out_dir)):
         try:
-            return load_checkpoint(path, map_location=map_location, load_trainer_state=load_trainer_state)
+            ckpt = load_checkpoint(path, map_location=map_location, load_trainer_state=load_trainer_state)
         except CheckpointError as err:
-            warnings.warn(f"skipping checkpoint: {err}", CheckpointWarning, stacklevel=2)
+            bad.append(str(err))
+            # moved aside (not deleted), so that it neither counts for pruning nor hides the good ones
+            aside = path.with_name(f"{CORRUPT_PREFIX}{path.name}")
+            if not aside.exists():
+                with contextlib.suppress(OSError):  # a read-only run directory: skip it in place
+                    os.rename(path, aside)
+                    fsync_dir(path.parent)
+            warnings.warn(f"skipping checkpoint (kept as {aside.name}): {err}", CheckpointWarning, stacklevel=2)
+            continue
+        return ckpt
+    if bad:
+        raise CheckpointError(
+            f"no checkpoint of {out_dir} can be loaded, so the run cannot resume: {'; '.join(bad)}. "
+            "The corrupt checkpoints were kept as checkpoints/corrupt-step-*; to start again, use a new --out"
+        )
     return None
 
 
