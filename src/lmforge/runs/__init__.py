@@ -29,7 +29,9 @@ from lmforge.runs.checkpoint import (
     verify_checkpoint,
     write_config,
 )
+from lmforge.runs.lock import RunLockedError, run_lock
 from lmforge.runs.metrics import METRICS_FILE, MetricsError, append_metrics, read_metrics, truncate_metrics
+from lmforge.runs.out_dir import OutDirError, check_out_dir, describe_os_error
 from lmforge.runs.task_file import TASK_FILE, TaskFileError, read_task_file, task_file_path, write_task_file
 
 __all__ = [
@@ -46,11 +48,15 @@ __all__ = [
     "CheckpointError",
     "CheckpointWarning",
     "MetricsError",
+    "OutDirError",
+    "RunLockedError",
     "TaskFileError",
     "append_metrics",
     "best_checkpoint",
     "capture_rng_state",
+    "check_out_dir",
     "checkpoint_dir",
+    "describe_os_error",
     "is_complete",
     "latest_checkpoint",
     "list_checkpoints",
@@ -60,6 +66,7 @@ __all__ = [
     "read_metrics",
     "read_task_file",
     "restore_rng_state",
+    "run_lock",
     "save_best",
     "save_checkpoint",
     "task_file_path",
