@@ -26,7 +26,7 @@ import torch
 from lmforge.config import IGNORE_INDEX, LmforgeError
 from lmforge.data.tasks import Task, encode_example, get_task, pad_id_of, task_batches
 from lmforge.evaluate import metrics as M
-from lmforge.predict.generate import GenerationConfig
+from lmforge.predict.config import GenerationConfig
 from lmforge.predict.tasks import predict_records
 
 

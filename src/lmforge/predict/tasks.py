@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from lmforge.data.tasks import EOT, Task, chat_segments, encode_segments, get_task
-from lmforge.predict.generate import GenerationConfig, generate
+from lmforge.predict.config import GenerationConfig
+from lmforge.predict.engine import generate
 
 DEFAULT_MAX_NEW_TOKENS = {"summarization": 64, "translation": 64, "semantic-parsing": 64, "generation": 64, "chat": 128}
 
