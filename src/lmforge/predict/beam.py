@@ -89,7 +89,9 @@ def beam_search(
             hit = hit_eos | (budget_t <= t + 1)[:, None] if at_budget else hit_eos
             hit_stop = None
             if run.stops:
-                texts = [[run.tokenizer.decode(s) for s in row] for row in cand_seqs[:, :, : t + 1].tolist()]
+                tokenizer = run.tokenizer
+                assert tokenizer is not None  # stop strings come with a tokenizer (checked by generate)
+                texts = [[tokenizer.decode(s) for s in row] for row in cand_seqs[:, :, : t + 1].tolist()]
                 hit_stop = (
                     torch.tensor([[find_stop(x, run.stops) >= 0 for x in row] for row in texts], device=device)
                     & ~hit_eos

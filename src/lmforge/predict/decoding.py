@@ -16,7 +16,7 @@ import torch
 from lmforge.models.base import DecodingModel
 from lmforge.predict.config import GenerationConfig
 from lmforge.predict.processors import LogitsProcessorList
-from lmforge.predict.streaming import Streamer, TokenizerLike
+from lmforge.predict.streaming import GenerationTokenizer, Streamer
 
 LENGTH, EOS, STOP = 0, 1, 2
 """Finish reasons, as ints (cheap to keep in tensors during beam search)."""
@@ -36,7 +36,7 @@ class DecodeRun:
     procs: LogitsProcessorList
     sampling: bool
     generator: torch.Generator | None
-    tokenizer: TokenizerLike | None
+    tokenizer: GenerationTokenizer | None
     stops: list[str]
     streamer: Streamer | None
 

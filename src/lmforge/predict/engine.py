@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 
@@ -39,7 +40,7 @@ from lmforge.predict.config import (
 from lmforge.predict.decoding import FINISH_REASONS, DecodeRun, Hypothesis
 from lmforge.predict.processors import LogitsProcessor, build_processors
 from lmforge.predict.sampling import sample_search
-from lmforge.predict.streaming import Streamer, TextStreamAdapter, TextStreamer, TokenizerLike
+from lmforge.predict.streaming import GenerationTokenizer, Streamer, TextStreamAdapter, TextStreamer
 
 
 def generate(
@@ -47,7 +48,7 @@ def generate(
     prompts: Sequence[Sequence[int]] | torch.Tensor,
     config: GenerationConfig | None = None,
     *,
-    tokenizer: TokenizerLike | None = None,
+    tokenizer: GenerationTokenizer | None = None,
     streamer: Streamer | None = None,
     processors: Sequence[LogitsProcessor] | None = None,
 ) -> GenerationOutput:
@@ -119,7 +120,7 @@ def generate(
 
 def generate_text(
     model: DecodingModel,
-    tokenizer: TokenizerLike,
+    tokenizer: GenerationTokenizer,
     prompts: Sequence[str],
     config: GenerationConfig | None = None,
     streamer: TextStreamer | None = None,
@@ -167,12 +168,12 @@ def _tokenizer_eot(tokenizer: object) -> int | None:
     return None
 
 
-def _resolve_eos(config: GenerationConfig, tokenizer: TokenizerLike | None) -> list[int]:
+def _resolve_eos(config: GenerationConfig, tokenizer: GenerationTokenizer | None) -> list[int]:
     eos = config.eos_token_id
     if eos is None:
         eot = _tokenizer_eot(tokenizer) if tokenizer is not None else None
         return [] if eot is None else [eot]
-    return [eos] if is_int(eos) else list(dict.fromkeys(eos))
+    return [eos] if is_int(eos) else list(dict.fromkeys(cast(list[int], eos)))
 
 
 def _vocab_size(model: object) -> int | None:
@@ -265,6 +266,6 @@ def _context_groups(lengths: list[int], budgets: list[int], max_seq_len: int | N
     return groups
 
 
-def _encode(tokenizer: TokenizerLike, text: str) -> list[int]:
+def _encode(tokenizer: GenerationTokenizer, text: str) -> list[int]:
     ids = tokenizer.encode(text)
     return list(getattr(ids, "ids", ids))

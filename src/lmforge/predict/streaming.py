@@ -1,6 +1,6 @@
 """The text side of generation: token ids in, text out, one row at a time.
 
-- :class:`Decoder` / :class:`TokenizerLike`: what the engine needs from a tokenizer;
+- :class:`Decoder` / :class:`GenerationTokenizer`: what the engine needs from a tokenizer;
 - :class:`IncrementalDetokenizer`: the one incremental detokenizer (predict's text streamer, the CLI's
   printer and the server's event streams all use it);
 - stop strings: :func:`find_stop`, :func:`held_back` (text that may begin a stop string and so cannot be
@@ -27,7 +27,7 @@ class Decoder(Protocol):
     def decode(self, ids: list[int]) -> str: ...
 
 
-class TokenizerLike(Decoder, Protocol):
+class GenerationTokenizer(Decoder, Protocol):
     """What the engine needs from a tokenizer. Optional, looked up with ``getattr``: the end-of-text id
     (``eot_id``, ``eot_token_id``, ``eos_id`` or ``eos_token_id``), the default end of sequence."""
 
