@@ -22,9 +22,10 @@ import torch
 
 from lmforge.config import HFModelConfig, LmforgeError, RunConfig, build_config
 from lmforge.data.tokenizer import Tokenizer
-from lmforge.models import build_model
+
+# hf as a module: native_transformer is looked up when called (tests watch it there)
+from lmforge.models import build_model, hf
 from lmforge.models.base import LanguageModel
-from lmforge.models.hf import HFCausalLM, native_transformer
 from lmforge.runs import BEST_DIR, is_complete, list_checkpoints, load_model
 
 HF_PREFIX = "hf:"
@@ -60,7 +61,7 @@ def load_pretrained(
     checkpoint/config error of the layer below) with a one-line message naming the path."""
     model, tokenizer, cfg = _load(path, map_location)
     if native and getattr(cfg.model, "family", None) == "hf":
-        converted = native_transformer(cast(HFCausalLM, model))  # the hf family's one class
+        converted = hf.native_transformer(cast(hf.HFCausalLM, model))  # the hf family's one class
         if converted is not None:
             cfg = cfg.model_copy(update={"model": converted.config})
             model = converted
