@@ -12,7 +12,7 @@ import torch
 from lmforge.predict import GenerationConfig, generate
 from test_generate_standins import CHAR_PIECES, TinyAttention, TinyGRU, ToyTokenizer, uncached_greedy
 
-engine = importlib.import_module("lmforge.predict.generate")  # the attribute `generate` is the function
+engine = importlib.import_module("lmforge.predict.engine")
 
 
 def brute_force(model, prompt, vocab, steps, eos, length_penalty):
@@ -165,7 +165,7 @@ def test_beam_with_one_beam_equals_greedy(monkeypatch):
     cfg = GenerationConfig(max_new_tokens=10, eos_token_id=eos)
     greedy = generate(model, prompts, cfg)
     # num_beams=1 is greedy decoding; run the beam-search code path with one beam anyway
-    monkeypatch.setattr(engine, "_sample_search", engine._beam_search)
+    monkeypatch.setattr(engine, "sample_search", engine.beam_search)
     beam = generate(model, prompts, cfg)
     assert beam.sequences == greedy.sequences
     assert beam.finish_reasons == greedy.finish_reasons

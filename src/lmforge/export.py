@@ -23,11 +23,19 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
+from safetensors.torch import save_file
 
-from lmforge.config import LmforgeError
+from lmforge.config import HFModelConfig, LmforgeError, RunConfig
+from lmforge.data.tokenizer import Tokenizer
+from lmforge.models.base import LanguageModel
+from lmforge.models.hf import HFCausalLM
+from lmforge.models.hf_mapping import HFMappingError, to_hf_state_dict
+from lmforge.models.transformer import TransformerModel
+from lmforge.predict.loading import load_pretrained
+from lmforge.runs import save_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TOKENIZER_SIDE_FILES = (
@@ -63,8 +71,6 @@ def export_model(
     """Export the model at ``model_dir`` (anything :func:`lmforge.predict.loading.load_pretrained` takes)
     to ``out_dir``. ``dtype`` (``float32``/``bfloat16``/``float16``) casts floating weights; default: as trained.
     ``overwrite`` replaces an existing ``out_dir``; otherwise a non-empty one is an :class:`ExportError`."""
-    from lmforge.predict.loading import load_pretrained
-
     out = Path(out_dir).expanduser()
     if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: unknown; known: {list(DTYPES)}")
@@ -89,19 +95,20 @@ def export_model(
     return result
 
 
-def _write(model: Any, tokenizer: Any, cfg: Any, staging: Path, out: Path, source: str) -> ExportResult:
+def _write(
+    model: LanguageModel, tokenizer: Tokenizer, cfg: RunConfig, staging: Path, out: Path, source: str
+) -> ExportResult:
     family = cfg.model.family
     if family == "hf":
+        hf_model, hf_cfg = cast(HFCausalLM, model), cast(HFModelConfig, cfg.model)  # the hf family's classes
         staging.mkdir()
-        model.hf.save_pretrained(staging)
-        _copy_or_write_tokenizer(tokenizer, Path(cfg.model.path), staging, model.max_seq_len)
-        return ExportResult(out, "hf", True, f"wrote a Hugging Face {type(model.hf).__name__} directory to {out}")
+        hf_model.hf.save_pretrained(staging)
+        _copy_or_write_tokenizer(tokenizer, Path(hf_cfg.path), staging, model.max_seq_len)
+        return ExportResult(out, "hf", True, f"wrote a Hugging Face {type(hf_model.hf).__name__} directory to {out}")
     reason = f"model family {family!r} has no Hugging Face transformers class"
     if family == "transformer":
-        from lmforge.models.hf_mapping import HFMappingError, to_hf_state_dict
-
         try:
-            fmt, hf_config, state = to_hf_state_dict(model)
+            fmt, hf_config, state = to_hf_state_dict(cast(TransformerModel, model))
         except HFMappingError as err:
             reason = f"this transformer has no exact Hugging Face counterpart: {err}"
         else:
@@ -120,10 +127,10 @@ def _write(model: Any, tokenizer: Any, cfg: Any, staging: Path, out: Path, sourc
 
 
 # ----------------------------------------------------------------------------------- HF directory
-def write_hf_transformer(out: Path, hf_config: dict[str, Any], state: dict[str, torch.Tensor], tokenizer: Any) -> None:
+def write_hf_transformer(
+    out: Path, hf_config: dict[str, Any], state: dict[str, torch.Tensor], tokenizer: Tokenizer
+) -> None:
     """``config.json`` + ``model.safetensors`` + ``generation_config.json`` + tokenizer files."""
-    from safetensors.torch import save_file
-
     eot = tokenizer.eot_id
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     dtype = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32"
@@ -144,7 +151,7 @@ def write_hf_transformer(out: Path, hf_config: dict[str, Any], state: dict[str, 
     write_hf_tokenizer(tokenizer, out, max_len)
 
 
-def write_hf_tokenizer(tokenizer: Any, out: Path, model_max_length: int | None = None) -> None:
+def write_hf_tokenizer(tokenizer: Tokenizer, out: Path, model_max_length: int | None = None) -> None:
     """``tokenizer.json`` (the lmforge tokenizer's own backend) + ``tokenizer_config.json`` for
     ``AutoTokenizer``: a ``PreTrainedTokenizerFast`` with bos/eos = end of text and lmforge's pad token;
     no tokens added on encode, none skipped and no spaces cleaned up on decode, as lmforge."""
@@ -166,7 +173,7 @@ def write_hf_tokenizer(tokenizer: Any, out: Path, model_max_length: int | None =
     _write_json(out / "tokenizer_config.json", config)
 
 
-def _copy_or_write_tokenizer(tokenizer: Any, source: Path, out: Path, max_len: int | None) -> None:
+def _copy_or_write_tokenizer(tokenizer: Tokenizer, source: Path, out: Path, max_len: int | None) -> None:
     """A wrapped HF model keeps its original tokenizer files (chat template, bos settings) when they exist."""
     found = [source / name for name in _TOKENIZER_SIDE_FILES if (source / name).is_file()]
     if any(f.name == "tokenizer.json" for f in found):
@@ -203,9 +210,9 @@ Exported from `{source}`.
 """
 
 
-def _write_lmforge(model: Any, tokenizer: Any, cfg: Any, staging: Path, out: Path, source: str, reason: str) -> None:
-    from lmforge.runs import save_checkpoint
-
+def _write_lmforge(
+    model: LanguageModel, tokenizer: Tokenizer, cfg: RunConfig, staging: Path, out: Path, source: str, reason: str
+) -> None:
     save_checkpoint(
         staging, model=model, config_yaml=cfg.to_yaml(), tokenizer=tokenizer, meta={"exported_from": source}
     )

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     import torch
 
     from lmforge.evaluate import evaluate_lm, evaluate_task
-    from lmforge.predict import GenerationConfig, GenerationError
+    from lmforge.predict import GenerationConfig
     from lmforge.predict.loading import load_pretrained
 
     if overrides:
@@ -87,14 +87,12 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
             extra = sorted({r["label"] for r in records} - set(labels))
             if extra:
                 raise UserError(f"{args.data}: label(s) {extra} are not among the fine-tuned labels {labels}")
-        try:
-            gen = (
-                None
-                if args.max_new_tokens is None and args.num_beams == 1
-                else GenerationConfig(max_new_tokens=args.max_new_tokens or 64, num_beams=args.num_beams)
-            )
-        except GenerationError as err:
-            raise UserError(str(err)) from None
+        # a bad value raises GenerationError, an LmforgeError: the CLI prints it as one line (exit status 2)
+        gen = (
+            None
+            if args.max_new_tokens is None and args.num_beams == 1
+            else GenerationConfig(max_new_tokens=args.max_new_tokens or 64, num_beams=args.num_beams)
+        )
         report = evaluate_task(model, tokenizer, task, records, labels=labels, config=gen, batch_size=args.batch_size)
     report.info["model"] = str(args.model)
     report.info["data"] = str(args.data)

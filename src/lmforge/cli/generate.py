@@ -8,10 +8,15 @@ several sampled sequences print each returned sequence at the end.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from lmforge.cli import UserError, command
+
+if TYPE_CHECKING:  # the handler imports it when it runs: `lmforge --help` does not load torch
+    from lmforge.predict.streaming import IncrementalDetokenizer
 
 DEFAULT_NEW_TOKENS = 100
 
@@ -57,14 +62,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 class _Printer:
-    """Streams one row's completion: decodes the ids so far and prints the new text, holding back a trailing
-    partial character (U+FFFD) until it is complete."""
+    """Streams one row's completion to standard output through the one incremental detokenizer (which holds
+    back a trailing partial character, U+FFFD, until it is complete)."""
 
-    def __init__(self, tokenizer, prefix: str) -> None:
-        self.tokenizer = tokenizer
-        self.prefix = prefix
-        self.ids: list[int] = []
-        self.sent = ""
+    def __init__(self, detokenizer: IncrementalDetokenizer, prefix: str) -> None:
+        self.detokenizer = detokenizer
+        self.prefix: str | None = prefix
+
+    @property
+    def sent(self) -> str:
+        """The text printed so far (after the prompt)."""
+        return self.detokenizer.sent
 
     def start(self) -> None:
         """Print the prompt once, when there is output to follow it (not before an error)."""
@@ -74,18 +82,17 @@ class _Printer:
 
     def __call__(self, row: int, ids: list[int]) -> None:
         self.start()
-        self.ids.extend(ids)
-        text = self.tokenizer.decode(self.ids).rstrip("\ufffd")
-        if len(text) > len(self.sent) and text.startswith(self.sent):
-            sys.stdout.write(text[len(self.sent) :])
+        delta = self.detokenizer.add(ids)
+        if delta:
+            sys.stdout.write(delta)
             sys.stdout.flush()
-            self.sent = text
 
 
 @command("generate")
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     from lmforge.predict import GenerationConfig, GenerationError, generate
     from lmforge.predict.loading import load_pretrained
+    from lmforge.predict.streaming import IncrementalDetokenizer
 
     if overrides:
         raise UserError(f"unexpected arguments: {' '.join(overrides)}")
@@ -122,15 +129,16 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     except GenerationError as err:
         raise UserError(_flag_names(str(err))) from None
     stream = args.num_beams == 1 and args.num_return_sequences == 1
-    printer = _Printer(tokenizer, "" if args.quiet else prompt) if stream else None
+    printer = _Printer(IncrementalDetokenizer(tokenizer), "" if args.quiet else prompt) if stream else None
     t0 = time.perf_counter()
     try:
         out = generate(model, [ids], gen, tokenizer=tokenizer, streamer=printer)
     except GenerationError as err:
         raise UserError(_flag_names(str(err))) from None
     elapsed = time.perf_counter() - t0
+    assert out.texts is not None  # a tokenizer was given
     texts, scores, reasons = out.texts[0], out.scores[0], out.finish_reasons[0]
-    if stream:
+    if printer is not None:  # streamed
         printer.start()
         rest = texts[0][len(printer.sent) :] if texts[0].startswith(printer.sent) else ""
         sys.stdout.write(rest + "\n")
@@ -152,8 +160,6 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _flag_names(message: str) -> str:
     """``GenerationConfig.num_beams = 0: ...`` -> ``--num-beams = 0: ...`` (the names the user typed)."""
-    import re
-
     return re.sub(r"GenerationConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), message).replace(
         "--stop-strings", "--stop"
     )

@@ -24,9 +24,10 @@ from typing import Any
 import torch
 
 from lmforge.config import IGNORE_INDEX, LmforgeError
-from lmforge.data.tasks import Task, encode_example, get_task, pad_id_of, task_batches
+from lmforge.data.tasks import Task, TokenizerLike, encode_example, get_task, pad_id_of, task_batches
 from lmforge.evaluate import metrics as M
-from lmforge.predict.generate import GenerationConfig
+from lmforge.models.base import DecodingModel
+from lmforge.predict.config import GenerationConfig
 from lmforge.predict.tasks import predict_records
 
 
@@ -64,7 +65,7 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def _device(model: Any) -> torch.device:
+def _device(model: DecodingModel) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 
@@ -77,7 +78,7 @@ def _windows(ids: list[int], block: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def _window_nll(model: Any, windows: list[list[int]], batch_size: int) -> list[float]:
+def _window_nll(model: DecodingModel, windows: list[list[int]], batch_size: int) -> list[float]:
     """Summed NLL (nats) of each window's predicted tokens."""
     device = _device(model)
     out: list[float] = []
@@ -98,15 +99,21 @@ def _window_nll(model: Any, windows: list[list[int]], batch_size: int) -> list[f
 
 
 def evaluate_lm(
-    model: Any, tokenizer: Any, texts: Sequence[str], *, block_size: int | None = None, batch_size: int = 8
+    model: DecodingModel,
+    tokenizer: TokenizerLike,
+    texts: Sequence[str],
+    *,
+    block_size: int | None = None,
+    batch_size: int = 8,
 ) -> EvalReport:
     """Perplexity and bits per byte of ``texts`` (see the module docstring for the exact convention)."""
     texts = [t for t in texts if t]
     if not texts:
         raise EvalError("no text to evaluate")
-    block = block_size or getattr(model, "max_seq_len", None) or 1024
-    if getattr(model, "max_seq_len", None) is not None and block > model.max_seq_len:
-        raise EvalError(f"block size {block} exceeds the model's context ({model.max_seq_len})")
+    context = getattr(model, "max_seq_len", None)
+    block = block_size or context or 1024
+    if context is not None and block > context:
+        raise EvalError(f"block size {block} exceeds the model's context ({context})")
     was_training = model.training
     model.eval()
     eot = tokenizer.eot_id
@@ -154,7 +161,13 @@ def evaluate_lm(
 # ------------------------------------------------------------------------------------------- tasks
 @torch.no_grad()
 def completion_nll(
-    model: Any, tokenizer: Any, task: Task, records: Sequence[dict[str, Any]], *, block_size: int, batch_size: int = 8
+    model: DecodingModel,
+    tokenizer: TokenizerLike,
+    task: Task,
+    records: Sequence[dict[str, Any]],
+    *,
+    block_size: int,
+    batch_size: int = 8,
 ) -> list[tuple[float, int]]:
     """Per record, (summed NLL, tokens) of its trained tokens (the reference completion and ``<eot>``),
     teacher-forced, with the same encoding and truncation as fine-tuning."""
@@ -177,8 +190,8 @@ def completion_nll(
 
 
 def evaluate_task(
-    model: Any,
-    tokenizer: Any,
+    model: DecodingModel,
+    tokenizer: TokenizerLike,
     task: Task | str,
     records: Sequence[dict[str, Any]],
     *,

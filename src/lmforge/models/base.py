@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -34,6 +34,37 @@ from lmforge.config import IGNORE_INDEX, LmforgeError
 
 class ContextLengthError(LmforgeError, ValueError):
     """A forward pass or a ``step`` would go past the model's ``max_seq_len`` (the engine should crop or stop)."""
+
+
+class DecodingModel(Protocol):
+    """What the generation engine (and task scoring / evaluation) needs from a model: the state contract
+    above plus the few ``nn.Module`` members it touches. Every :class:`LanguageModel` satisfies it.
+
+    Written as a protocol, not as ``LanguageModel``, so that the engine states its needs in one place and
+    a test double or a wrapped foreign model only has to provide these. Optional, looked up with
+    ``hasattr``/``getattr`` and so not listed: ``reserve_state(state, length)`` and ``decoding()`` (see
+    :class:`LanguageModel`), and ``vocab_size`` or ``config.vocab_size`` (checks prompt ids when present).
+    """
+
+    training: bool
+    max_seq_len: int | None
+    """``None``: unbounded (recurrent); otherwise prompts plus new tokens must fit."""
+
+    def __call__(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The forward pass: idx (B, T) -> (logits (B, T, V), loss or None)."""
+        ...
+
+    def parameters(self) -> Iterator[nn.Parameter]: ...
+
+    def eval(self) -> object: ...
+
+    def train(self, mode: bool = True) -> object: ...
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> Any: ...
+
+    def step(self, idx: torch.Tensor, state: Any, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]: ...
+
+    def reorder_state(self, state: Any, index: torch.Tensor) -> Any: ...
 
 
 class LanguageModel(nn.Module):

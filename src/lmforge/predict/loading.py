@@ -16,11 +16,17 @@ wrapped model, so the checkpoint's own Hugging Face config travels on.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import cast
 
 import torch
 
-from lmforge.config import LmforgeError, RunConfig
+from lmforge.config import HFModelConfig, LmforgeError, RunConfig, build_config
+from lmforge.data.tokenizer import Tokenizer
+
+# hf as a module: native_transformer is looked up when called (tests watch it there)
+from lmforge.models import build_model, hf
+from lmforge.models.base import LanguageModel
+from lmforge.runs import BEST_DIR, is_complete, list_checkpoints, load_model
 
 HF_PREFIX = "hf:"
 DEFAULT_BLOCK_SIZE = 128
@@ -32,8 +38,6 @@ class ModelLoadError(LmforgeError):
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run directory -> its ``best/`` (else its newest complete checkpoint); any other path unchanged."""
-    from lmforge.runs import BEST_DIR, is_complete, list_checkpoints
-
     p = Path(path).expanduser()
     if is_complete(p):
         return p
@@ -50,23 +54,21 @@ def is_hf_dir(path: str | Path) -> bool:
 
 def load_pretrained(
     path: str | Path, *, map_location: str | torch.device = "cpu", native: bool = False
-) -> tuple[Any, Any, RunConfig]:
+) -> tuple[LanguageModel, Tokenizer, RunConfig]:
     """``(model, tokenizer, RunConfig)`` from an lmforge run/checkpoint directory, a Hugging Face directory or
     ``hf:NAME``; the model is on ``map_location`` in eval mode. ``native``: a Hugging Face GPT-2 / Llama comes
     back as lmforge's transformer (see the module docstring). Raises :class:`ModelLoadError` (or the
     checkpoint/config error of the layer below) with a one-line message naming the path."""
     model, tokenizer, cfg = _load(path, map_location)
     if native and getattr(cfg.model, "family", None) == "hf":
-        from lmforge.models.hf import native_transformer
-
-        converted = native_transformer(model)
+        converted = hf.native_transformer(cast(hf.HFCausalLM, model))  # the hf family's one class
         if converted is not None:
             cfg = cfg.model_copy(update={"model": converted.config})
             model = converted
     return model, tokenizer, cfg
 
 
-def _load(path: str | Path, map_location: str | torch.device) -> tuple[Any, Any, RunConfig]:
+def _load(path: str | Path, map_location: str | torch.device) -> tuple[LanguageModel, Tokenizer, RunConfig]:
     text = str(path)
     if text.startswith(HF_PREFIX):
         return load_hf_dir(_download(text[len(HF_PREFIX) :]), map_location=map_location)
@@ -77,10 +79,8 @@ def _load(path: str | Path, map_location: str | torch.device) -> tuple[Any, Any,
         raise ModelLoadError(f"model path {text!r} is a file; give an lmforge run/checkpoint or Hugging Face directory")
     ckpt = resolve_checkpoint(p)
     if (ckpt / "COMPLETE").is_file():
-        from lmforge.runs import load_model
-
         model, tokenizer, cfg = load_model(ckpt, map_location=map_location)
-        return model.eval(), tokenizer, cfg
+        return cast(LanguageModel, model.eval()), tokenizer, cfg  # every registered family is one
     if is_hf_dir(p):
         return load_hf_dir(p, map_location=map_location)
     if (p / "config.yaml").is_file() or (p / "checkpoints").is_dir():
@@ -91,12 +91,10 @@ def _load(path: str | Path, map_location: str | torch.device) -> tuple[Any, Any,
     )
 
 
-def load_hf_dir(path: str | Path, *, map_location: str | torch.device = "cpu") -> tuple[Any, Any, RunConfig]:
+def load_hf_dir(
+    path: str | Path, *, map_location: str | torch.device = "cpu"
+) -> tuple[LanguageModel, Tokenizer, RunConfig]:
     """A local Hugging Face causal-LM directory -> (family ``hf`` model, its tokenizer, a RunConfig saying so)."""
-    from lmforge.config import HFModelConfig, build_config
-    from lmforge.data.tokenizer import Tokenizer
-    from lmforge.models import build_model
-
     p = Path(path).expanduser().resolve()  # recorded in the config: later checkpoints load from anywhere
     if not (p / "tokenizer.json").is_file():
         raise ModelLoadError(

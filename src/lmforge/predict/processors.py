@@ -11,12 +11,10 @@ no-repeat-ngram, then, only when sampling, temperature, top-k, top-p.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from lmforge.predict.generate import GenerationConfig
+from lmforge.predict.config import GenerationConfig
 
 LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``(input_ids (B, T), scores (B, V)) -> scores (B, V)``."""

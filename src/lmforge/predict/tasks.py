@@ -16,13 +16,15 @@ from typing import Any
 
 import torch
 
-from lmforge.data.tasks import EOT, Task, chat_segments, encode_segments, get_task
-from lmforge.predict.generate import GenerationConfig, generate
+from lmforge.data.tasks import EOT, Task, TokenizerLike, chat_segments, encode_segments, get_task
+from lmforge.models.base import DecodingModel
+from lmforge.predict.config import GenerationConfig
+from lmforge.predict.engine import generate
 
 DEFAULT_MAX_NEW_TOKENS = {"summarization": 64, "translation": 64, "semantic-parsing": 64, "generation": 64, "chat": 128}
 
 
-def prompt_ids(task: Task | str, record: dict[str, Any], tokenizer: Any) -> list[int]:
+def prompt_ids(task: Task | str, record: dict[str, Any], tokenizer: TokenizerLike) -> list[int]:
     """Token ids of the prompt of ``record``, encoded as the training sequence encodes it."""
     task = get_task(task) if isinstance(task, str) else task
     if task.name == "chat":
@@ -34,13 +36,13 @@ def prompt_ids(task: Task | str, record: dict[str, Any], tokenizer: Any) -> list
     return encode_segments(segs, tokenizer)[0]
 
 
-def _device(model: Any) -> torch.device:
+def _device(model: DecodingModel) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 
 
 @torch.no_grad()
-def score_candidates(model: Any, prompt: Sequence[int], candidates: Sequence[Sequence[int]]) -> list[float]:
+def score_candidates(model: DecodingModel, prompt: Sequence[int], candidates: Sequence[Sequence[int]]) -> list[float]:
     """Summed log-probability of each candidate continuation of ``prompt`` (natural log).
 
     The rows ``prompt + candidate`` are scored in one right-padded forward pass. When the prompt and the
@@ -76,7 +78,7 @@ def score_candidates(model: Any, prompt: Sequence[int], candidates: Sequence[Seq
     return out
 
 
-def label_ids(labels: Sequence[str], tokenizer: Any, task: Task | str = "classification") -> list[list[int]]:
+def label_ids(labels: Sequence[str], tokenizer: TokenizerLike, task: Task | str = "classification") -> list[list[int]]:
     """The completion tokens of each label (``" {label}"`` then ``<eot>``), as in training."""
     task = get_task(task) if isinstance(task, str) else task
     out = []
@@ -87,7 +89,7 @@ def label_ids(labels: Sequence[str], tokenizer: Any, task: Task | str = "classif
 
 
 def classify(
-    model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], labels: Sequence[str]
+    model: DecodingModel, tokenizer: TokenizerLike, prompts: Sequence[Sequence[int]], labels: Sequence[str]
 ) -> tuple[list[str], list[list[float]]]:
     """Constrained decoding: per prompt, the label with the largest log-likelihood (first on a tie) and
     the scores of all labels (in ``labels`` order)."""
@@ -104,8 +106,8 @@ def classify(
 
 
 def predict_records(
-    model: Any,
-    tokenizer: Any,
+    model: DecodingModel,
+    tokenizer: TokenizerLike,
     task: Task | str,
     records: Sequence[dict[str, Any]],
     *,
@@ -135,7 +137,7 @@ def predict_records(
         # a small context keeps at least half of itself for the prompt
         update["max_new_tokens"] = max(1, ctx // 2)
     config = GenerationConfig(**{**config.__dict__, **update})
-    preds: list[str] = []
+    preds = []
     details: list[dict[str, Any]] = []
     for i in range(0, len(prompts), batch_size):
         out = generate(model, prompts[i : i + batch_size], config, tokenizer=tokenizer)
