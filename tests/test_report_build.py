@@ -20,9 +20,9 @@ from lmforge.cli import main
 from lmforge.config import build_config
 from lmforge.data.tokenizer import char_tokenizer
 from lmforge.models import build_model
-from lmforge.runs import save_checkpoint
 from lmforge.report import ReportError, build_report, param_importances
 from lmforge.report.figures import front
+from lmforge.runs import save_checkpoint
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 DISTS = {

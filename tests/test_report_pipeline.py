@@ -10,8 +10,8 @@ import re
 import pytest
 
 from lmforge.cli import main
-from lmforge.search.evolution import run_evolution
 from lmforge.search.context import CONTEXT_ATTR
+from lmforge.search.evolution import run_evolution
 from lmforge.search.study import create_or_load, open_storage
 
 BASE = ["--data.block_size", "16", "--train.batch_size", "4", "--model.n_layer", "1", "--model.d_model", "16"]

@@ -162,7 +162,7 @@ def population_of(study: optuna.Study, size: int) -> list[FrozenTrial]:
 
 def _has_weights(run_dir: Path, t: FrozenTrial) -> bool:
     rel = t.user_attrs.get("run_dir")
-    return bool(rel) and (run_dir / rel / "best" / "COMPLETE").is_file()
+    return rel is not None and bool(rel) and (run_dir / rel / "best" / "COMPLETE").is_file()
 
 
 class _Evolution:
@@ -194,9 +194,9 @@ class _Evolution:
         trials = self.study.get_trials(deepcopy=False)
         if any(t.state == TrialState.WAITING for t in trials):
             trial = self.study.ask()  # the oldest waiting trial: a retry or a child created but not started
-            spec, parent = self._spec_of(frozen(self.study, trial), trials)
+            spec, parent_number = self._spec_of(frozen(self.study, trial), trials)
             if spec is not None:
-                return self._run_child(trial, spec, parent)
+                return self._run_child(trial, spec, parent_number)
             return run_trial(self.study, trial, self.ctx, self.data, hook=self.hook, verbose=self.verbose)
         pop = population_of(self.study, self.population)
         parent = self._tournament(pop, len(trials)) if len(pop) >= self.population else None

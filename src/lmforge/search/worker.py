@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import optuna
 import torch
@@ -158,7 +159,7 @@ def run_worker(
             # trial as lost and enqueued its retry, which continues it from its checkpoint
             print(f"trial {trial.number} was failed as stale by another worker; its retry takes over", file=sys.stderr)
         n += 1
-        enforce_disk_cap(study, ctx.run_dir, ctx.disk_cap, ctx.keep_best)
+        enforce_disk_cap(study, Path(ctx.run_dir), ctx.disk_cap, ctx.keep_best)
         if hook is not None:
             hook()
     return n
