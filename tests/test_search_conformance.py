@@ -69,7 +69,8 @@ STRATEGIES = [
     ("embedded", "optuna"),
     ("embedded", "evolution"),
     pytest.param(
-        ("ray", "optuna"),
+        "ray",
+        "optuna",
         marks=[
             pytest.mark.slow,
             pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed"),
