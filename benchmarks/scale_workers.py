@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 
 from lmforge.config import apply_overrides
 from lmforge.search.budget import Fidelity
-from lmforge.search.objective import CONTEXT_ATTR, SearchContext, prepare_search_data
+from lmforge.search.context import CONTEXT_ATTR, SearchContext, prepare_search_data
 from lmforge.search.space import parse_space
 from lmforge.search.study import create_or_load, open_storage
 

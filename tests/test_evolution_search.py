@@ -13,11 +13,11 @@ import torch
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
+from lmforge.report import build_report
 from lmforge.runs import load_model
 from lmforge.search.budget import plan_fidelity
+from lmforge.search.context import CONTEXT_ATTR, SearchContext, fixed_val_batches, prepare_search_data
 from lmforge.search.evolution import apply_mutation, child_params, run_evolution
-from lmforge.search.objective import CONTEXT_ATTR, SearchContext, fixed_val_batches, prepare_search_data
-from lmforge.search.report import build_report
 from lmforge.search.space import parse_space
 from lmforge.search.study import SearchError, create_or_load, open_storage, storage_url
 from lmforge.train.loop import evaluate_loss

@@ -20,9 +20,9 @@ from lmforge.cli import main
 from lmforge.config import build_config
 from lmforge.data.tokenizer import char_tokenizer
 from lmforge.models import build_model
+from lmforge.report import ReportError, build_report, param_importances
+from lmforge.report.figures import front
 from lmforge.runs import save_checkpoint
-from lmforge.search import report
-from lmforge.search.report import build_report, param_importances
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 DISTS = {
@@ -183,7 +183,7 @@ def test_front_helper_matches_brute_force():
     for _ in range(20):
         pts = [(rng.randint(0, 9), rng.randint(0, 9), i) for i in range(12)]
         brute = {p for p in pts if not any(q[0] <= p[0] and q[1] <= p[1] and q[:2] != p[:2] for q in pts)}
-        got = report._front(pts)
+        got = front(pts)
         # ties (the same point twice) keep one representative
         assert {p[:2] for p in got} == {p[:2] for p in brute}
         assert [p[0] for p in got] == sorted(p[0] for p in got)
@@ -234,7 +234,7 @@ def test_an_undrawable_figure_replaces_the_stale_one(tmp_path):
 
 
 def test_missing_run_directory_is_a_one_line_error(tmp_path, capsys):
-    with pytest.raises(report.ReportError, match="does not exist"):
+    with pytest.raises(ReportError, match="does not exist"):
         build_report(tmp_path / "nope")
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -1,5 +1,5 @@
-"""The report of a real (tiny) ``lmforge tune`` run: written by the pipeline itself, rebuilt by the CLI, and
-extended by regularized evolution on the same study."""
+"""The report of a real (tiny) ``lmforge tune`` run: written by ``lmforge tune`` after its pipeline, rebuilt
+by ``lmforge report``, and extended by regularized evolution on the same study."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ import re
 import pytest
 
 from lmforge.cli import main
+from lmforge.search.context import CONTEXT_ATTR
 from lmforge.search.evolution import run_evolution
-from lmforge.search.objective import CONTEXT_ATTR
-from lmforge.search.pipeline import TuneOptions, run_pipeline
 from lmforge.search.study import create_or_load, open_storage
 
 BASE = ["--data.block_size", "16", "--train.batch_size", "4", "--model.n_layer", "1", "--model.d_model", "16"]
@@ -41,23 +40,12 @@ def test_pipeline_report_then_evolution_on_the_same_study(tmp_path, monkeypatch,
     )
     (tmp_path / "space.yaml").write_text(SPACE)
     run = tmp_path / "run"
-    run_pipeline(
-        TuneOptions(
-            out=str(run),
-            data=str(docs),
-            space=str(tmp_path / "space.yaml"),
-            overrides=BASE,
-            verbose=False,
-            budget="6ktok",
-            sampler="random",
-            pruner="none",
-            n_trials=3,
-            trial_tokens=8 * 64,
-            seed=1,
-        )
-    )
+    args = ["tune", "--out", str(run), "--data", str(docs), "--space", str(tmp_path / "space.yaml"), "--quiet"]
+    args += ["--budget", "6ktok", "--sampler", "random", "--pruner", "none", "--n-trials", "3"]
+    assert main([*args, "--trial-tokens", str(8 * 64), "--seed", "1", *BASE]) == 0
+    capsys.readouterr()
     summary = json.loads((run / "summary.json").read_text())
-    html = (run / "report.html").read_text()  # written by the pipeline's last step
+    html = (run / "report.html").read_text()  # written by lmforge tune after its pipeline
     text = text_of(html)
     assert f"final model test_loss {summary['best']['test_loss']:.5g}" in text
     assert "pipeline steps search: done, final: done, decode: skipped, evaluate: done" in text

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from lmforge.config import build_config, load_yaml
 from lmforge.runs import list_checkpoints, read_metrics
-from lmforge.search.objective import fixed_val_batches, prepare_search_data
+from lmforge.search.context import fixed_val_batches, prepare_search_data
 from lmforge.search.pipeline import TuneOptions, run_pipeline
 from lmforge.search.study import SearchError, create_or_load, open_storage
 from lmforge.train.loop import train

@@ -18,8 +18,8 @@ import pytest
 from optuna.trial import TrialState
 
 from lmforge.runs import list_checkpoints, read_metrics
+from lmforge.search.context import load_context
 from lmforge.search.study import create_or_load, open_storage
-from lmforge.search.worker import load_context
 from test_scale_storage import check_exactly_n, counted, make_study, start_workers, wait_all, worker_env
 from test_search_tune import BASE, TPS, write_docs
 

@@ -40,3 +40,14 @@ def test_evolution_refuses_what_it_cannot_do(tmp_path):
     with pytest.raises(SearchError, match="evolution"):
         run_pipeline(TuneOptions(out=str(tmp_path / "r"), data="demo", budget="10s", strategy="evolution", cv=2,
                                  verbose=False))
+
+
+def test_tune_sample_is_a_deprecated_alias_of_tournament(tmp_path, capsys):
+    from lmforge.cli import main
+
+    # no --data: the command stops before any work, after reading its options
+    assert main(["tune", "--out", str(tmp_path / "r"), "--sample", "2"]) != 0
+    err = capsys.readouterr().err
+    assert "--sample is deprecated; use --tournament" in err and "no data" in err
+    assert main(["tune", "--out", str(tmp_path / "r"), "--tournament", "2"]) != 0
+    assert "deprecated" not in capsys.readouterr().err

@@ -310,6 +310,7 @@ def test_max_params_constraint_skips_large_models(tmp_path):
 
 
 def test_out_of_memory_and_time_share_failures_are_recorded(tmp_path, monkeypatch):
+    import lmforge.search.objective as objective
     import lmforge.train.loop as loop
 
     real = loop.train
@@ -332,7 +333,7 @@ def test_out_of_memory_and_time_share_failures_are_recorded(tmp_path, monkeypatc
             )
         return real(cfg, out, **kw)
 
-    monkeypatch.setattr(loop, "train", flaky_train)
+    monkeypatch.setattr(objective, "train", flaky_train)  # the trial's training loop
     opts = options(
         tmp_path,
         "params:\n  optim.lr: [1.0e-3, 2.0e-3, 3.0e-3]\n",

@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 @command("report")
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    from lmforge.search.report import build_report
+    from lmforge.report import build_report
 
     if overrides:
         raise UserError(f"lmforge report takes no config overrides, got {' '.join(overrides)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from lmforge.cli import UserError, command
 
@@ -12,7 +13,7 @@ steps (resumable: rerun the same command to continue a killed run):
   1 search    trials in DIR/trials/NNNN, pruned by trained tokens (promoted trials continue, never restart)
   2 final     the best trial continues from its checkpoint to convergence; DIR/best = best checkpoint
   3 decode    decoding settings (task data only)
-  4 evaluate  held-out test loss, DIR/leaderboard.csv, DIR/summary.json
+  4 evaluate  held-out test loss, DIR/leaderboard.csv, DIR/summary.json (then DIR/report.html)
 
 examples:
   lmforge tune --data demo --out runs/tune --budget 10m
@@ -79,8 +80,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--strategy", choices=["optuna", "evolution"], default="optuna",
                    help="optuna: the sampler proposes trials; evolution: regularized evolution of trained networks "
                         "(children continue from mutated parents: add/remove a layer, widen, connections)")
-    t.add_argument("--population", type=int, default=8, help="evolution: population size")
-    t.add_argument("--sample", type=int, default=3, help="evolution: tournament size")
+    # defaults None: TuneOptions holds them (lmforge.search.evolution defines them once)
+    t.add_argument("--population", type=int, help="evolution: population size (default 8)")
+    t.add_argument("--tournament", type=int, help="evolution: tournament size (default 3)")
+    t.add_argument("--sample", type=int, dest="sample_deprecated", help=argparse.SUPPRESS)
     t.add_argument("--disk-cap", default="2GB", help="delete checkpoints of stopped trials above this (default 2GB)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--config", help="base config YAML (the space's values are set on top)")
@@ -90,8 +93,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 @command("tune")
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    from lmforge.search.pipeline import TuneOptions, read_state, run_pipeline
+    from lmforge.search.pipeline import NoFinishedTrial, TuneOptions, read_state, run_pipeline
 
+    if args.sample_deprecated is not None:
+        print("warning: lmforge tune --sample is deprecated; use --tournament (evolution tournament size)",
+              file=sys.stderr)
+        if args.tournament is None:
+            args.tournament = args.sample_deprecated
+    evolution = {k: v for k, v in (("population", args.population), ("sample", args.tournament)) if v is not None}
     if args.backend == "ray":
         import importlib.util
 
@@ -125,13 +134,32 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         trial_resources=args.trial_resources,
         resume=args.resume,
         strategy=args.strategy,
-        population=args.population,
-        sample=args.sample,
+        **evolution,
     )
     from lmforge.models import native
 
     native.decode_step()  # a first build of the C++ decoding step happens now, not on the budget's clock
-    summary = run_pipeline(opts)
+    try:
+        summary = run_pipeline(opts)
+    except NoFinishedTrial:
+        _report(args.out, verbose=not args.quiet)  # the leaderboard's fail reasons, as a page
+        raise
+    _report(args.out, verbose=not args.quiet)
     if args.quiet:
         print(json.dumps(summary, indent=1, default=str))
     return 0
+
+
+def _report(out: str, *, verbose: bool) -> None:
+    """Build DIR/report.html from the files the pipeline wrote. The report is an extra: its failure must not
+    lose the run's results, so it is a warning."""
+    from lmforge.report import build_report  # lazy, as every command handler's imports
+
+    try:
+        path = build_report(out)
+    except Exception as err:
+        if verbose:
+            print(f"warning: the HTML report failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        return
+    if verbose:
+        print(f"report: {path}", file=sys.stderr, flush=True)

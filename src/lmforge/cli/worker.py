@@ -50,9 +50,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 @command("worker")
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    from lmforge.search.objective import prepare_search_data
+    from lmforge.search.context import load_context, prepare_search_data
     from lmforge.search.study import load, open_storage
-    from lmforge.search.worker import load_context, run_worker, search_done
+    from lmforge.search.worker import run_worker, search_done
 
     if overrides:
         raise UserError(f"lmforge worker takes no config overrides ({' '.join(overrides)}): the study fixes them")

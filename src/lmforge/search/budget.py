@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import math
 import re
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
+
+from optuna.trial import FrozenTrial
 
 from lmforge.config import ConfigError, parse_duration
 
@@ -115,6 +119,32 @@ def parse_bytes(text: str | int, option: str = "--disk-cap") -> int:
     base = 1024 if m.group(3) else 1000
     power = " kmgt".index(m.group(2).lower() or " ")
     return int(float(m.group(1)) * base**power)
+
+
+# -------------------------------------------------------------------------------- budget spent
+class SearchLimits(Protocol):
+    """The search's own budget: a wall-clock deadline (time budgets) or a token allowance (token budgets).
+    :class:`lmforge.search.context.SearchContext` is one."""
+
+    deadline_unix: float | None
+    search_tokens: int | None
+
+
+def tokens_used(trials: Iterable[FrozenTrial]) -> int:
+    """Tokens the search trained so far: the sum of what each trial trained itself (``tokens_trained``)."""
+    return sum(int(t.user_attrs.get("tokens_trained", 0)) for t in trials)
+
+
+def budget_spent(limits: SearchLimits, tokens: float) -> str | None:
+    """THE rule for "the search budget is spent", shared by every strategy (worker processes, evolution,
+    Ray) and by a trial deciding whether to stop: the deadline has passed, or ``tokens`` (what the search
+    has trained, counted by the caller with :func:`tokens_used`) reached the token allowance. Returns why,
+    or None while budget is left."""
+    if limits.deadline_unix is not None and time.time() >= limits.deadline_unix:
+        return "search time budget spent"
+    if limits.search_tokens is not None and tokens >= limits.search_tokens:
+        return "search token budget spent"
+    return None
 
 
 # ---------------------------------------------------------------------------------------- split

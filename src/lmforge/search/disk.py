@@ -15,6 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from optuna.trial import TrialState
+
 MARKER = "CHECKPOINTS_DELETED"
 
 
@@ -40,8 +42,6 @@ def _checkpoint_dirs(run: Path) -> list[Path]:
 def enforce_disk_cap(study: Any, run_dir: Path, cap: int | None, keep_best: int = 3) -> list[int]:
     """Delete checkpoints of stopped trials until ``run_dir/trials`` fits ``cap`` bytes; return the trial
     numbers whose checkpoints went."""
-    from optuna.trial import TrialState
-
     if cap is None:
         return []
     root = Path(run_dir) / "trials"

@@ -26,6 +26,8 @@ the final training and the disk cap treat children as ordinary trials:
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 import random
 import sys
@@ -35,16 +37,51 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import LmforgeError
-from lmforge.search.study import SearchError
-from lmforge.train.loop import Callback
+import optuna
+import torch
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.storages import BaseStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from lmforge.config import RunConfig, build_config
+from lmforge.data import Tokenizer
+from lmforge.models import LanguageModel, mutate
+from lmforge.runs import load_model
+from lmforge.search.budget import budget_spent, tokens_used
+from lmforge.search.context import (
+    SearchContext,
+    SearchData,
+    fixed_val_batches,
+    load_context,
+    prepare_search_data,
+    trial_dir,
+)
+from lmforge.search.disk import enforce_disk_cap
+from lmforge.search.evaluation import measure_latency
+from lmforge.search.failure import failure_reason
+from lmforge.search.objective import run_trial
+from lmforge.search.space import SearchSpace
+from lmforge.search.study import (
+    SearchError,
+    fail_and_retry,
+    frozen,
+    heartbeat,
+    load,
+    open_storage,
+    original_number,
+    process_identity,
+)
+from lmforge.search.worker import search_done
+from lmforge.train.loop import Callback, LoopState, train
 
 __all__ = ["MUTATIONS", "run_evolution"]
 
 MUTATIONS = ("add_layer", "remove_layer", "widen", "connection", "lr")
 """Mutation operators; each child applies one that fits its parent's family and options."""
 DEFAULT_POPULATION = 8
-DEFAULT_SAMPLE = 3
+"""Members kept (``lmforge tune --population``): the one definition of the default."""
+DEFAULT_TOURNAMENT = 3
+"""Members drawn per tournament (``lmforge tune --tournament``): the one definition of the default."""
 _TRIES = 12
 """Mutations tried before giving up on a parent whose every child would break the size limits."""
 
@@ -52,13 +89,13 @@ _TRIES = 12
 # ------------------------------------------------------------------------------------------- entry
 def run_evolution(
     study_name: str,
-    storage: str | Any,
+    storage: str | BaseStorage,
     *,
-    data: Any = None,
+    data: SearchData | None = None,
     hook: Callable[[], None] | None = None,
     verbose: bool = False,
     population: int = DEFAULT_POPULATION,
-    sample: int = DEFAULT_SAMPLE,
+    sample: int = DEFAULT_TOURNAMENT,
     increment_tokens: int | None = None,
     max_trials: int | None = None,
     log: Callable[[str], None] | None = None,
@@ -71,19 +108,12 @@ def run_evolution(
     training of each child (default: a third of a full trial, at least the first rung). ``max_trials``
     bounds this call only. KeyboardInterrupt (and SIGTERM during training) re-enqueue the current trial.
     """
-    import optuna
-
-    from lmforge.search.disk import enforce_disk_cap
-    from lmforge.search.objective import prepare_search_data
-    from lmforge.search.study import load
-    from lmforge.search.worker import load_context, search_done
-
     if population < 2:
         raise SearchError(f"evolution population {population}: must be at least 2")
     if not 1 <= sample <= population:
         raise SearchError(f"evolution sample {sample}: must be between 1 and the population ({population})")
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True) if verbose else None)
-    st = _open_storage(storage)
+    st = open_storage(storage) if isinstance(storage, str) else storage
     ctx = load_context(load(st, study_name))
     if ctx.cv >= 2:
         raise SearchError("--strategy evolution does not combine with --cv: a child continues one trained parent")
@@ -114,18 +144,10 @@ def run_evolution(
     return n
 
 
-def _open_storage(storage: str | Any) -> Any:
-    from lmforge.search.study import open_storage
-
-    return open_storage(storage) if isinstance(storage, str) else storage
-
-
 # -------------------------------------------------------------------------------------- population
-def population_of(study: Any, size: int) -> list[Any]:
+def population_of(study: optuna.Study, size: int) -> list[FrozenTrial]:
     """The current population: the ``size`` most recent finished trials (by trial number, i.e. birth
     order), oldest first. Trials that failed or were pruned never joined it."""
-    from optuna.trial import TrialState
-
     done = [
         t
         for t in study.get_trials(deepcopy=False)
@@ -138,17 +160,17 @@ def population_of(study: Any, size: int) -> list[Any]:
     return done[-size:]
 
 
-def _has_weights(run_dir: Path, t: Any) -> bool:
+def _has_weights(run_dir: Path, t: FrozenTrial) -> bool:
     rel = t.user_attrs.get("run_dir")
-    return bool(rel) and (run_dir / rel / "best" / "COMPLETE").is_file()
+    return rel is not None and bool(rel) and (run_dir / rel / "best" / "COMPLETE").is_file()
 
 
 class _Evolution:
     def __init__(
         self,
-        study: Any,
-        ctx: Any,
-        data: Any,
+        study: optuna.Study,
+        ctx: SearchContext,
+        data: SearchData,
         population: int,
         sample: int,
         increment: int,
@@ -169,17 +191,12 @@ class _Evolution:
 
     def step(self) -> str:
         """Run one trial: a waiting retry, a random member (population not full yet) or a child."""
-        from optuna.trial import TrialState
-
-        from lmforge.search.objective import run_trial
-        from lmforge.search.study import frozen
-
         trials = self.study.get_trials(deepcopy=False)
         if any(t.state == TrialState.WAITING for t in trials):
             trial = self.study.ask()  # the oldest waiting trial: a retry or a child created but not started
-            spec, parent = self._spec_of(frozen(self.study, trial), trials)
+            spec, parent_number = self._spec_of(frozen(self.study, trial), trials)
             if spec is not None:
-                return self._run_child(trial, spec, parent)
+                return self._run_child(trial, spec, parent_number)
             return run_trial(self.study, trial, self.ctx, self.data, hook=self.hook, verbose=self.verbose)
         pop = population_of(self.study, self.population)
         parent = self._tournament(pop, len(trials)) if len(pop) >= self.population else None
@@ -195,17 +212,17 @@ class _Evolution:
         return self._run_child(trial, spec, parent.number, prepared=(child, cfg_raw))
 
     # -- selection and mutation --------------------------------------------------------------------
-    def _tournament(self, pop: list[Any], birth: int) -> Any:
+    def _tournament(self, pop: list[FrozenTrial], birth: int) -> FrozenTrial | None:
         """The best of ``sample`` members drawn at random (only members whose weights remain)."""
         rng = random.Random(f"{self.ctx.seed}:tournament:{birth}")
         drawn = rng.sample(pop, self.sample)
         alive = [t for t in drawn if _has_weights(self.run_dir, t)]
         return min(alive, key=lambda t: (t.values[0], t.number)) if alive else None
 
-    def _make_child(self, parent: Any, birth: int) -> tuple[dict[str, Any], Any, dict[str, Any]] | None:
+    def _make_child(
+        self, parent: FrozenTrial, birth: int
+    ) -> tuple[dict[str, Any], LanguageModel, dict[str, Any]] | None:
         """(mutation spec, child model, child config) for ``parent``; None when no mutation fits the limits."""
-        from lmforge.runs import load_model
-
         model, _, cfg = load_model(self.run_dir / parent.user_attrs["run_dir"] / "best")
         rng = random.Random(f"{self.ctx.seed}:mutation:{birth}")
         for attempt in range(_TRIES):
@@ -237,11 +254,11 @@ class _Evolution:
             }
         )
 
-    def _spec_of(self, ft: Any, trials: list[Any]) -> tuple[dict[str, Any] | None, int | None]:
+    def _spec_of(
+        self, ft: FrozenTrial, trials: list[FrozenTrial]
+    ) -> tuple[dict[str, Any] | None, int | None]:
         """Mutation spec and parent of a waiting trial: its own attributes, or those of the first trial
         of its retry chain; (None, None) for a trial that is no child."""
-        from lmforge.search.study import original_number
-
         first = original_number(ft)
         origin = next((t for t in trials if t.number == first), None)
         for t in (ft, origin):
@@ -249,11 +266,10 @@ class _Evolution:
                 return t.user_attrs["mutation_spec"], int(t.user_attrs["parent"])
         return None, None
 
-    def _create_child_trial(self, parent: Any, spec: dict[str, Any], child: Any, cfg_raw: dict[str, Any]) -> Any:
+    def _create_child_trial(
+        self, parent: FrozenTrial, spec: dict[str, Any], child: LanguageModel, cfg_raw: dict[str, Any]
+    ) -> optuna.Trial:
         """Add the child to the study as a waiting trial with its params and lineage, and start it."""
-        import optuna
-        from optuna.trial import TrialState
-
         params, dists, values = child_params(self.ctx.search_space, cfg_raw)
         attrs = {
             "parent": parent.number,
@@ -271,23 +287,17 @@ class _Evolution:
     # -- training a child ------------------------------------------------------------------------
     def _run_child(
         self,
-        trial: Any,
+        trial: optuna.Trial,
         spec: dict[str, Any],
         parent_number: int | None,
-        prepared: tuple[Any, dict[str, Any]] | None = None,
+        prepared: tuple[LanguageModel, dict[str, Any]] | None = None,
     ) -> str:
-        from optuna.trial import TrialState
-
-        from lmforge.search.objective import trial_dir
-        from lmforge.search.study import Heartbeat, fail_and_retry, process_identity
-
         for k, v in process_identity().items():
             trial.set_user_attr(k, v)
         out = trial_dir(self.ctx, self.study, trial)
         trial.set_user_attr("run_dir", str(out.relative_to(self.run_dir)))
         t0 = time.time()
-        storage = self.study._storage  # noqa: SLF001 (heartbeats go to the storage the trial lives in)
-        with Heartbeat(storage, trial._trial_id):  # noqa: SLF001
+        with heartbeat(self.study, trial):
             try:
                 state, values = self._train_child(trial, spec, parent_number, prepared, out)
             except KeyboardInterrupt:
@@ -296,7 +306,7 @@ class _Evolution:
             except Exception as err:  # the search goes on: record why this child failed
                 out.mkdir(parents=True, exist_ok=True)
                 (out / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
-                trial.set_user_attr("fail_reason", _reason(err))
+                trial.set_user_attr("fail_reason", failure_reason(err))
                 trial.set_user_attr("duration_s", round(time.time() - t0, 2))
                 self.study.tell(trial, state=TrialState.FAIL)
                 return "fail"
@@ -311,19 +321,12 @@ class _Evolution:
 
     def _train_child(
         self,
-        trial: Any,
+        trial: optuna.Trial,
         spec: dict[str, Any],
         parent_number: int | None,
-        prepared: tuple[Any, dict[str, Any]] | None,
+        prepared: tuple[LanguageModel, dict[str, Any]] | None,
         out: Path,
     ) -> tuple[str, list[float]]:
-        from lmforge.config import build_config
-        from lmforge.data import Tokenizer
-        from lmforge.runs import load_model
-        from lmforge.search.objective import fixed_val_batches, measure_latency
-        from lmforge.search.study import frozen
-        from lmforge.train.loop import train
-
         parent = next((t for t in self.study.get_trials(deepcopy=False) if t.number == parent_number), None)
         if parent is None or not _has_weights(self.run_dir, parent):
             trial.set_user_attr("fail_reason", f"the parent trial {parent_number} has no weights left")
@@ -412,10 +415,8 @@ class _Evolution:
         return raw
 
 
-def _lineage_tokens(run_dir: Path, t: Any) -> int:
+def _lineage_tokens(run_dir: Path, t: FrozenTrial) -> int:
     """Tokens the weights of trial ``t``'s best checkpoint have seen, its ancestors' included."""
-    import json
-
     try:
         meta = json.loads((run_dir / t.user_attrs["run_dir"] / "best" / "meta.json").read_text(encoding="utf-8"))
         return int(t.user_attrs.get("tokens_offset") or 0) + int(meta["tokens"])
@@ -423,38 +424,29 @@ def _lineage_tokens(run_dir: Path, t: Any) -> int:
         return int(t.user_attrs.get("tokens", 0) or 0)
 
 
-def _reason(err: BaseException) -> str:
-    """One line for the leaderboard: a user-facing error as is, anything else with its type."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if "out of memory" in text.lower():
-        return f"out of memory: {text[:300]}"
-    return text[:500] if isinstance(err, LmforgeError) else f"{type(err).__name__}: {text[:400]}"
-
-
 class _ChildReporter(Callback):
     """Reports a child's evaluations at ``step = lineage tokens`` and stops it when the search budget ends."""
 
-    def __init__(self, trial: Any, ctx: Any, offset: int, hook: Callable[[], None] | None) -> None:
+    def __init__(self, trial: optuna.Trial, ctx: SearchContext, offset: int, hook: Callable[[], None] | None) -> None:
         self.trial = trial
         self.ctx = ctx
         self.offset = offset
         self.hook = hook
         self.start = 0
         self.budget_stop = False
-        self.tokens_left: float | None = None
+        self.used_before = 0
+        """Tokens the other trials had trained when this child started (its own are added for the rule)."""
 
     def trained(self, tokens: int) -> int:
         return int(tokens - self.start)
 
-    def on_train_start(self, state: Any) -> None:
-        from lmforge.search.objective import tokens_used
-
+    def on_train_start(self, state: LoopState) -> None:
         self.start = state.tokens  # > 0 when a retry resumed from the child's checkpoint
         if self.ctx.search_tokens is not None:
             others = [t for t in self.trial.study.get_trials(deepcopy=False) if t.number != self.trial.number]
-            self.tokens_left = self.ctx.search_tokens - tokens_used(others)
+            self.used_before = tokens_used(others)
 
-    def on_eval(self, state: Any, record: dict[str, Any]) -> bool:
+    def on_eval(self, state: LoopState, record: dict[str, Any]) -> bool:
         tokens = self.offset + int(state.tokens)
         if math.isfinite(record["val_loss"]):
             self.trial.report(float(record["val_loss"]), step=tokens)
@@ -463,15 +455,13 @@ class _ChildReporter(Callback):
         self.trial.set_user_attr("tokens_trained", self.trained(state.tokens))
         if self.hook is not None:
             self.hook()
-        if self.ctx.deadline_unix is not None and time.time() >= self.ctx.deadline_unix:
-            self.budget_stop = True
-        elif self.tokens_left is not None and self.trained(state.tokens) >= self.tokens_left:
+        if budget_spent(self.ctx, self.used_before + self.trained(state.tokens)) is not None:
             self.budget_stop = True
         return self.budget_stop
 
 
 # ------------------------------------------------------------------------------------- mutations
-def _choose(model: Any, rng: random.Random, d_model_choices: list[Any]) -> tuple[str, dict[str, Any]]:
+def _choose(model: LanguageModel, rng: random.Random, d_model_choices: list[Any]) -> tuple[str, dict[str, Any]]:
     """A mutation operator that applies to ``model`` and its arguments, drawn with ``rng``."""
     cfg = model.config
     fam = cfg.family
@@ -495,15 +485,11 @@ def _choose(model: Any, rng: random.Random, d_model_choices: list[Any]) -> tuple
     return rng.choice(ops)
 
 
-def apply_mutation(model: Any, cfg: Any, spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+def apply_mutation(
+    model: LanguageModel, cfg: RunConfig, spec: dict[str, Any]
+) -> tuple[LanguageModel, dict[str, Any]]:
     """(child model, child run config as a raw dict) for ``spec`` = ``{"op", "args", "seed"}``; the model
     and config are the parent's (from ``load_model``). Deterministic given ``spec["seed"]``."""
-    import copy
-
-    import torch
-
-    from lmforge.models import mutate
-
     op, args = spec["op"], dict(spec.get("args") or {})
     raw = cfg.to_dict()
     with torch.random.fork_rng(devices=[]):
@@ -541,16 +527,16 @@ def _get(raw: dict[str, Any], path: str) -> Any:
     return (raw.get(section) or {}).get(field)
 
 
-def child_params(space: Any, cfg_raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+def child_params(
+    space: SearchSpace, cfg_raw: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, BaseDistribution], dict[str, Any]]:
     """(Optuna params, their distributions, path -> value) of a child's config ``cfg_raw`` in ``space``.
 
     The blocks of the space that apply are walked as a trial would; a numeric value outside its range gets a
     widened distribution of the same kind (Optuna allows ranges to differ between trials), a categorical
     value outside its choices is not recorded as a param (only in ``values``)."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
     params: dict[str, Any] = {}
-    dists: dict[str, Any] = {}
+    dists: dict[str, BaseDistribution] = {}
     values: dict[str, Any] = {}
     for b in space.blocks:
         if not b.applies(values):

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from optuna.trial import TrialState
+
 from lmforge.search.budget import Fidelity, format_count
 
 _BASE_COLUMNS = [
@@ -50,8 +52,6 @@ def _last_value(t: Any) -> float:
 
 def rows(study: Any, objectives: list[str], fid: Fidelity | None = None) -> list[dict[str, Any]]:
     """One dict per trial (waiting ones and grid overflows left out), ranked."""
-    from optuna.trial import TrialState
-
     trials = [
         t
         for t in study.get_trials(deepcopy=False)

@@ -19,141 +19,27 @@ import math
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import optuna
+from optuna.trial import BaseTrial, TrialState
 
-from lmforge.config import ConfigError, LmforgeError, RunConfig, build_config
-from lmforge.search import splits
-from lmforge.search.budget import Fidelity
-from lmforge.search.space import SearchSpace, apply_values, parse_space, repair_config
-from lmforge.search.study import Heartbeat, fail_and_retry, frozen, original_number, process_identity
-from lmforge.train.loop import Callback
+from lmforge.config import ConfigError, RunConfig
+from lmforge.data import PreparedData
+from lmforge.runs import META_FILE, list_checkpoints, read_metrics
+from lmforge.search.budget import Fidelity, budget_spent, tokens_used
+from lmforge.search.context import SearchContext, SearchData, fixed_val_batches, trial_config, trial_dir
+from lmforge.search.evaluation import measure_latency
+from lmforge.search.failure import failure_reason
+from lmforge.search.sizing import count_params
+from lmforge.search.space import SearchSpace
+from lmforge.search.study import fail_and_retry, heartbeat, process_identity
+from lmforge.train.loop import Callback, LoopState, train
 
 OBJECTIVES = ("val_loss", "params", "latency")
-CONTEXT_ATTR = "lmforge"
-"""Study user attribute holding the :class:`SearchContext` (so a worker needs only storage + study name)."""
-EVAL_BLOCKS = 64
-"""Validation blocks per evaluation of a trial (a fixed set: every trial is scored on the same text)."""
-LATENCY_TOKENS = 32
-
-
-@dataclass
-class SearchContext:
-    """Everything a worker needs to run trials of a study, stored in the study itself."""
-
-    run_dir: str
-    base_config: dict[str, Any]
-    space: dict[str, Any]
-    fidelity: dict[str, int]
-    objectives: list[str] = field(default_factory=lambda: ["val_loss"])
-    sampler: str = "tpe"
-    pruner: str = "asha"
-    seed: int = 0
-    parallel: bool = False
-    """Several workers share the study (TPE then uses the constant liar)."""
-    max_params: int | None = None
-    param_cap: int | None = None
-    """Soft size cap from the budget: trials above 1.5x are stopped before training."""
-    cv: int = 0
-    time_share_s: float | None = None
-    deadline_unix: float | None = None
-    search_tokens: int | None = None
-    n_trials: int | None = None
-    disk_cap: int | None = None
-    keep_best: int = 3
-    eval_blocks: int = EVAL_BLOCKS
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SearchContext:
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    @property
-    def fid(self) -> Fidelity:
-        return Fidelity.from_dict(self.fidelity)
-
-    @property
-    def search_space(self) -> SearchSpace:
-        return parse_space(self.space, source="search space")
-
-    @property
-    def multi_objective(self) -> bool:
-        return len(self.objectives) > 1
-
-
-# -------------------------------------------------------------------------------------------- data
-@dataclass
-class SearchData:
-    """The token streams trials use: training, the search's validation half, the held-out test half,
-    and (with ``--cv``) the folds of training + validation documents."""
-
-    prepared: Any
-    """The :class:`lmforge.data.PreparedData` with ``val`` replaced by the search's half."""
-    test: np.ndarray
-    folds: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.prepared.tokenizer
-
-
-def prepare_search_data(base: dict[str, Any], cv: int = 0, seed: int = 0) -> SearchData:
-    from lmforge.data import prepare_data
-
-    prepared = prepare_data(build_config(base))
-    eot = getattr(prepared.tokenizer, "eot_id", None)
-    val, test = splits.holdout_split(prepared.val, eot, seed)
-    prepared = replace(prepared, val=val)
-    folds = splits.kfold(np.concatenate([np.asarray(prepared.train), val]), eot, cv, seed) if cv >= 2 else []
-    return SearchData(prepared=prepared, test=test, folds=folds)
-
-
-def fixed_val_batches(tokens: np.ndarray, cfg: RunConfig, n_blocks: int) -> list[Any]:
-    """Evaluation batches independent of the trial's batch size: the same blocks for every trial."""
-    from lmforge.data import eval_batches
-
-    batch = 16
-    return eval_batches(tokens, cfg.data.block_size, batch, max(1, n_blocks // batch))
-
-
-# ----------------------------------------------------------------------------------- trial config
-def trial_config(
-    base: dict[str, Any], values: dict[str, Any], fid: Fidelity, time_share_s: float | None
-) -> tuple[RunConfig, list[str]]:
-    """The validated config of a trial: the base, the sampled values, and the search's training plan
-    (length from the fidelity, evaluation at every rung, one checkpoint kept, resumable). The time share
-    is the smaller of ``time_share_s`` and a ``train.max_time`` the user set."""
-    raw = apply_values(base, values)
-    notes = repair_config(raw)
-    cfg = build_config(raw)  # block size and batch size may be searched: the steps follow from them
-    tps = cfg.train.batch_size * cfg.data.block_size * cfg.train.grad_accum
-    max_steps = max(1, math.ceil(fid.max_tokens / tps))
-    train = raw.setdefault("train", {})
-    train.update(
-        max_steps=max_steps,
-        max_tokens=None,
-        max_epochs=None,
-        max_time=min((c for c in (time_share_s, cfg.train.max_time) if c), default=None),
-        patience=None,
-        eval_interval=max(1, fid.min_tokens // tps),
-        checkpoint_interval=None,
-        keep_last=1,
-        resume="auto",
-        progress=False,
-    )
-    sched = raw.setdefault("schedule", {})
-    sched["total_steps"] = None
-    if "warmup_steps" not in (base.get("schedule") or {}) and "schedule.warmup_steps" not in values:
-        sched["warmup_steps"] = min(200, max_steps // 20)  # a short warm-up keeps high learning rates stable
-    elif int(sched.get("warmup_steps") or 0) >= max_steps:
-        sched["warmup_steps"] = max_steps // 10
-    return build_config(raw), notes
 
 
 # ------------------------------------------------------------------------------------- reporting
@@ -168,21 +54,22 @@ class TrialStop(Exception):
 
 class _Reporter(Callback):
     """Reports every evaluation to the trial; stops training when the pruner says so or the search budget
-    is spent. ``offset``: tokens this trial trained before this run (earlier folds)."""
+    is spent. ``offset``: tokens this trial trained before this run (earlier folds); ``used_before``: tokens
+    the search had trained when the trial started (its own tokens are added to it for the budget rule)."""
 
     def __init__(
         self,
-        trial: Any,
+        trial: BaseTrial,
         ctx: SearchContext,
         prune: bool,
-        tokens_left: float | None,
+        used_before: int,
         hook: Callable[[], None] | None,
         offset: int = 0,
     ) -> None:
         self.trial = trial
         self.ctx = ctx
         self.prune = prune
-        self.tokens_left = tokens_left
+        self.used_before = used_before
         self.hook = hook
         self.offset = offset
         self.start_tokens = 0
@@ -191,9 +78,7 @@ class _Reporter(Callback):
         self.budget_stop = False
         self._reported: set[int] = set()
 
-    def on_train_start(self, state: Any) -> None:
-        from lmforge.runs import read_metrics
-
+    def on_train_start(self, state: LoopState) -> None:
         self.start_tokens = self.tokens = state.tokens
         if state.step > 0:  # resumed: re-report the evaluations the checkpoint kept
             for rec in read_metrics(state.out_dir):
@@ -211,7 +96,7 @@ class _Reporter(Callback):
             self.trial.report(float(rec["val_loss"]), step=step)
             self._reported.add(step)
 
-    def on_eval(self, state: Any, record: dict[str, Any]) -> bool:
+    def on_eval(self, state: LoopState, record: dict[str, Any]) -> bool:
         self.tokens = state.tokens
         self._report(record)
         self.trial.set_user_attr("tokens", int(state.tokens))
@@ -222,9 +107,7 @@ class _Reporter(Callback):
         last = state.tokens >= self.ctx.fid.max_tokens
         if self.prune and not last and self.trial.should_prune():
             self.pruned = stop = True
-        elif self.ctx.deadline_unix is not None and time.time() >= self.ctx.deadline_unix:
-            self.budget_stop = stop = True
-        elif self.tokens_left is not None and self.trained >= self.tokens_left:
+        elif budget_spent(self.ctx, self.used_before + self.trained) is not None:
             self.budget_stop = stop = True
         if self.hook is not None:
             self.hook()
@@ -232,17 +115,9 @@ class _Reporter(Callback):
 
 
 # ------------------------------------------------------------------------------------------ trial
-def trial_dir(ctx: SearchContext, study: Any, trial: Any) -> Path:
-    return Path(ctx.run_dir) / "trials" / f"{original_number(frozen(study, trial)):04d}"
-
-
-def tokens_used(trials: list[Any]) -> int:
-    return sum(int(t.user_attrs.get("tokens_trained", 0)) for t in trials)
-
-
 def run_trial(
-    study: Any,
-    trial: Any,
+    study: optuna.Study,
+    trial: optuna.Trial,
     ctx: SearchContext,
     data: SearchData,
     *,
@@ -251,8 +126,6 @@ def run_trial(
 ) -> str:
     """Run ``trial`` (from ``study.ask()``) to its end and tell the study; return the final state name
     (``complete``, ``pruned``, ``fail``). KeyboardInterrupt and SIGTERM re-enqueue it and propagate."""
-    from optuna.trial import TrialState
-
     space = ctx.search_space
     fid = ctx.fid
     for k, v in process_identity().items():
@@ -260,10 +133,9 @@ def run_trial(
     out = trial_dir(ctx, study, trial)
     trial.set_user_attr("run_dir", str(out.relative_to(ctx.run_dir)))
     t0 = time.time()
-    storage = study._storage  # noqa: SLF001 (heartbeats go to the storage the trial lives in)
-    with Heartbeat(storage, trial._trial_id):  # noqa: SLF001
+    with heartbeat(study, trial):
         try:
-            values = _run(study, trial, ctx, data, space, fid, out, hook, verbose)
+            values = objective_values(study, trial, ctx, data, space, fid, out, hook, verbose)
         except TrialStop as stop:
             trial.set_user_attr("duration_s", round(time.time() - t0, 2))
             if stop.state == "pruned":
@@ -283,7 +155,7 @@ def run_trial(
         except Exception as err:  # the study goes on: record why this trial failed
             out.mkdir(parents=True, exist_ok=True)
             (out / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
-            trial.set_user_attr("fail_reason", _reason(err))
+            trial.set_user_attr("fail_reason", failure_reason(err))
             trial.set_user_attr("duration_s", round(time.time() - t0, 2))
             study.tell(trial, state=TrialState.FAIL)
             return "fail"
@@ -296,22 +168,9 @@ class _Interrupted(Exception):
     pass
 
 
-def _reason(err: BaseException) -> str:
-    import torch
-
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower():
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return f"out of memory: {text[:300]}"
-    if isinstance(err, LmforgeError):
-        return text[:500]
-    return f"{type(err).__name__}: {text[:400]}"
-
-
-def _run(
-    study: Any,
-    trial: Any,
+def objective_values(
+    study: optuna.Study,
+    trial: BaseTrial,
     ctx: SearchContext,
     data: SearchData,
     space: SearchSpace,
@@ -320,8 +179,9 @@ def _run(
     hook: Callable[[], None] | None,
     verbose: bool,
 ) -> list[float]:
-    from lmforge.search.sizing import count_params
-
+    """The objective proper: sample the trial's values, train them (reporting to the pruner), and return
+    the objective values. Raises :class:`TrialStop` for every outcome other than finished. ``trial`` is
+    any Optuna trial interface (a ``FixedTrial`` replays given values)."""
     values = space.suggest(trial)
     try:
         cfg, notes = trial_config(ctx.base_config, values, fid, ctx.time_share_s)
@@ -339,16 +199,12 @@ def _run(
             "pruned", f"{n_params:,} parameters: too large for the budget (cap about {ctx.param_cap:,}); not trained"
         )
 
-    tokens_left = None
-    if ctx.search_tokens is not None:
-        tokens_left = ctx.search_tokens - tokens_used(study.get_trials(deepcopy=False))
-        if tokens_left <= 0:
-            raise TrialStop("pruned", "search budget exhausted before the trial started")
-    if ctx.deadline_unix is not None and time.time() >= ctx.deadline_unix:
+    used_before = tokens_used(study.get_trials(deepcopy=False)) if ctx.search_tokens is not None else 0
+    if budget_spent(ctx, used_before) is not None:
         raise TrialStop("pruned", "search budget exhausted before the trial started")
 
     if ctx.cv >= 2:
-        loss = _cross_validate(trial, ctx, cfg, data, out, hook, verbose, tokens_left)
+        loss = _cross_validate(trial, ctx, cfg, data, out, hook, verbose, used_before)
         best_dir = out / "fold-0" / "best"
     else:
         loss, _ = _train_once(
@@ -362,7 +218,7 @@ def _run(
             hook,
             verbose,
             prune=not ctx.multi_objective,
-            tokens_left=tokens_left,
+            used_before=used_before,
         )
         best_dir = out / "best"
     trial.set_user_attr("val_loss", loss)
@@ -380,10 +236,10 @@ def _run(
 
 
 def _train_once(
-    trial: Any,
+    trial: BaseTrial,
     ctx: SearchContext,
     cfg: RunConfig,
-    prepared: Any,
+    prepared: PreparedData,
     val: np.ndarray,
     out: Path,
     fid: Fidelity,
@@ -391,12 +247,10 @@ def _train_once(
     verbose: bool,
     *,
     prune: bool,
-    tokens_left: float | None,
+    used_before: int,
     offset: int = 0,
 ) -> tuple[float, int]:
     """Train one run directory; (best validation loss, tokens trained so far by the trial)."""
-    from lmforge.train.loop import train
-
     # the loop's own clock stops a trial at the search deadline between evaluations; it counts the time of
     # earlier attempts of this run directory, so the checkpoint's clock is added
     if ctx.deadline_unix is not None:
@@ -406,7 +260,7 @@ def _train_once(
         cap = left + _elapsed_at_checkpoint(out)
         if cfg.train.max_time is None or cap < cfg.train.max_time:
             cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_time": cap})})
-    reporter = _Reporter(trial, ctx, prune, tokens_left, hook, offset)
+    reporter = _Reporter(trial, ctx, prune, used_before, hook, offset)
     result = train(
         cfg,
         out,
@@ -436,14 +290,14 @@ def _train_once(
 
 
 def _cross_validate(
-    trial: Any,
+    trial: BaseTrial,
     ctx: SearchContext,
     cfg: RunConfig,
     data: SearchData,
     out: Path,
     hook: Callable[[], None] | None,
     verbose: bool,
-    tokens_left: float | None,
+    used_before: int,
 ) -> float:
     """Mean of the folds' best validation losses (pruning is off: one fold is no rung of the mean)."""
     losses = []
@@ -461,7 +315,7 @@ def _cross_validate(
             hook,
             verbose,
             prune=False,
-            tokens_left=tokens_left,
+            used_before=used_before,
             offset=trained,
         )
         losses.append(loss)
@@ -472,8 +326,6 @@ def _cross_validate(
 
 def _elapsed_at_checkpoint(run_dir: Path) -> float:
     """Training seconds recorded by the newest checkpoint of ``run_dir`` (0 without one)."""
-    from lmforge.runs import META_FILE, list_checkpoints
-
     ckpts = list_checkpoints(run_dir)
     if not ckpts:
         return 0.0
@@ -483,31 +335,3 @@ def _elapsed_at_checkpoint(run_dir: Path) -> float:
         return 0.0
 
 
-# --------------------------------------------------------------------------------------- latency
-def measure_latency(model_dir: Path, new_tokens: int = LATENCY_TOKENS) -> float:
-    """Milliseconds per token of a greedy decode of ``new_tokens`` tokens (after a short warm-up), on the
-    device the model was trained on (``train.device``)."""
-    import torch
-
-    from lmforge.predict import GenerationConfig, generate
-    from lmforge.runs import load_model
-    from lmforge.train.loop import resolve_device
-
-    model, tokenizer, cfg = load_model(model_dir)
-    device = resolve_device(cfg.train.device)
-    model.to(device)
-    prompt = [[tokenizer.eot_id if tokenizer.eot_id is not None else 0]]
-    if getattr(model, "max_seq_len", None):
-        new_tokens = max(1, min(new_tokens, model.max_seq_len - 1))
-    gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=[])
-    with torch.inference_mode():
-        generate(model, prompt, GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=[]))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = generate(model, prompt, gen)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - t0
-    n = max(1, len(out.sequences[0][0]))
-    return 1000.0 * elapsed / n

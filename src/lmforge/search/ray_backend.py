@@ -34,11 +34,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmforge.search.study import MAX_RETRY, SearchError
+import optuna
+import torch
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.samplers import BaseSampler
+from optuna.storages import BaseStorage
+from optuna.trial import BaseTrial, TrialState
+
+from lmforge.config import ConfigError
+from lmforge.runs import META_FILE, checkpoint_dir, list_checkpoints, read_metrics
+from lmforge.search.budget import Fidelity, budget_spent, tokens_used
+from lmforge.search.context import SearchContext, SearchData, fixed_val_batches, trial_config
+from lmforge.search.disk import enforce_disk_cap
+from lmforge.search.failure import failure_reason
+from lmforge.search.sizing import count_params
+from lmforge.search.space import parse_space
+from lmforge.search.study import MAX_RETRY, SearchError, make_sampler, open_storage, trial_storage
+from lmforge.train.loop import Callback, LoopState, train
 
 try:
     import ray
     from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule
     from ray.tune.search.optuna import OptunaSearch
 except ImportError:  # one line for the user instead of a traceback
     raise SearchError("--backend ray needs Ray: pip install 'lmforge[ray]' (or pip install 'ray[tune]')") from None
@@ -107,8 +124,8 @@ class _Live:
     """What the driver's stopper, callback and searcher need at run time. They are pickled with the
     experiment (and restored from it), so they hold only a key into ``_LIVE``, not these objects."""
 
-    study: Any
-    ctx: Any
+    study: optuna.Study
+    ctx: SearchContext
     hook: Callable[[], None] | None = None
     stop_reason: str | None = None
     checked: float = 0.0
@@ -124,9 +141,7 @@ class DefineByRun:
     def __init__(self, space_spec: dict[str, Any]) -> None:
         self.space_spec = space_spec
 
-    def __call__(self, trial: Any) -> dict[str, Any]:
-        from lmforge.search.space import parse_space
-
+    def __call__(self, trial: BaseTrial) -> dict[str, Any]:
         values = parse_space(self.space_spec, source="search space").suggest(trial)
         return {CONFIG_KEY: {"number": int(trial.number), "values": values}}
 
@@ -144,8 +159,8 @@ class LmforgeOptunaSearch(OptunaSearch):
         *,
         key: str,
         space_spec: dict[str, Any],
-        sampler: Any,
-        storage: Any,
+        sampler: BaseSampler,
+        storage: BaseStorage,
         study_name: str,
         max_tokens: int,
         scheduler: str,
@@ -164,8 +179,6 @@ class LmforgeOptunaSearch(OptunaSearch):
         self._written: dict[str, dict[str, Any]] = {}
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        from optuna.exceptions import UpdateFinishedTrialError
-
         ot = self._ot_trials.get(trial_id)
         if ot is None or trial_id in self._completed_trials:
             return
@@ -188,8 +201,6 @@ class LmforgeOptunaSearch(OptunaSearch):
             self._completed_trials.add(trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
-        from optuna.trial import TrialState
-
         ot = self._ot_trials.get(trial_id)
         if ot is None or trial_id in self._completed_trials:
             return
@@ -235,8 +246,6 @@ class BudgetStopper(tune.Stopper):
         return False
 
     def stop_all(self) -> bool:
-        from lmforge.search.objective import tokens_used
-
         live = _LIVE.get(self.key)
         if live is None:
             return False
@@ -247,10 +256,8 @@ class BudgetStopper(tune.Stopper):
             return False
         live.checked = now
         ctx = live.ctx
-        if ctx.deadline_unix is not None and now >= ctx.deadline_unix:
-            live.stop_reason = "search time budget spent"
-        elif ctx.search_tokens is not None and tokens_used(live.study.get_trials(deepcopy=False)) >= ctx.search_tokens:
-            live.stop_reason = "search token budget spent"
+        used = tokens_used(live.study.get_trials(deepcopy=False)) if ctx.search_tokens is not None else 0
+        live.stop_reason = budget_spent(ctx, used)
         return live.stop_reason is not None
 
 
@@ -268,8 +275,6 @@ class DriverCallback(tune.Callback):
             live.hook()
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        from lmforge.search.disk import enforce_disk_cap
-
         live = _LIVE.get(self.key)
         if live is None:
             return
@@ -278,10 +283,8 @@ class DriverCallback(tune.Callback):
             live.hook()
 
 
-def make_scheduler(pruner: str, fid: Any) -> Any:
+def make_scheduler(pruner: str, fid: Fidelity) -> Any:
     """The Ray scheduler for ``--pruner``, on trained tokens."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule
-
     common = {"time_attr": "tokens", "metric": "val_loss", "mode": "min"}
     if pruner in ("asha", "sha", "successive_halving"):
         return ASHAScheduler(
@@ -299,11 +302,20 @@ def make_scheduler(pruner: str, fid: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ trials
+class EndAtEval(Callback):
+    """Ends the loop at each evaluation; the loop then saves the checkpoint of that very step."""
+
+    def __init__(self) -> None:
+        self.record: dict[str, Any] | None = None
+
+    def on_eval(self, state: LoopState, record: dict[str, Any]) -> bool:
+        self.record = dict(record)
+        return True
+
+
 def _adopt_checkpoint(src: Path, out: Path) -> None:
     """Make the Ray checkpoint ``src`` (an lmforge checkpoint directory) the trial's newest checkpoint,
     unless the trial directory already holds it or a newer one (a shared filesystem)."""
-    from lmforge.runs import META_FILE, checkpoint_dir, list_checkpoints
-
     step = int(json.loads((src / META_FILE).read_text(encoding="utf-8"))["step"])
     have = list_checkpoints(out) if out.exists() else []
     if have and int(json.loads((have[-1] / META_FILE).read_text(encoding="utf-8"))["step"]) >= step:
@@ -316,27 +328,9 @@ def _adopt_checkpoint(src: Path, out: Path) -> None:
     os.rename(tmp, dst)
 
 
-def ray_trial(config: dict[str, Any], ctx: dict[str, Any], data: Any, threads: int = 1) -> None:
+def ray_trial(config: dict[str, Any], ctx: dict[str, Any], data: SearchData, threads: int = 1) -> None:
     """One Ray Tune trial (a function trainable): train the sampled configuration in ``DIR/trials/NNNN``,
     one evaluation interval per call of the training loop, and report each evaluation with its checkpoint."""
-    import torch
-
-    from lmforge.config import ConfigError
-    from lmforge.runs import list_checkpoints, read_metrics
-    from lmforge.search.objective import SearchContext, _reason, fixed_val_batches, trial_config
-    from lmforge.search.sizing import count_params
-    from lmforge.train.loop import Callback, train
-
-    class EndAtEval(Callback):
-        """Ends the loop at each evaluation; the loop then saves the checkpoint of that very step."""
-
-        def __init__(self) -> None:
-            self.record: dict[str, Any] | None = None
-
-        def on_eval(self, state: Any, record: dict[str, Any]) -> bool:
-            self.record = dict(record)
-            return True
-
     sctx = SearchContext.from_dict(ctx)
     fid = sctx.fid
     number = int(config[CONFIG_KEY]["number"])
@@ -379,7 +373,7 @@ def ray_trial(config: dict[str, Any], ctx: dict[str, Any], data: Any, threads: i
             out.mkdir(parents=True, exist_ok=True)
             (out / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
             done = read_metrics(out) if out.exists() else []
-            return end(int(done[-1]["tokens"]) if done else 0, fail_reason=_reason(err))
+            return end(int(done[-1]["tokens"]) if done else 0, fail_reason=failure_reason(err))
         rec = chunk.record
         if rec is None:  # nothing was left to train (restored after its last report): report where it ended
             done = read_metrics(out)
@@ -427,13 +421,11 @@ def _init_ray(address: str | None, log: Callable[[str], None]) -> bool:
     return True
 
 
-def _close_orphans(study: Any, run_dir: Path) -> None:
+def _close_orphans(study: optuna.Study, run_dir: Path) -> None:
     """After the experiment: Optuna trials still RUNNING belong to no Ray trial any more (suggested by a
     driver that died before the experiment's snapshot recorded them, or cut off by the stop): pruned when
     they reported, else discarded, with whatever a first training chunk left in their folder."""
-    from optuna.trial import TrialState
-
-    storage = study._storage  # noqa: SLF001
+    storage = trial_storage(study)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         tid = t._trial_id  # noqa: SLF001
         try:
@@ -450,9 +442,9 @@ def _close_orphans(study: Any, run_dir: Path) -> None:
 
 
 def run_ray_search(
-    study: Any,
-    ctx: Any,
-    data: Any,
+    study: optuna.Study,
+    ctx: SearchContext,
+    data: SearchData,
     storage_url: str,
     opts: RayOptions,
     *,
@@ -461,8 +453,6 @@ def run_ray_search(
 ) -> str:
     """Run (or restore) the search step as a Ray Tune experiment in ``ctx.run_dir/ray``; return why it
     ended."""
-    from lmforge.search.study import make_sampler, open_storage
-
     check_options(sampler=ctx.sampler, pruner=ctx.pruner, cv=ctx.cv, objectives=ctx.objectives)
     resources = parse_resources(opts.trial_resources)
     # one checkpoint kept per trial makes Tune snapshot the experiment at every report: small files, no warning

@@ -16,7 +16,10 @@ from typing import Any
 import torch
 
 from lmforge.config import ConfigError, RunConfig, build_config
+from lmforge.data import BlockSampler
+from lmforge.models import build_model
 from lmforge.search.space import Dist, SearchSpace, apply_values
+from lmforge.train.loop import autocast_context, resolve_device
 
 SHORT_RUN_EPOCHS = 2.0
 """Below this many passes over the corpus by the final model, the default space does not search dropout."""
@@ -27,8 +30,6 @@ _REFERENCE = {"family": "transformer", "d_model": 128, "n_layer": 2, "n_head": 4
 
 def count_params(cfg: RunConfig, vocab_size: int) -> tuple[int, float]:
     """(parameters, training FLOPs per token) of ``cfg.model``, built on the meta device (no memory)."""
-    from lmforge.models import build_model
-
     with torch.device("meta"):
         model = build_model(cfg.model, vocab_size=vocab_size, max_seq_len=cfg.max_seq_len)
     try:
@@ -44,10 +45,6 @@ def measure_throughput(
     """(training FLOP/s, tokens/s) of a small reference transformer: a few AdamW steps on the base
     config's batch shape and device, the fastest of three windows (the FLOP/s are a lower bound for larger
     models, which use the hardware better)."""
-    from lmforge.data import BlockSampler
-    from lmforge.models import build_model
-    from lmforge.train.loop import autocast_context, resolve_device
-
     raw = apply_values(base, {f"model.{k}": v for k, v in _REFERENCE.items()})
     cfg = build_config(raw)
     device = resolve_device(cfg.train.device)

@@ -36,6 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from optuna.distributions import (
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+    check_distribution_compatibility,
+)
 
 from lmforge.config import (
     SECTIONS,
@@ -113,8 +119,6 @@ class Dist:
 
     def optuna(self) -> Any:
         """The matching ``optuna.distributions`` object."""
-        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
         if self.kind == "categorical":
             return CategoricalDistribution(list(self.choices))
         if self.kind == "int":
@@ -481,8 +485,6 @@ def _check_conditions(space: SearchSpace) -> None:
 
 
 def _name_params(space: SearchSpace) -> None:
-    from optuna.distributions import check_distribution_compatibility
-
     first: dict[str, Dist] = {}
     for b in space.blocks:
         named = []

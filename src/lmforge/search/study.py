@@ -20,6 +20,7 @@ from the trial's last checkpoint.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import threading
@@ -28,6 +29,14 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages._heartbeat import is_heartbeat_enabled
+from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
+from optuna.trial import FrozenTrial, TrialState
 
 from lmforge.config import LmforgeError
 
@@ -47,7 +56,6 @@ class SearchError(LmforgeError):
 
 def quiet_optuna() -> None:
     """Optuna's per-trial INFO lines and experimental-feature warnings would drown the progress table."""
-    import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -87,7 +95,6 @@ def heartbeat_settings() -> tuple[int, int]:
 def redis_url_and_prefix(url: str) -> tuple[str, str]:
     """``redis://host:port/db?prefix=NAME`` -> (the URL without ``prefix``, ``NAME``); redis-py rejects the
     unknown query argument, Optuna's journal takes the prefix separately."""
-    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
@@ -98,9 +105,6 @@ def redis_url_and_prefix(url: str) -> tuple[str, str]:
 
 def open_storage(url: str) -> Any:
     """An Optuna storage for ``url`` (see the module docstring)."""
-    import optuna
-    from optuna.storages import JournalStorage, RDBStorage
-    from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
 
     quiet_optuna()
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
@@ -150,7 +154,6 @@ def open_storage(url: str) -> Any:
 def _sqlalchemy_url(url: str) -> str:
     """``postgresql://`` (or ``postgres://``) with the PostgreSQL driver that is installed: SQLAlchemy 2.1
     defaults to psycopg 3, the ``scale`` extra installs psycopg2."""
-    import importlib.util
 
     scheme, rest = url.split("://", 1)
     if scheme.lower() in ("postgresql", "postgres"):
@@ -178,7 +181,7 @@ class FlockLock:
         self._fds = []
 
     def acquire(self) -> bool:
-        import fcntl
+        import fcntl  # POSIX only: this lock is used where os.name == "posix"
 
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # one descriptor per holder: threads exclude too
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -214,63 +217,58 @@ def make_sampler(
     """A sampler by name. ``tpe`` is multivariate (grouped over conditional spaces) and uses the constant
     liar when trials run in parallel, so concurrent workers do not all sample the same point; ``grid``
     samples nothing itself: the grid's points are enqueued (see ``SearchSpace.grid``)."""
-    import optuna.samplers as s
 
     quiet_optuna()
     if name == "tpe":
-        return s.TPESampler(
+        return optuna.samplers.TPESampler(
             seed=seed, multivariate=True, group=conditional, constant_liar=parallel, n_startup_trials=n_startup_trials
         )
     if name in ("random", "grid"):
-        return s.RandomSampler(seed=seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     if name == "cmaes":
-        import importlib.util
 
         if importlib.util.find_spec("cmaes") is None:
             raise SearchError("--sampler cmaes needs the 'cmaes' package: pip install cmaes")
         if n_objectives > 1:
             raise SearchError("--sampler cmaes optimizes one objective; use nsga2 (or tpe) with several --objectives")
-        independent = s.TPESampler(seed=seed, n_startup_trials=n_startup_trials)
-        return s.CmaEsSampler(
+        independent = optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials)
+        return optuna.samplers.CmaEsSampler(
             seed=seed,
             n_startup_trials=n_startup_trials,
             independent_sampler=independent,
             warn_independent_sampling=False,
         )
     if name == "gp":
-        independent = s.RandomSampler(seed=seed)
-        return s.GPSampler(
+        independent = optuna.samplers.RandomSampler(seed=seed)
+        return optuna.samplers.GPSampler(
             seed=seed,
             n_startup_trials=n_startup_trials,
             independent_sampler=independent,
             warn_independent_sampling=False,
         )
     if name == "nsga2":
-        return s.NSGAIISampler(seed=seed, population_size=max(4, min(50, 2 * n_startup_trials)))
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, 2 * n_startup_trials)))
     raise SearchError(f"--sampler {name!r}: unknown; known: {', '.join(SAMPLERS)}")
 
 
 def make_pruner(name: str, *, min_tokens: int, max_tokens: int, eta: int) -> Any:
     """A pruner by name, with trained tokens as the fidelity (trials report at ``step = tokens``)."""
-    import optuna.pruners as p
 
     if name == "none":
-        return p.NopPruner()
+        return optuna.pruners.NopPruner()
     if name in ("asha", "sha", "successive_halving"):
-        return p.SuccessiveHalvingPruner(min_resource=min_tokens, reduction_factor=eta)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_tokens, reduction_factor=eta)
     if name == "hyperband":
-        return p.HyperbandPruner(
+        return optuna.pruners.HyperbandPruner(
             min_resource=min_tokens, max_resource=max(max_tokens, min_tokens * eta), reduction_factor=eta
         )
     if name == "median":
-        return p.MedianPruner(n_startup_trials=4, n_warmup_steps=min_tokens)
+        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=min_tokens)
     raise SearchError(f"--pruner {name!r}: unknown; known: {', '.join(PRUNERS)}")
 
 
 # ---------------------------------------------------------------------------------------- studies
 def create_or_load(storage: Any, name: str, n_objectives: int, sampler: Any = None, pruner: Any = None) -> Any:
-    import optuna
-
     try:
         study = optuna.create_study(
             storage=storage,
@@ -291,8 +289,6 @@ def create_or_load(storage: Any, name: str, n_objectives: int, sampler: Any = No
 
 
 def load(storage: Any, name: str, sampler: Any = None, pruner: Any = None) -> Any:
-    import optuna
-
     try:
         return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
     except KeyError:
@@ -333,12 +329,11 @@ def recover_interrupted(study: Any, *, exclusive: bool = False) -> list[int]:
     Trials of other hosts are left to the storage's heartbeat (RDB storages). ``exclusive``: no other
     worker can be running (the caller holds the run directory's lock and the storage is its own), so a
     trial that was asked but never labelled with its process is interrupted too."""
-    from optuna.trial import TrialState
 
     quiet_optuna()
     fail_stale(study)  # RDB storages: stale heartbeats of any host (a journal needs a watch over time)
     host = socket.gethostname()
-    storage = study._storage  # noqa: SLF001 (marking another process's trial needs the storage itself)
+    storage = trial_storage(study)
     recovered = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         ua = t.user_attrs
@@ -358,7 +353,6 @@ def recover_interrupted(study: Any, *, exclusive: bool = False) -> list[int]:
 
 def fail_and_retry(study: Any, trial: Any, reason: str) -> None:
     """Mark this process's own running ``trial`` FAIL as interrupted and enqueue its retry."""
-    from optuna.trial import TrialState
 
     trial.set_user_attr("fail_reason", reason)
     trial.set_user_attr("interrupted", True)
@@ -370,8 +364,6 @@ def enqueue_retry(study: Any, failed: Any) -> bool:
     """Enqueue ``failed`` again with its parameters and run directory (the retry resumes from the trial's
     checkpoint). The retry chain is recorded as Optuna's ``RetryHeartbeatStaleTrialCallback`` does
     (``failed_trial``, ``retry_history``); at most ``MAX_RETRY`` retries. False when the chain is exhausted."""
-    import optuna
-    from optuna.trial import TrialState
 
     history = [*failed.system_attrs.get("retry_history", []), failed.number]
     if len(history) > MAX_RETRY:
@@ -388,9 +380,20 @@ def enqueue_retry(study: Any, failed: Any) -> bool:
     return True
 
 
-def frozen(study: Any, trial: Any) -> Any:
+def trial_storage(study: optuna.Study) -> BaseStorage:
+    """The storage a study's trials live in. Optuna does not expose it; this is the one place that reaches
+    for it (heartbeats and marking another process's trial need the storage itself)."""
+    return study._storage  # noqa: SLF001
+
+
+def frozen(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial:
     """The stored state of a live ``optuna.Trial`` (its system attributes are not exposed otherwise)."""
-    return study._storage.get_trial(trial._trial_id)  # noqa: SLF001
+    return trial_storage(study).get_trial(trial._trial_id)  # noqa: SLF001
+
+
+def heartbeat(study: optuna.Study, trial: optuna.Trial) -> Heartbeat:
+    """A :class:`Heartbeat` for ``trial``, beating into the storage the trial lives in."""
+    return Heartbeat(trial_storage(study), trial._trial_id)  # noqa: SLF001
 
 
 def original_number(trial: Any) -> int:
@@ -420,8 +423,6 @@ class Heartbeat:
         self._thread: threading.Thread | None = None
 
     def _beat_function(self) -> tuple[Callable[[], None], float] | None:
-        from optuna.storages import JournalStorage
-
         get_interval = getattr(self._storage, "get_heartbeat_interval", None)
         if get_interval is not None and get_interval():
             return (lambda: self._storage.record_heartbeat(self._trial_id)), float(get_interval())
@@ -473,10 +474,7 @@ class StaleWatch:
         self._last_check = -float("inf")
 
     def stale(self, study: Any) -> list[Any]:
-        from optuna.storages._heartbeat import is_heartbeat_enabled
-        from optuna.trial import TrialState
-
-        storage = study._storage  # noqa: SLF001
+        storage = trial_storage(study)
         if is_heartbeat_enabled(storage):
             ids = storage._get_stale_trial_ids(study._study_id)  # noqa: SLF001
             return [storage.get_trial(i) for i in ids]
@@ -511,10 +509,8 @@ def fail_stale(study: Any, watch: StaleWatch | None = None) -> list[int]:
     """Fail the RUNNING trials whose heartbeat is stale and enqueue their configurations again; return
     their numbers. Several workers may race here: the storage lets exactly one of them finish a trial
     (the others get ``UpdateFinishedTrialError``), and only that one enqueues the retry."""
-    from optuna.exceptions import UpdateFinishedTrialError
-    from optuna.trial import TrialState
 
-    storage = study._storage  # noqa: SLF001
+    storage = trial_storage(study)
     failed = []
     for t in (watch or StaleWatch()).stale(study):
         tid = t._trial_id  # noqa: SLF001

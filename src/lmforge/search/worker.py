@@ -14,25 +14,27 @@ worker leaves only when no trial is running any more, so the retry of a lost tri
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import BaseStorage
+from optuna.trial import FrozenTrial, TrialState
 
 from lmforge.config import LmforgeError
+from lmforge.search.budget import budget_spent, tokens_used
+from lmforge.search.context import SearchContext, SearchData, load_context, prepare_search_data
 from lmforge.search.disk import enforce_disk_cap
-from lmforge.search.objective import (
-    CONTEXT_ATTR,
-    SearchContext,
-    SearchData,
-    prepare_search_data,
-    run_trial,
-    tokens_used,
-)
+from lmforge.search.objective import run_trial
 from lmforge.search.study import (
-    SearchError,
     StaleWatch,
     frozen,
     load,
@@ -42,18 +44,15 @@ from lmforge.search.study import (
     original_number,
 )
 
+__all__ = ["load_context", "open_study", "over_cap", "run_worker", "search_done", "spawn"]
+
 POLL_S = 2.0
 """Seconds between looks at the study while waiting for other workers' trials to end."""
 
 
-def load_context(study: Any) -> SearchContext:
-    raw = study.user_attrs.get(CONTEXT_ATTR)
-    if not raw:
-        raise SearchError(f"study {study.study_name!r} was not created by lmforge tune (no search context)")
-    return SearchContext.from_dict(raw)
-
-
-def open_study(study_name: str, storage: str | Any, worker_id: int = 0) -> tuple[Any, SearchContext]:
+def open_study(
+    study_name: str, storage: str | BaseStorage, worker_id: int = 0
+) -> tuple[optuna.Study, SearchContext]:
     """The study with this worker's sampler and pruner, and its search context."""
     st = open_storage(storage) if isinstance(storage, str) else storage
     ctx = load_context(load(st, study_name))
@@ -70,16 +69,13 @@ def open_study(study_name: str, storage: str | Any, worker_id: int = 0) -> tuple
     return load(st, study_name, sampler, pruner), ctx
 
 
-def search_done(study: Any, ctx: SearchContext) -> str | None:
+def search_done(study: optuna.Study, ctx: SearchContext) -> str | None:
     """Why no further trial should start (None: go on). Waiting trials (grid points, retries) always run
-    unless the budget is spent."""
-    from optuna.trial import TrialState
-
-    if ctx.deadline_unix is not None and time.time() >= ctx.deadline_unix:
-        return "search time budget spent"
+    unless the budget is spent (:func:`~lmforge.search.budget.budget_spent`)."""
     trials = study.get_trials(deepcopy=False)
-    if ctx.search_tokens is not None and tokens_used(trials) >= ctx.search_tokens:
-        return "search token budget spent"
+    spent = budget_spent(ctx, tokens_used(trials) if ctx.search_tokens is not None else 0)
+    if spent is not None:
+        return spent
     waiting = any(t.state == TrialState.WAITING for t in trials)
     if ctx.sampler == "grid" and not waiting:
         return "grid exhausted"
@@ -90,7 +86,7 @@ def search_done(study: Any, ctx: SearchContext) -> str | None:
     return None
 
 
-def over_cap(study: Any, trial: Any, n_trials: int | None) -> bool:
+def over_cap(study: optuna.Study, trial: optuna.Trial | FrozenTrial, n_trials: int | None) -> bool:
     """Whether ``trial`` (just asked, not a retry or an enqueued point) lies past the ``n_trials`` cap: at
     least ``n_trials`` new trials have smaller numbers. Trial numbers are assigned atomically by the
     storage, so racing workers agree on which trials are admitted: exactly the first ``n_trials``."""
@@ -104,15 +100,13 @@ def over_cap(study: Any, trial: Any, n_trials: int | None) -> bool:
     return earlier >= n_trials
 
 
-def _running(study: Any) -> int:
-    from optuna.trial import TrialState
-
+def _running(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
 
 
 def run_worker(
     study_name: str,
-    storage: str | Any,
+    storage: str | BaseStorage,
     *,
     worker_id: int = 0,
     data: SearchData | None = None,
@@ -130,9 +124,6 @@ def run_worker(
     elsewhere). ``wait``: when the search is done but other workers' trials still run, stay (failing the
     stale ones and running their retries) until none runs. KeyboardInterrupt (and SIGTERM during
     training) re-enqueues the current trial and propagates."""
-    from optuna.exceptions import UpdateFinishedTrialError
-    from optuna.trial import TrialState
-
     study, ctx = open_study(study_name, storage, worker_id)
     if run_dir is not None:
         ctx.run_dir = run_dir
@@ -168,7 +159,7 @@ def run_worker(
             # trial as lost and enqueued its retry, which continues it from its checkpoint
             print(f"trial {trial.number} was failed as stale by another worker; its retry takes over", file=sys.stderr)
         n += 1
-        enforce_disk_cap(study, ctx.run_dir, ctx.disk_cap, ctx.keep_best)
+        enforce_disk_cap(study, Path(ctx.run_dir), ctx.disk_cap, ctx.keep_best)
         if hook is not None:
             hook()
     return n
@@ -177,17 +168,13 @@ def run_worker(
 def _die_with_parent() -> None:
     """In a worker process (Linux): receive SIGKILL when the parent dies, so no orphan keeps training."""
     try:
-        import ctypes
-
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
     except (OSError, AttributeError):
         pass
 
 
-def spawn(study_name: str, storage: str, worker_id: int, threads: int, log_path: str) -> Any:
+def spawn(study_name: str, storage: str, worker_id: int, threads: int, log_path: str) -> subprocess.Popen[bytes]:
     """Start ``python -m lmforge.search.worker`` in a new process (its output goes to ``log_path``)."""
-    import subprocess
-
     cmd = [
         sys.executable,
         "-m",
@@ -219,8 +206,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = p.parse_args(argv)
     if args.threads > 0:
-        import torch
-
         torch.set_num_threads(args.threads)
     parent = os.getppid()
 
