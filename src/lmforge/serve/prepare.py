@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import TypeVar, cast
 
 from lmforge.predict import GenerationConfig, GenerationError, GenerationOutput
 from lmforge.serve.chat_template import ChatTemplate
@@ -20,6 +21,14 @@ from lmforge.serve.validation import check_text
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 """OpenAI's default ``max_tokens`` of ``/v1/completions``."""
+
+T = TypeVar("T")
+
+
+def _filled(value: T | None) -> T:
+    """A request field that may be sent as null: the schema's validator has put its default in by now."""
+    assert value is not None
+    return value
 
 
 @dataclass
@@ -135,8 +144,9 @@ class RequestPreparer:
                 raise ApiError(400, f"'{name}' is not supported by this server (only 0)", param=name)
         if req.logit_bias:
             raise ApiError(400, "'logit_bias' is not supported by this server", param="logit_bias")
-        sampling = req.temperature > 0
-        n, beams = req.n, req.num_beams
+        temperature = _filled(req.temperature)
+        sampling = temperature > 0
+        n, beams = _filled(req.n), _filled(req.num_beams)
         if beams > 1 and n > beams:
             raise ApiError(
                 400, f"Invalid value for 'n': {n} completions need num_beams >= {n} (got {beams})", param="n"
@@ -147,8 +157,8 @@ class RequestPreparer:
                 max_new_tokens=max_tokens,
                 do_sample=sampling,
                 # greedy settings are normalised so that all greedy requests share one batch key
-                temperature=req.temperature if sampling else 0.0,
-                top_p=req.top_p if sampling else 1.0,
+                temperature=temperature if sampling else 0.0,
+                top_p=_filled(req.top_p) if sampling else 1.0,
                 top_k=(req.top_k or None) if sampling else None,
                 num_beams=beams,
                 num_return_sequences=returned,
@@ -178,14 +188,16 @@ class RequestPreparer:
         if req.best_of is not None and req.best_of != req.n:
             raise ApiError(400, "'best_of' is not supported by this server (only equal to n)", param="best_of")
         p = req.prompt
+        texts: list[str] | None
+        prompts: list[list[int]] | None
         if isinstance(p, str):
             texts, prompts = [p], None
         elif p and all(isinstance(x, int) for x in p):
-            texts, prompts = None, [list(p)]  # type: ignore[arg-type]
+            texts, prompts = None, [cast(list[int], list(p))]
         elif p and all(isinstance(x, list) for x in p):
-            texts, prompts = None, [list(x) for x in p]  # type: ignore[union-attr]
+            texts, prompts = None, [list(x) for x in cast(list[list[int]], p)]
         else:
-            texts, prompts = list(p), None  # type: ignore[arg-type]
+            texts, prompts = cast(list[str], list(p)), None
         if not p:
             raise ApiError(400, "Invalid value for 'prompt': the prompt is empty", param="prompt")
         if texts is not None:
@@ -196,6 +208,7 @@ class RequestPreparer:
                     raise ApiError(400, f"Invalid value for '{where}': the prompt is empty", param="prompt")
                 prompts.append(self.tokenizer.encode(check_text(t, "prompt")))
         else:
+            assert prompts is not None  # token-id prompts: no texts yet
             texts = []
             for i, ids in enumerate(prompts):
                 where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
@@ -210,16 +223,16 @@ class RequestPreparer:
         max_tokens = self._max_tokens(req.max_tokens, prompts, "max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS)
         stops = [check_text(t, "stop") for t in ([req.stop] if isinstance(req.stop, str) else req.stop or [])]
         cfg, copies = self._config(req, max_tokens, stops)
-        self._check_rows(len(prompts), cfg, req.n)
+        self._check_rows(len(prompts), cfg, _filled(req.n))
         return Prepared(
             kind="text",
             prompts=prompts,
             prompt_texts=texts,
             config=cfg,
-            n=req.n,
+            n=_filled(req.n),
             copies=copies,
-            stream=req.stream,
-            echo=req.echo,
+            stream=_filled(req.stream),
+            echo=_filled(req.echo),
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
         )
 
@@ -256,14 +269,14 @@ class RequestPreparer:
         user_stops = [check_text(t, "stop") for t in ([req.stop] if isinstance(req.stop, str) else req.stop or [])]
         stops = user_stops + [s for s in self.chat.stop if s not in user_stops]
         cfg, copies = self._config(req, max_tokens, stops)
-        self._check_rows(1, cfg, req.n)
+        self._check_rows(1, cfg, _filled(req.n))
         return Prepared(
             kind="chat",
             prompts=[ids],
             prompt_texts=[text],
             config=cfg,
-            n=req.n,
+            n=_filled(req.n),
             copies=copies,
-            stream=req.stream,
+            stream=_filled(req.stream),
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
         )

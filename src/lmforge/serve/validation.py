@@ -48,9 +48,9 @@ def validation_error(errors: list[dict[str, Any]]) -> ApiError:
     param = _param(loc)
     unicode = next((x for x in errors if x.get("type") == "string_unicode"), None)
     if unicode is not None:  # a JSON escape of a lone surrogate
-        where = _param([p for p in unicode.get("loc", ()) if p != "body"])
-        what = f"'{where}'" if where else "a parameter name"
-        return ApiError(400, f"Invalid value for {what}: not valid Unicode (a lone surrogate)", param=where)
+        bad_param = _param([p for p in unicode.get("loc", ()) if p != "body"])
+        what = f"'{bad_param}'" if bad_param else "a parameter name"
+        return ApiError(400, f"Invalid value for {what}: not valid Unicode (a lone surrogate)", param=bad_param)
     if param is None:
         return ApiError(400, "The request body must be a JSON object of parameters (Content-Type: application/json)")
     kind = e.get("type", "")
