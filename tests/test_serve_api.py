@@ -20,7 +20,9 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from lmforge.predict import GenerationConfig, generate_text  # noqa: E402
 from lmforge.runs import load_model  # noqa: E402
-from lmforge.serve.app import PLAIN_CHAT_STOP, ServeOptions, create_app, load_app  # noqa: E402
+from lmforge.serve.app import create_app, load_app  # noqa: E402
+from lmforge.serve.chat_template import PLAIN_CHAT_STOP  # noqa: E402
+from lmforge.serve.options import ServeOptions  # noqa: E402
 
 NAME = "tiny"
 
@@ -171,7 +173,7 @@ def test_chat_template_from_tokenizer_config(ckpt, ref, tmp_path):
     template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] "
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
     model, tok = ref
-    from lmforge.serve.app import find_chat_template
+    from lmforge.serve.chat_template import find_chat_template
 
     found = find_chat_template(tmp_path)
     assert found == template

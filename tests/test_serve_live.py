@@ -22,7 +22,9 @@ httpx = pytest.importorskip("httpx")
 
 from lmforge.predict import GenerationConfig, generate_text  # noqa: E402
 from lmforge.runs import load_model  # noqa: E402
-from lmforge.serve.app import PLAIN_CHAT_STOP, ServeOptions, create_app, load_app  # noqa: E402
+from lmforge.serve.app import create_app, load_app  # noqa: E402
+from lmforge.serve.chat_template import PLAIN_CHAT_STOP  # noqa: E402
+from lmforge.serve.options import ServeOptions  # noqa: E402
 
 NAME = "tiny"
 ARTIFACTS = Path(__file__).parent / "artifacts"

@@ -27,11 +27,12 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
+from torch import nn
 
 from lmforge.predict import GenerationConfig, GenerationOutput, generate
+from lmforge.serve.protocols import ServedTokenizer
 
 log = logging.getLogger("lmforge.serve")
 
@@ -125,7 +126,9 @@ class Batcher:
     Start it inside the event loop with :meth:`start`; :meth:`submit` queues a job.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, max_wait_s: float = 0.005, max_batch_rows: int = 32) -> None:
+    def __init__(
+        self, model: nn.Module, tokenizer: ServedTokenizer, *, max_wait_s: float = 0.005, max_batch_rows: int = 32
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_wait_s = max_wait_s
@@ -216,7 +219,7 @@ class Batcher:
         if not self._pending:
             return []
         first = self._pending.popleft()
-        group, rows, rest = [first], first.rows, deque()
+        group, rows, rest = [first], first.rows, deque[Job]()
         for job in self._pending:
             if job.cancelled.is_set():
                 continue

@@ -1,0 +1,139 @@
+"""Request handling: the :class:`Server` state behind the routes and the path of one request through it.
+
+Path: take a concurrency slot (429 when all are taken) -> a :class:`~lmforge.serve.batcher.Job` for the
+batcher -> wait for its events under the request's time limit (504 after it) -> a JSON body or an event
+stream. The slot is freed when the response ends, the time limit passes or the client disconnects; the job
+is then cancelled, which stops the engine once nothing else needs the batch. Checking a request is
+:mod:`lmforge.serve.prepare`'s job; shaping the answer is :mod:`lmforge.serve.responses`'."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from torch import nn
+
+from lmforge.config import LmforgeError
+from lmforge.predict import GenerationError
+from lmforge.serve.batcher import Batcher, DoneEvent, ErrorEvent, Job, TokenEvent
+from lmforge.serve.chat_template import ChatTemplate
+from lmforge.serve.http import EventStream, Slots, sse
+from lmforge.serve.options import ServeOptions
+from lmforge.serve.prepare import Prepared, RequestPreparer
+from lmforge.serve.protocols import ServedTokenizer
+from lmforge.serve.responses import ChunkStream, completion_body
+from lmforge.serve.schemas import ApiError
+
+POLL_S = 0.25
+"""While no event arrives, check this often whether the client has gone."""
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request waited for the engine."""
+
+
+class Server:
+    """The state behind the routes: model, tokenizer, options, request checks, batcher, slots."""
+
+    def __init__(self, model: nn.Module, tokenizer: ServedTokenizer, options: ServeOptions) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.options = options
+        self.context: int | None = getattr(model, "max_seq_len", None)
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        self.vocab_size: int = vocab if isinstance(vocab, int) else tokenizer.vocab_size
+        self.chat = ChatTemplate(
+            options.chat_template,
+            bos_token=getattr(tokenizer, "eot_token", ""),
+            eos_token=getattr(tokenizer, "eot_token", ""),
+        )
+        self.requests = RequestPreparer(tokenizer, options, self.chat, context=self.context, vocab_size=self.vocab_size)
+        self.slots = Slots(options.max_concurrency)
+        self.batcher = Batcher(
+            model, tokenizer, max_wait_s=options.batch_wait_ms / 1000.0, max_batch_rows=options.max_batch_rows
+        )
+        self.created = int(time.time())
+
+    async def respond(self, request: Request, prep: Prepared) -> Response:
+        release = self.slots.acquire()
+        loop = asyncio.get_running_loop()
+        job = Job(prompts=prep.prompts, config=prep.config, loop=loop, stream=prep.stream)
+        deadline = loop.time() + self.options.timeout
+        try:
+            self.batcher.submit(job)
+            first = await self._next_event(job, deadline, request)
+            if isinstance(first, ErrorEvent):
+                raise engine_error(first.error)
+        except ClientGone:
+            job.cancel()
+            release()
+            return Response(status_code=499)
+        except BaseException:
+            job.cancel()
+            release()
+            raise
+        if not prep.stream:
+            job.cancel()
+            release()
+            assert isinstance(first, DoneEvent)
+            return JSONResponse(completion_body(prep, first.output, self.options.model_name))
+
+        def on_close() -> None:
+            job.cancel()
+            release()
+
+        return EventStream(self._events(prep, job, first, deadline, request), on_close)
+
+    async def _next_event(self, job: Job, deadline: float, request: Request) -> TokenEvent | DoneEvent | ErrorEvent:
+        loop = asyncio.get_running_loop()
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise ApiError(
+                    504,
+                    f"The request did not finish within this server's time limit of "
+                    f"{self.options.timeout:g} s (--timeout)",
+                    type="timeout_error",
+                    code="timeout",
+                )
+            try:
+                return await asyncio.wait_for(job.events.get(), min(remaining, POLL_S))
+            except TimeoutError:
+                if await request.is_disconnected():
+                    raise ClientGone from None
+
+    async def _events(
+        self, prep: Prepared, job: Job, first: TokenEvent | DoneEvent | ErrorEvent, deadline: float, request: Request
+    ) -> AsyncIterator[str]:
+        chunks = ChunkStream(prep, self.tokenizer, self.options.model_name)
+        for chunk in chunks.opening():
+            yield chunk
+        event = first
+        while True:
+            if isinstance(event, TokenEvent):
+                for chunk in chunks.tokens(event.row, event.ids):
+                    yield chunk
+            elif isinstance(event, DoneEvent):
+                for chunk in chunks.done(event.output):
+                    yield chunk
+                return
+            else:
+                yield sse(engine_error(event.error).body())
+                return
+            try:
+                event = await self._next_event(job, deadline, request)
+            except ApiError as err:  # the time limit, after the response has started
+                yield sse(err.body())
+                return
+            except ClientGone:
+                return
+
+
+def engine_error(err: BaseException) -> ApiError:
+    """An exception from the engine -> the API error: the request's fault (400) or the server's (500)."""
+    if isinstance(err, (GenerationError, LmforgeError, ValueError)):
+        return ApiError(400, str(err))
+    return ApiError(500, f"Generation failed: {type(err).__name__}: {err}", type="server_error")

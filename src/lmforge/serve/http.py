@@ -1,0 +1,142 @@
+"""HTTP plumbing of the server, below the routes: the request-body limit, the concurrency slots, the
+server-sent-event response and the JSON error response.
+
+None of it knows about models or the OpenAI request shapes; it only knows how an error body looks."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from lmforge.serve.schemas import ApiError, error_body
+
+
+class BodyLimitMiddleware:
+    """Reads a request body up to ``max_bytes`` before the app sees it; a larger one gets 413 (the
+    ``Content-Length`` is checked first, a chunked body while it arrives)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None:
+            if not length.strip().isdigit():
+                await send_json(send, 400, error_body("Content-Length is not a number", code="bad_request"))
+                return
+            if int(length) > self.max_bytes:
+                await self._too_large(send)
+                return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.max_bytes:
+                await self._too_large(send)
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, send: Send) -> None:
+        msg = f"The request body is larger than this server's limit of {self.max_bytes} bytes"
+        await send_json(send, 413, error_body(msg, code="request_too_large"))
+
+
+async def send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    """Answer with a JSON body straight from ASGI (the middleware answers before the app exists for the
+    request) and close the connection, since the unread rest of the body may still be arriving."""
+    data = json.dumps(body).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(data)).encode()),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data, "more_body": False})
+
+
+class Slots:
+    """Counts requests in progress (the event loop is single-threaded: no lock)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+    def acquire(self) -> Callable[[], None]:
+        """Take a slot or raise 429; returns an idempotent release function."""
+        if self.active >= self.limit:
+            raise ApiError(
+                429,
+                f"The server is busy: all {self.limit} request slots are in use (--max-concurrency); retry shortly",
+                type="rate_limit_error",
+                code="rate_limit_exceeded",
+            )
+        self.active += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.active -= 1
+
+        return release
+
+
+class EventStream(StreamingResponse):
+    """An SSE response that always runs ``on_close`` (free the slot, cancel the job) when it ends,
+    however it ends: finished, client gone, or cancelled."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(
+            content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+        self._gen = content
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except (ClientDisconnect, OSError):
+            pass
+        finally:
+            self._on_close()
+            await self._gen.aclose()  # type: ignore[attr-defined]
+
+
+def sse(obj: Any) -> str:
+    """One server-sent event carrying ``obj`` as compact JSON."""
+    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+class ErrorJSONResponse(JSONResponse):
+    """JSON with non-ASCII characters escaped: an error message may quote a request's text, which can hold
+    lone surrogates (valid in JSON escapes, not encodable as UTF-8)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")

@@ -1,0 +1,48 @@
+"""A server's limits and settings (the ``lmforge serve`` flags), checked once when the server is built.
+
+Kept apart from the app so that the options can be built and validated without fastapi."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from lmforge.config import LmforgeError
+
+
+@dataclass
+class ServeOptions:
+    """Limits and settings of a server (the ``lmforge serve`` flags)."""
+
+    model_name: str = "lmforge"
+    """The model id clients send as ``model`` and ``GET /v1/models`` lists."""
+    max_concurrency: int = 8
+    """Requests served at once; one more gets 429."""
+    timeout: float = 60.0
+    """Seconds a request may take before it gets 504 (a stream gets an error event)."""
+    max_tokens_limit: int = 2048
+    """Largest ``max_tokens`` accepted (the context bounds it too)."""
+    default_chat_max_tokens: int = 256
+    """``max_tokens`` of a chat request that gives none (less when the context has less room)."""
+    max_body_bytes: int = 1_000_000
+    batch_wait_ms: float = 5.0
+    """How long the batcher waits for more requests to join a batch."""
+    max_batch_rows: int = 32
+    """Decoding rows (prompts x sequences or beams) of one batched generate call, and of one request."""
+    chat_template: str | None = None
+    """Jinja source of the chat template; None: the plain template."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_concurrency",
+            "max_tokens_limit",
+            "default_chat_max_tokens",
+            "max_body_bytes",
+            "max_batch_rows",
+        ):
+            if getattr(self, name) < 1:
+                raise LmforgeError(f"serve option {name} = {getattr(self, name)}: must be at least 1")
+        if not (self.timeout > 0 and math.isfinite(self.timeout)):
+            raise LmforgeError(f"serve option timeout = {self.timeout}: must be a positive number of seconds")
+        if self.batch_wait_ms < 0:
+            raise LmforgeError(f"serve option batch_wait_ms = {self.batch_wait_ms}: must be >= 0")
