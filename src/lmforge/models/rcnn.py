@@ -20,7 +20,7 @@ leave them unchanged; otherwise a whole chunk is processed at once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -109,9 +109,9 @@ class RCNNModel(TokenTableLM):
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self._output_layer(cfg)
 
-    def rcnn_blocks(self) -> Iterable[RCNNBlock]:
+    def rcnn_blocks(self) -> Sequence[RCNNBlock]:
         """The blocks, typed: ``nn.ModuleList`` is not generic."""
-        return cast(Iterable[RCNNBlock], self.blocks)
+        return cast(Sequence[RCNNBlock], self.blocks)
 
     def _run(
         self, idx: torch.Tensor, conv: Sequence[torch.Tensor], hidden: Sequence[Hidden | None], length: int,

@@ -12,7 +12,7 @@ state of rows whose token is padding unchanged; otherwise the whole chunk goes t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Union, cast
 
@@ -131,9 +131,9 @@ class RecurrentModel(TokenTableLM):
         self.layers = nn.ModuleList([rnn_cls(cfg.d_model, cfg.d_model, batch_first=True) for _ in range(cfg.n_layer)])
         self._output_layer(cfg)  # recurrent weights keep PyTorch's uniform(+-1/sqrt(d)) init
 
-    def rnns(self) -> Iterable[nn.RNNBase]:
+    def rnns(self) -> Sequence[nn.RNNBase]:
         """The layers (``nn.LSTM`` or ``nn.GRU``), typed: ``nn.ModuleList`` is not generic."""
-        return cast(Iterable[nn.RNNBase], self.layers)
+        return cast(Sequence[nn.RNNBase], self.layers)
 
     def _run(
         self, idx: torch.Tensor, hidden: list[Hidden | None], valid: torch.Tensor | None

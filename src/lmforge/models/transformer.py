@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -335,6 +335,10 @@ class TransformerModel(LanguageModel):
             else:
                 nn.init.normal_(p, mean=0.0, std=cfg.init_std)
 
+    def blocks(self) -> Sequence[Block]:
+        """The blocks ``h``, typed: ``nn.ModuleList`` is not generic (its items type as Module)."""
+        return cast(Sequence[Block], self.h)
+
     # ------------------------------------------------------------------------------------- training
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
@@ -448,8 +452,7 @@ class TransformerModel(LanguageModel):
         updates stay visible."""
         cached: DecodeParams | None = self.__dict__.get("_decode_cache")
         if cached is None:
-            # nn.ModuleList is not generic: its items type as Module
-            layers = [_LayerParams.of(b) for b in cast(Iterable[Block], self.h)]
+            layers = [_LayerParams.of(b) for b in self.blocks()]
             ln_f = _norm_spec(self.ln_f)
             native_args: NativeArgs | None = None
             if layers and ln_f[4] is not None and self.wte.weight.device.type == "cpu":  # (GPUs: not tried yet)
@@ -475,7 +478,8 @@ class TransformerModel(LanguageModel):
         self.__dict__.pop("_decode_cache", None)
         return super().train(mode)
 
-    def _apply(self, fn, *args, **kwargs):  # .to(), .half(), ...: parameters may be new tensors
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], *args: Any, **kwargs: Any) -> TransformerModel:
+        # .to(), .half(), ...: parameters may be new tensors
         self.__dict__.pop("_decode_cache", None)
         return super()._apply(fn, *args, **kwargs)
 
