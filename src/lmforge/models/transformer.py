@@ -293,7 +293,6 @@ class TransformerModel(LanguageModel):
     """Decoder-only transformer; see the module docstring."""
 
     config: TransformerConfig
-    max_seq_len: int
     wpe: nn.Embedding | None
     rope_cos: torch.Tensor
     """(max_seq_len, head_dim) buffers, with ``position == "rope"`` only."""
@@ -335,6 +334,14 @@ class TransformerModel(LanguageModel):
             else:
                 nn.init.normal_(p, mean=0.0, std=cfg.init_std)
 
+    @property
+    def context_length(self) -> int:
+        """``max_seq_len`` typed as an int: a transformer always has one (``__init__`` refuses a config without).
+
+        (``max_seq_len`` itself keeps the ``int | None`` of :class:`LanguageModel`, the type protocols expect.)"""
+        assert self.max_seq_len is not None
+        return self.max_seq_len
+
     def blocks(self) -> Sequence[Block]:
         """The blocks ``h``, typed: ``nn.ModuleList`` is not generic (its items type as Module)."""
         return cast(Sequence[Block], self.h)
@@ -344,7 +351,7 @@ class TransformerModel(LanguageModel):
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T = idx.size()
-        if T > self.max_seq_len:
+        if T > self.context_length:
             raise ContextLengthError(f"sequence of {T} tokens is longer than model.max_seq_len ({self.max_seq_len})")
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
@@ -361,10 +368,10 @@ class TransformerModel(LanguageModel):
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> KVCache:
         p = self.wte.weight
         device = p.device if device is None else torch.device(device)
-        shape = (batch_size, 2, self.config.kv_heads, min(self.max_seq_len, _INITIAL_CAPACITY), self.head_dim)
+        shape = (batch_size, 2, self.config.kv_heads, min(self.context_length, _INITIAL_CAPACITY), self.head_dim)
         return KVCache(
             kv=[torch.empty(shape, dtype=p.dtype, device=device) for _ in self.h],
-            key_valid=torch.zeros(batch_size, self.max_seq_len, dtype=torch.bool, device=device),
+            key_valid=torch.zeros(batch_size, self.context_length, dtype=torch.bool, device=device),
             pos=torch.zeros(batch_size, dtype=torch.long, device=device),
             length=0,
         )
@@ -374,7 +381,7 @@ class TransformerModel(LanguageModel):
     ) -> tuple[torch.Tensor, KVCache]:
         B, T = idx.size()
         start, end = state.length, state.length + T
-        if end > self.max_seq_len:
+        if end > self.context_length:
             raise ContextLengthError(
                 f"KV cache is full: {start} cached + {T} new tokens exceed model.max_seq_len ({self.max_seq_len})"
             )
@@ -485,12 +492,12 @@ class TransformerModel(LanguageModel):
 
     def reserve_state(self, state: KVCache, length: int) -> None:
         if length > state.kv[0].size(3):
-            self._grow(state, min(length, self.max_seq_len), exact=True)
+            self._grow(state, min(length, self.context_length), exact=True)
 
     def _grow(self, state: KVCache, end: int, exact: bool = False) -> None:
         """Give the cache room for slots ``[:end]`` (capacity doubles unless ``exact``, up to ``max_seq_len``)."""
         cap = state.kv[0].size(3)
-        new_cap = end if exact else min(self.max_seq_len, max(end, 2 * cap, _INITIAL_CAPACITY))
+        new_cap = end if exact else min(self.context_length, max(end, 2 * cap, _INITIAL_CAPACITY))
         L = state.length
 
         def grow(t: torch.Tensor) -> torch.Tensor:
@@ -556,6 +563,6 @@ class TransformerModel(LanguageModel):
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        T = seq_len or self.max_seq_len
+        T = seq_len or self.context_length
         cfg = self.config
         return 6.0 * self.num_params(exclude_embeddings=True) + 12.0 * cfg.n_layer * cfg.d_model * T
