@@ -9,6 +9,7 @@ the form ``--section.field value`` (:func:`apply_overrides`). Every problem is r
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from pathlib import Path
@@ -415,8 +416,6 @@ def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``["--model.n_layer", "4", "--optim.lr=3e-3", ...]`` to a nested dict (copied)."""
-    import copy
-
     raw = copy.deepcopy(raw)
     i = 0
     while i < len(overrides):

@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 
-from lmforge.config import ConfigError, ModelConfig
-from lmforge.models.base import IGNORE_INDEX, ContextLengthError, LanguageModel, lm_loss
+from lmforge.config import IGNORE_INDEX, ConfigError, ModelConfig
+from lmforge.models.base import ContextLengthError, LanguageModel, lm_loss
 from lmforge.models.rcnn import RCNNModel
 from lmforge.models.recurrent import RecurrentModel
 from lmforge.models.transformer import TransformerModel

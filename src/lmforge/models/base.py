@@ -123,10 +123,11 @@ def without_onednn() -> Iterator[None]:
     oneDNN (slower convolutions, same results up to float rounding).
     """
     global _onednn_users, _onednn_was_enabled
+    # torch's stubs type ``mkldnn.enabled`` as its descriptor (ContextProp); the module reads and writes a bool
     with _onednn_lock:
         if _onednn_users == 0:
-            _onednn_was_enabled = torch.backends.mkldnn.enabled
-            torch.backends.mkldnn.enabled = False
+            _onednn_was_enabled = torch.backends.mkldnn.enabled  # type: ignore[assignment]
+            torch.backends.mkldnn.enabled = False  # type: ignore[assignment]
         _onednn_users += 1
     try:
         yield
@@ -134,7 +135,7 @@ def without_onednn() -> Iterator[None]:
         with _onednn_lock:
             _onednn_users -= 1
             if _onednn_users == 0:
-                torch.backends.mkldnn.enabled = _onednn_was_enabled
+                torch.backends.mkldnn.enabled = _onednn_was_enabled  # type: ignore[assignment]
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

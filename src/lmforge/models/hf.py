@@ -20,7 +20,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -28,6 +28,10 @@ from torch import nn
 from lmforge.config import ConfigError, HFModelConfig, LmforgeError
 from lmforge.models import register_model
 from lmforge.models.base import ContextLengthError, LanguageModel, lm_loss
+from lmforge.models.hf_mapping import FORMATS, HFMappingError, from_hf_state_dict
+
+if TYPE_CHECKING:  # transformers is an optional extra, imported when a model is built
+    from transformers import PreTrainedModel
 
 HF_PREFIX = "hf:"
 
@@ -67,7 +71,7 @@ def hf_source(path: str | Path) -> str:
     return str(p)
 
 
-def load_hf_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_hf_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained`` with errors turned into one-line :class:`HFLoadError`."""
     source = hf_source(path)
     try:
@@ -88,6 +92,11 @@ def load_hf_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> n
     return model
 
 
+def _input_embeddings(hf: PreTrainedModel) -> nn.Embedding:
+    """The token table of ``hf`` (transformers types the accessor as a plain Module)."""
+    return cast(nn.Embedding, hf.get_input_embeddings())
+
+
 def _positions(hf_config: Any) -> int | None:
     for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"):
         value = getattr(hf_config, name, None)
@@ -99,7 +108,9 @@ def _positions(hf_config: Any) -> int | None:
 class HFCausalLM(LanguageModel):
     """A Hugging Face ``*ForCausalLM`` (attribute ``hf``) implementing :class:`LanguageModel`."""
 
-    def __init__(self, cfg: HFModelConfig, hf_model: nn.Module | None = None):
+    config: HFModelConfig
+
+    def __init__(self, cfg: HFModelConfig, hf_model: PreTrainedModel | None = None):
         super().__init__()
         hf = load_hf_causal_lm(cfg.path) if hf_model is None else hf_model
         head = hf.get_output_embeddings()
@@ -139,7 +150,7 @@ class HFCausalLM(LanguageModel):
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> HFState:
         from transformers import DynamicCache
 
-        device = self.hf.get_input_embeddings().weight.device if device is None else torch.device(device)
+        device = _input_embeddings(self.hf).weight.device if device is None else torch.device(device)
         return HFState(
             cache=DynamicCache(config=self.hf.config),
             mask=torch.zeros(batch_size, 0, dtype=torch.long, device=device),
@@ -188,7 +199,7 @@ class HFCausalLM(LanguageModel):
         embeddings, and the token embedding unless it is tied to the output projection (then it does a matmul)."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
-            wte = self.hf.get_input_embeddings()
+            wte = _input_embeddings(self.hf)
             out = self.hf.get_output_embeddings()
             tied = out is not None and out.weight is wte.weight
             for module in self.hf.modules():
@@ -230,12 +241,10 @@ def native_transformer(model: HFCausalLM) -> LanguageModel | None:
     Weights are copied, so memory peaks at twice the model while both exist: when the device lacks the room for
     the copy (as far as :func:`_free_memory` can tell), the wrapped model stays, with a warning.
     """
-    from lmforge.models.hf_mapping import FORMATS, HFMappingError, from_hf_state_dict
-
     fmt = getattr(model.hf.config, "model_type", None)
     if fmt not in FORMATS:
         return None
-    weight = model.hf.get_input_embeddings().weight
+    weight = _input_embeddings(model.hf).weight
     size = sum(p.numel() * p.element_size() for p in model.hf.parameters())
     free = _free_memory(weight.device)
     if free is not None and size > 0.8 * free:

@@ -55,6 +55,7 @@ def to_hf_state_dict(model: TransformerModel) -> tuple[str, dict[str, Any], dict
     fmt = hf_format(cfg)
     sd = model.state_dict()
     out: dict[str, torch.Tensor] = {}
+    config: dict[str, Any]
     nh, nkv, hd = cfg.n_head, cfg.kv_heads, cfg.d_model // cfg.n_head
     if fmt == "gpt2":
         conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

@@ -46,7 +46,8 @@ parent's function (its logits equal the parent's, up to float rounding) and can 
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from pydantic import ValidationError
@@ -54,6 +55,9 @@ from pydantic import ValidationError
 from lmforge.config import LmforgeError
 from lmforge.models import build_model
 from lmforge.models.base import LanguageModel
+from lmforge.models.rcnn import RCNNModel
+from lmforge.models.recurrent import RecurrentModel
+from lmforge.models.transformer import TransformerModel, mlp_hidden
 
 __all__ = [
     "MUTABLE_FAMILIES",
@@ -77,12 +81,22 @@ class MutationError(LmforgeError, ValueError):
     """A mutation that does not apply to this model (wrong family, index out of range, not exact...)."""
 
 
+ModelT = TypeVar("ModelT", bound=LanguageModel)
+
+
 # ------------------------------------------------------------------------------------------ helpers
 def _family(model: LanguageModel) -> str:
     fam = getattr(getattr(model, "config", None), "family", None)
     if fam not in MUTABLE_FAMILIES:
         raise MutationError(f"model.family {fam!r} cannot be mutated; supported: {list(MUTABLE_FAMILIES)}")
     return fam
+
+
+def _as(model: LanguageModel, cls: type[ModelT]) -> ModelT:
+    """``model`` as the class ``build_model`` builds for its family (a model of another class is a bug)."""
+    if not isinstance(model, cls):
+        raise MutationError(f"internal: a {model.config.family} model of class {type(model).__name__}, not {cls.__name__}")
+    return model
 
 
 def _rebuild(model: LanguageModel, **updates: Any) -> LanguageModel:
@@ -122,7 +136,9 @@ def _load(child: LanguageModel, state: dict[str, torch.Tensor]) -> None:
             target[name].copy_(value)
 
 
-def _renumber(state: dict[str, torch.Tensor], prefix: str, fn: Any) -> dict[str, torch.Tensor]:
+def _renumber(
+    state: dict[str, torch.Tensor], prefix: str, fn: Callable[[int], int | None]
+) -> dict[str, torch.Tensor]:
     """Rename ``prefix.{j}.rest`` to ``prefix.{fn(j)}.rest``; ``fn(j) is None`` drops the tensor."""
     pat = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.*)$")
     out = {}
@@ -185,19 +201,19 @@ def add_layer(model: LanguageModel, index: int | None = None, *, exact: bool = T
         return child  # exact=False: the new layer keeps its fresh init
     with torch.no_grad():
         if fam == "transformer":
-            block = child.h[i]
+            block = _as(child, TransformerModel).blocks()[i]
             for lin in (block.attn.c_proj, block.mlp.c_proj):
                 lin.weight.zero_()
                 if lin.bias is not None:
                     lin.bias.zero_()
         elif fam in ("lstm", "gru"):
-            _zero_candidate(child.layers[i])
+            _zero_candidate(_as(child, RecurrentModel).rnns()[i])
         else:
-            block = child.blocks[i]
+            rblock = _as(child, RCNNModel).rcnn_blocks()[i]
             d = cfg.d_model
-            block.conv.pw.weight[:d].zero_()  # GLU value half: a = 0, so a * sigmoid(b) = 0
-            block.conv.pw.bias[:d].zero_()
-            _zero_candidate(block.rnn)
+            rblock.conv.pw.weight[:d].zero_()  # GLU value half: a = 0, so a * sigmoid(b) = 0
+            rblock.conv.pw.bias[:d].zero_()
+            _zero_candidate(rblock.rnn)
     return child
 
 
@@ -216,9 +232,12 @@ def remove_layer(model: LanguageModel, index: int | None = None) -> LanguageMode
 
 # --------------------------------------------------------------------------------------------- widen
 def _new_width(old: int, factor: float | None, width: int | None, what: str) -> int:
-    if (factor is None) == (width is None):
+    if width is not None and factor is None:
+        new = int(width)
+    elif factor is not None and width is None:
+        new = round(old * float(factor))
+    else:
         raise MutationError("widen: give exactly one of factor or width")
-    new = int(width) if width is not None else round(old * float(factor))
     if new <= old:
         raise MutationError(f"widen: {what} would go from {old} to {new}; widening must increase it")
     return new
@@ -244,8 +263,6 @@ def widen(
 
 
 def _widen_mlp(model: LanguageModel, factor: float | None, width: int | None, method: str) -> LanguageModel:
-    from lmforge.models.transformer import mlp_hidden
-
     cfg = model.config
     h = mlp_hidden(cfg)
     new_h = _new_width(h, factor, width, "the MLP hidden width")
@@ -256,7 +273,7 @@ def _widen_mlp(model: LanguageModel, factor: float | None, width: int | None, me
     _load(child, state)
     swiglu = cfg.mlp == "swiglu"
     with torch.no_grad():
-        for pb, cb in zip(model.h, child.h, strict=True):
+        for pb, cb in zip(_as(model, TransformerModel).blocks(), _as(child, TransformerModel).blocks(), strict=True):
             p_fc, p_proj, c_fc, c_proj = pb.mlp.c_fc, pb.mlp.c_proj, cb.mlp.c_fc, cb.mlp.c_proj
             if p_proj.bias is not None:
                 c_proj.bias.copy_(p_proj.bias)
@@ -288,13 +305,14 @@ def _widen_recurrent(model: LanguageModel, factor: float | None, width: int | No
     d = cfg.d_model
     new_d = _new_width(d, factor, width, "d_model")
     gates = _GATES[cfg.family]
-    child = _rebuild(model, d_model=new_d)
+    parent = _as(model, RecurrentModel)
+    child = _as(_rebuild(model, d_model=new_d), RecurrentModel)
     with torch.no_grad():
-        child.wte.weight[:, :d] = model.wte.weight
+        child.wte.weight[:, :d] = parent.wte.weight
         child.wte.weight[:, d:] = 0.0  # new input dimensions start at exactly 0
         if not cfg.tie_embeddings:
-            child.lm_head.weight[:, :d] = model.lm_head.weight  # new columns multiply zeros: random init kept
-        for p_rnn, c_rnn in zip(model.layers, child.layers, strict=True):
+            child.lm_head.weight[:, :d] = parent.lm_head.weight  # new columns multiply zeros: random init kept
+        for p_rnn, c_rnn in zip(parent.rnns(), child.rnns(), strict=True):
             for kind in ("ih", "hh"):
                 pw, cw = getattr(p_rnn, f"weight_{kind}_l0"), getattr(c_rnn, f"weight_{kind}_l0")
                 pbias, cbias = getattr(p_rnn, f"bias_{kind}_l0"), getattr(c_rnn, f"bias_{kind}_l0")
@@ -319,7 +337,8 @@ def set_connection(model: LanguageModel, *, residual: bool | None = None, layout
         child = change_options(model, layout=layout)
         if model.config.layout == "parallel" and layout == "sequential":
             with torch.no_grad():
-                for block in child.h:
+                for block in _as(child, TransformerModel).blocks():
+                    assert block.ln_2 is not None  # sequential blocks have a second norm
                     block.ln_2.load_state_dict(block.ln_1.state_dict())
         return child
     if residual is None:

@@ -20,7 +20,9 @@ leave them unchanged; otherwise a whole chunk is processed at once.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +58,7 @@ class CausalConv(nn.Module):
         """x (B, T, d), buf (B, k-1, d) -> y (B, T, d), new buf."""
         B, T, _ = x.size()
         if T == 1 and valid is None:  # a decoding step: the k taps as a weighted sum, no convolution kernel
+            assert self.dw.bias is not None  # built with a bias
             window = torch.cat([buf.to(x.dtype), x], dim=1)  # (B, k, d)
             y = torch.einsum("bkd,dk->bd", window, self.dw.weight[:, 0]) + self.dw.bias  # (B, d)
             return F.glu(self.pw(y[:, None]), dim=-1), window[:, 1:]
@@ -97,6 +100,8 @@ class RCNNBlock(nn.Module):
 class RCNNModel(TokenTableLM):
     """Recurrent-convolutional language model; see the module docstring."""
 
+    config: RCNNConfig
+
     def __init__(self, cfg: RCNNConfig):
         super().__init__()
         self._token_table(cfg)
@@ -104,22 +109,30 @@ class RCNNModel(TokenTableLM):
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self._output_layer(cfg)
 
-    def _run(self, idx: torch.Tensor, state: RCNNState, valid: torch.Tensor | None) -> tuple[torch.Tensor, RCNNState]:
+    def rcnn_blocks(self) -> Sequence[RCNNBlock]:
+        """The blocks, typed: ``nn.ModuleList`` is not generic."""
+        return cast(Sequence[RCNNBlock], self.blocks)
+
+    def _run(
+        self, idx: torch.Tensor, conv: Sequence[torch.Tensor], hidden: Sequence[Hidden | None], length: int,
+        valid: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, RCNNState]:
+        """The blocks over ``idx`` from per-block convolution buffers and recurrent states (None: zeros) after
+        ``length`` tokens."""
         x = self.drop(self.wte(idx))  # (B, T, d)
-        bufs, hidden = [], []
+        bufs, new_hidden = [], []
         for i, block in enumerate(self.blocks):
-            x, buf, h = block(x, state.conv[i], state.hidden[i], valid)
+            x, buf, h = block(x, conv[i], hidden[i], valid)
             bufs.append(buf)
-            hidden.append(h)
-        return self.lm_head(self.ln_f(x)), RCNNState(bufs, hidden, state.length + idx.size(1))  # (B, T, V)
+            new_hidden.append(h)
+        return self.lm_head(self.ln_f(x)), RCNNState(bufs, new_hidden, length + idx.size(1))  # (B, T, V)
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B = idx.size(0)
         buf = self.wte.weight.new_zeros(B, self.config.kernel_size - 1, self.config.d_model)
-        start = RCNNState([buf] * len(self.blocks), [None] * len(self.blocks), 0)
-        logits, _ = self._run(idx, start, None)
+        logits, _ = self._run(idx, [buf] * len(self.blocks), [None] * len(self.blocks), 0, None)
         return logits, (lm_loss(logits, targets) if targets is not None else None)
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> RCNNState:
@@ -128,14 +141,14 @@ class RCNNModel(TokenTableLM):
         k, d = self.config.kernel_size, self.config.d_model
         return RCNNState(
             conv=[torch.zeros(batch_size, k - 1, d, device=device, dtype=p.dtype) for _ in self.blocks],
-            hidden=[zero_hidden(b.rnn, batch_size, device, p.dtype) for b in self.blocks],
+            hidden=[zero_hidden(b.rnn, batch_size, device, p.dtype) for b in self.rcnn_blocks()],
             length=0,
         )
 
     def step(
         self, idx: torch.Tensor, state: RCNNState, valid: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, RCNNState]:
-        return self._run(idx, state, None if valid is None else valid.to(torch.bool))
+        return self._run(idx, state.conv, state.hidden, state.length, None if valid is None else valid.to(torch.bool))
 
     def reorder_state(self, state: RCNNState, index: torch.Tensor) -> RCNNState:
         return RCNNState(

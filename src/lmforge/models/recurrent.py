@@ -12,8 +12,9 @@ state of rows whose token is padding unchanged; otherwise the whole chunk goes t
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import Union, cast
 
 import torch
 from torch import nn
@@ -49,6 +50,7 @@ def _keep(keep: torch.Tensor, new: Hidden, old: Hidden) -> Hidden:
     """``new`` where ``keep`` (1, B, 1) is True, else ``old``."""
     if isinstance(new, tuple):
         return (torch.where(keep, new[0], old[0]), torch.where(keep, new[1], old[1]))
+    assert not isinstance(old, tuple)  # both are states of the same layer
     return torch.where(keep, new, old)
 
 
@@ -80,6 +82,8 @@ class TokenTableLM(LanguageModel):
     """What the recurrent families share: a token table ``wte`` (tied to the output layer or not) and a state
     that counts its tokens in ``length``."""
 
+    config: RecurrentConfig | RCNNConfig
+
     def _token_table(self, cfg: RecurrentConfig | RCNNConfig) -> None:
         """The config, the token table and its dropout (first, so that parameters keep their order)."""
         if cfg.vocab_size is None:
@@ -92,6 +96,7 @@ class TokenTableLM(LanguageModel):
     def _output_layer(self, cfg: RecurrentConfig | RCNNConfig) -> None:
         """The output projection (tied or not), then the table's and its initialisation as the transformer's
         (after the body, which keeps PyTorch's own initialisation)."""
+        assert cfg.vocab_size is not None  # _token_table refused a config without it
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
@@ -117,6 +122,8 @@ class TokenTableLM(LanguageModel):
 class RecurrentModel(TokenTableLM):
     """Stacked LSTM or GRU language model (``RecurrentConfig.family``)."""
 
+    config: RecurrentConfig
+
     def __init__(self, cfg: RecurrentConfig):
         super().__init__()
         self._token_table(cfg)
@@ -124,12 +131,16 @@ class RecurrentModel(TokenTableLM):
         self.layers = nn.ModuleList([rnn_cls(cfg.d_model, cfg.d_model, batch_first=True) for _ in range(cfg.n_layer)])
         self._output_layer(cfg)  # recurrent weights keep PyTorch's uniform(+-1/sqrt(d)) init
 
+    def rnns(self) -> Sequence[nn.RNNBase]:
+        """The layers (``nn.LSTM`` or ``nn.GRU``), typed: ``nn.ModuleList`` is not generic."""
+        return cast(Sequence[nn.RNNBase], self.layers)
+
     def _run(
         self, idx: torch.Tensor, hidden: list[Hidden | None], valid: torch.Tensor | None
     ) -> tuple[torch.Tensor, list[Hidden]]:
         x = self.drop(self.wte(idx))  # (B, T, d)
         new_hidden = []
-        for i, rnn in enumerate(self.layers):
+        for i, rnn in enumerate(self.rnns()):
             y, h = run_rnn(rnn, x, hidden[i], valid)  # (B, T, d)
             x = self.drop(x + y if self.config.residual and i > 0 else y)
             new_hidden.append(h)
@@ -144,7 +155,7 @@ class RecurrentModel(TokenTableLM):
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> RecurrentState:
         p = self.wte.weight
         device = p.device if device is None else torch.device(device)
-        return RecurrentState([zero_hidden(rnn, batch_size, device, p.dtype) for rnn in self.layers], 0)
+        return RecurrentState([zero_hidden(rnn, batch_size, device, p.dtype) for rnn in self.rnns()], 0)
 
     def step(
         self, idx: torch.Tensor, state: RecurrentState, valid: torch.Tensor | None = None

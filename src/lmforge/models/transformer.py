@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -75,21 +77,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def _norm(cfg: TransformerConfig) -> nn.Module:
+Norm = nn.LayerNorm | nn.RMSNorm
+
+NormSpec = tuple[bool, list[int], torch.Tensor | None, torch.Tensor | None, float | None]
+"""(is RMSNorm, normalized shape, weight, bias (None for RMSNorm), eps (a float for LayerNorm))."""
+
+
+def _norm(cfg: TransformerConfig) -> Norm:
     if cfg.norm == "rmsnorm":
         return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def _norm_spec(m: nn.Module) -> tuple:
+def _norm_spec(m: Norm) -> NormSpec:
     """What the decoding fast path needs of a LayerNorm / RMSNorm module."""
-    rms = not isinstance(m, nn.LayerNorm)
-    return (rms, m.normalized_shape, m.weight, None if rms else m.bias, m.eps)
+    if isinstance(m, nn.LayerNorm):
+        return (False, list(m.normalized_shape), m.weight, m.bias, m.eps)
+    return (True, list(m.normalized_shape), m.weight, None, m.eps)
 
 
-def _norm_apply(x: torch.Tensor, spec: tuple) -> torch.Tensor:
+def _norm_apply(x: torch.Tensor, spec: NormSpec) -> torch.Tensor:
     rms, shape, w, b, eps = spec
-    return F.rms_norm(x, shape, w, eps) if rms else F.layer_norm(x, shape, w, b, eps)
+    # eps is None only for an RMSNorm (the spec's flag), so layer_norm gets a float
+    return F.rms_norm(x, shape, w, eps) if rms else F.layer_norm(x, shape, w, b, eps)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -98,8 +108,9 @@ class _LayerParams:
     ``nn.Module.__getattr__`` (a noticeable share of a small model's decoding step)."""
 
     parallel: bool
-    ln_1: tuple
-    ln_2: tuple | None
+    ln_1: NormSpec
+    ln_2: NormSpec | None
+    """None for a parallel block (one norm per block)."""
     qkv: tuple[torch.Tensor, torch.Tensor | None]
     out: tuple[torch.Tensor, torch.Tensor | None]
     fc: tuple[torch.Tensor, torch.Tensor | None]
@@ -159,6 +170,7 @@ def _decode_layer(
     )  # (B, nh, 1, hd)
     att = F.linear(y.reshape(B, nq), *p.out)
     if not p.parallel:
+        assert p.ln_2 is not None  # a sequential block has its second norm
         x = x + att
         h = _norm_apply(x, p.ln_2)
     m = F.linear(h, *p.fc)
@@ -247,7 +259,7 @@ class Block(nn.Module):
         self.ln_1 = _norm(cfg)
         self.attn = CausalSelfAttention(cfg)
         # parallel (GPT-J): attention and MLP read the same normalized input, so one norm per block
-        self.ln_2 = None if self.parallel else _norm(cfg)
+        self.ln_2: Norm | None = None if self.parallel else _norm(cfg)
         self.mlp = MLP(cfg)
 
     def forward(
@@ -261,12 +273,30 @@ class Block(nn.Module):
         if self.parallel:
             h = self.ln_1(x)
             return x + self.attn(h, rope, cache, mask) + self.mlp(h)
+        assert self.ln_2 is not None  # a sequential block has its second norm
         x = x + self.attn(self.ln_1(x), rope, cache, mask)
         return x + self.mlp(self.ln_2(x))
 
 
+NativeArgs = tuple[
+    tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, list[torch.Tensor | None],
+          torch.Tensor],
+    tuple[int, int, int, bool, float, bool, int],
+]
+"""The native decoding step's arguments: (wte, wpe, rope_cos, rope_sin, 12 per-layer tensors, lm_head^T) and
+(n_head, n_kv_head, head_dim, rms final norm, its eps, parallel, mlp kind)."""
+
+DecodeParams = tuple[list[_LayerParams], NormSpec, torch.Tensor, NativeArgs | None]
+
+
 class TransformerModel(LanguageModel):
     """Decoder-only transformer; see the module docstring."""
+
+    config: TransformerConfig
+    wpe: nn.Embedding | None
+    rope_cos: torch.Tensor
+    """(max_seq_len, head_dim) buffers, with ``position == "rope"`` only."""
+    rope_sin: torch.Tensor
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -304,12 +334,24 @@ class TransformerModel(LanguageModel):
             else:
                 nn.init.normal_(p, mean=0.0, std=cfg.init_std)
 
+    @property
+    def context_length(self) -> int:
+        """``max_seq_len`` typed as an int: a transformer always has one (``__init__`` refuses a config without).
+
+        (``max_seq_len`` itself keeps the ``int | None`` of :class:`LanguageModel`, the type protocols expect.)"""
+        assert self.max_seq_len is not None
+        return self.max_seq_len
+
+    def blocks(self) -> Sequence[Block]:
+        """The blocks ``h``, typed: ``nn.ModuleList`` is not generic (its items type as Module)."""
+        return cast(Sequence[Block], self.h)
+
     # ------------------------------------------------------------------------------------- training
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T = idx.size()
-        if T > self.max_seq_len:
+        if T > self.context_length:
             raise ContextLengthError(f"sequence of {T} tokens is longer than model.max_seq_len ({self.max_seq_len})")
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
@@ -326,10 +368,10 @@ class TransformerModel(LanguageModel):
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> KVCache:
         p = self.wte.weight
         device = p.device if device is None else torch.device(device)
-        shape = (batch_size, 2, self.config.kv_heads, min(self.max_seq_len, _INITIAL_CAPACITY), self.head_dim)
+        shape = (batch_size, 2, self.config.kv_heads, min(self.context_length, _INITIAL_CAPACITY), self.head_dim)
         return KVCache(
             kv=[torch.empty(shape, dtype=p.dtype, device=device) for _ in self.h],
-            key_valid=torch.zeros(batch_size, self.max_seq_len, dtype=torch.bool, device=device),
+            key_valid=torch.zeros(batch_size, self.context_length, dtype=torch.bool, device=device),
             pos=torch.zeros(batch_size, dtype=torch.long, device=device),
             length=0,
         )
@@ -339,7 +381,7 @@ class TransformerModel(LanguageModel):
     ) -> tuple[torch.Tensor, KVCache]:
         B, T = idx.size()
         start, end = state.length, state.length + T
-        if end > self.max_seq_len:
+        if end > self.context_length:
             raise ContextLengthError(
                 f"KV cache is full: {start} cached + {T} new tokens exceed model.max_seq_len ({self.max_seq_len})"
             )
@@ -394,8 +436,7 @@ class TransformerModel(LanguageModel):
         mask = state.key_valid[:, None, None, :end] if state.padded else None  # (B, 1, 1, S)
         layers, ln_f, head, native_args = self._decode_params()
         state.length = end
-        native = decode_step() if native_args is not None else None
-        if native is not None:
+        if native_args is not None and (native := decode_step()) is not None:
             (*args, head_t), options = native_args
             logits = native(idx.view(-1), pos, *args, state.kv, start, mask, ln_f[2], ln_f[3], head_t, *options)
             return logits[:, None], state
@@ -412,18 +453,18 @@ class TransformerModel(LanguageModel):
             x = _decode_layer(p, x, rope, kv, start, mask)
         return F.linear(_norm_apply(x, ln_f), head)[:, None], state
 
-    def _decode_params(self) -> tuple[list[_LayerParams], tuple, torch.Tensor, tuple | None]:
+    def _decode_params(self) -> DecodeParams:
         """The decoding fast path's view of the parameters (and the native step's arguments), cached until
         ``train``/``eval``/``to`` (which every :func:`~lmforge.predict.generate` call goes through); in-place
         updates stay visible."""
-        cached = self.__dict__.get("_decode_cache")
+        cached: DecodeParams | None = self.__dict__.get("_decode_cache")
         if cached is None:
-            layers = [_LayerParams.of(b) for b in self.h]
+            layers = [_LayerParams.of(b) for b in self.blocks()]
             ln_f = _norm_spec(self.ln_f)
-            native_args = None
+            native_args: NativeArgs | None = None
             if layers and ln_f[4] is not None and self.wte.weight.device.type == "cpu":  # (GPUs: not tried yet)
                 # the native step's arguments: 12 tensors (or None) per layer, then the options
-                flat = []
+                flat: list[torch.Tensor | None] = []
                 for p in layers:
                     ln_2 = p.ln_2 or (None, None, None, None)
                     linears = (p.qkv, p.out, p.fc, p.proj)
@@ -444,18 +485,19 @@ class TransformerModel(LanguageModel):
         self.__dict__.pop("_decode_cache", None)
         return super().train(mode)
 
-    def _apply(self, fn, *args, **kwargs):  # .to(), .half(), ...: parameters may be new tensors
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], *args: Any, **kwargs: Any) -> TransformerModel:
+        # .to(), .half(), ...: parameters may be new tensors
         self.__dict__.pop("_decode_cache", None)
         return super()._apply(fn, *args, **kwargs)
 
     def reserve_state(self, state: KVCache, length: int) -> None:
         if length > state.kv[0].size(3):
-            self._grow(state, min(length, self.max_seq_len), exact=True)
+            self._grow(state, min(length, self.context_length), exact=True)
 
     def _grow(self, state: KVCache, end: int, exact: bool = False) -> None:
         """Give the cache room for slots ``[:end]`` (capacity doubles unless ``exact``, up to ``max_seq_len``)."""
         cap = state.kv[0].size(3)
-        new_cap = end if exact else min(self.max_seq_len, max(end, 2 * cap, _INITIAL_CAPACITY))
+        new_cap = end if exact else min(self.context_length, max(end, 2 * cap, _INITIAL_CAPACITY))
         L = state.length
 
         def grow(t: torch.Tensor) -> torch.Tensor:
@@ -521,6 +563,6 @@ class TransformerModel(LanguageModel):
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        T = seq_len or self.max_seq_len
+        T = seq_len or self.context_length
         cfg = self.config
         return 6.0 * self.num_params(exclude_embeddings=True) + 12.0 * cfg.n_layer * cfg.d_model * T
