@@ -28,7 +28,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 
 from lmforge.config import ConfigError, TokenizerConfig
-from lmforge.data.sources import DataError
+from lmforge.data.errors import DataError
 
 EOT = "<|endoftext|>"
 UNK = "<unk>"
