@@ -50,7 +50,7 @@ from lmforge.train.distributed import Distributed, RankSlice
 from lmforge.train.errors import TrainingError
 from lmforge.train.evaluation import evaluate_loss
 from lmforge.train.optim import build_optimizer
-from lmforge.train.progress import progress_bar
+from lmforge.train.progress import ProgressBar, progress_bar
 from lmforge.train.schedule import build_scheduler
 from lmforge.train.terminate import TerminateRequest
 
@@ -379,7 +379,7 @@ class _Trainer:
                 rec["val_bpc"] = val_loss / math.log(2)
         return rec
 
-    def evaluate(self, reason: str | None, bar: Any) -> str | None:
+    def evaluate(self, reason: str | None, bar: ProgressBar) -> str | None:
         """Evaluate, record, track the best model, early-stop and ask the callbacks -> the stop reason."""
         tc, state, dist = self.tc, self.state, self.dist
         t_eval = time.perf_counter()
