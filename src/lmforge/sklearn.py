@@ -31,9 +31,19 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import torch
+
+from lmforge.config import RunConfig, build_config
+from lmforge.data import PreparedData, Tokenizer
+from lmforge.data.tokenizer import build_tokenizer
+from lmforge.models import build_model
+from lmforge.predict import GenerationConfig, generate_text
+from lmforge.runs import best_checkpoint
+from lmforge.train.loop import train
 
 try:
     from sklearn.base import BaseEstimator
+    from sklearn.exceptions import NotFittedError
 except ImportError as err:  # pragma: no cover - the optional dependency is missing
     raise ImportError(f"lmforge.sklearn needs scikit-learn: pip install 'lmforge[sklearn]' ({err})") from None
 
@@ -102,11 +112,9 @@ class LanguageModelEstimator(BaseEstimator):
         self.model_options = model_options
 
     # ------------------------------------------------------------------------------------- config
-    def _config(self) -> Any:
+    def _config(self) -> RunConfig:
         """The validated :class:`lmforge.config.RunConfig` of the current parameters (ConfigError, a
         ValueError, names a bad one)."""
-        from lmforge.config import build_config
-
         model: dict[str, Any] = {
             "family": self.family,
             "n_layer": self.num_layers,
@@ -140,12 +148,6 @@ class LanguageModelEstimator(BaseEstimator):
     # ------------------------------------------------------------------------------------------ fit
     def fit(self, X: Sequence[str], y: Any = None) -> LanguageModelEstimator:
         """Train on the strings ``X`` (``y`` is ignored: language modelling needs no labels)."""
-        from lmforge.data import PreparedData
-        from lmforge.data.tokenizer import build_tokenizer
-        from lmforge.models import build_model
-        from lmforge.runs import best_checkpoint
-        from lmforge.train.loop import train
-
         texts = _texts(X, "fit")
         cfg = self._config()
         if not 0.0 < self.val_fraction < 1.0:
@@ -185,8 +187,6 @@ class LanguageModelEstimator(BaseEstimator):
 
     def loss(self, X: Sequence[str]) -> float:
         """Mean next-token cross-entropy of ``X`` (what :meth:`score` negates)."""
-        import torch
-
         self._check_fitted()
         texts = _texts(X, "score")
         tok = self.tokenizer_
@@ -207,17 +207,14 @@ class LanguageModelEstimator(BaseEstimator):
         greedy when ``temperature`` is 0, else sampled with ``seed``). A transformer sees at most
         ``block_size`` tokens: there the continuation takes at most half of them and the prompt keeps its
         last tokens in the rest."""
-        import torch
-
-        from lmforge.predict import GenerationConfig, generate_text
-
         self._check_fitted()
         texts = _texts(X, "predict")
         tok = self.tokenizer_
         sample = self.temperature > 0
         n = int(self.max_new_tokens)
-        if getattr(self.model_, "max_seq_len", None):
-            n = max(1, min(n, self.model_.max_seq_len // 2))
+        max_len = getattr(self.model_, "max_seq_len", None)
+        if max_len:
+            n = max(1, min(n, max_len // 2))
         gen = GenerationConfig(
             max_new_tokens=n,
             do_sample=sample,
@@ -231,8 +228,6 @@ class LanguageModelEstimator(BaseEstimator):
 
     # -------------------------------------------------------------------------------------- helpers
     def _check_fitted(self) -> None:
-        from sklearn.exceptions import NotFittedError
-
         if not hasattr(self, "model_"):
             raise NotFittedError(f"this {type(self).__name__} is not fitted yet: call fit(texts) first")
 
@@ -243,8 +238,6 @@ class LanguageModelEstimator(BaseEstimator):
     def _threads(self) -> Iterator[None]:
         """torch threads for this call: ``n_threads``, or 1 inside a worker process (joblib, multiprocessing)
         where the parent already runs one job per core; restored afterwards."""
-        import torch
-
         n = self.n_threads
         if n is None and multiprocessing.parent_process() is not None:
             n = 1
@@ -286,7 +279,7 @@ def _split(texts: list[str], val_fraction: float, seed: int) -> tuple[list[str],
     return [t for i, t in enumerate(texts) if i not in held], [t for i, t in enumerate(texts) if i in held]
 
 
-def _stream(tok: Any, texts: list[str], min_len: int) -> np.ndarray:
+def _stream(tok: Tokenizer, texts: list[str], min_len: int) -> np.ndarray:
     """The texts' ids, each followed by end-of-text; repeated cyclically up to ``min_len`` ids when shorter
     (a handful of short texts still fills one training block)."""
     ids = np.concatenate([np.append(np.asarray(a, dtype=np.int64), tok.eot_id) for a in tok.encode_arrays(texts)])
@@ -295,11 +288,9 @@ def _stream(tok: Any, texts: list[str], min_len: int) -> np.ndarray:
     return ids
 
 
-def _windows(ids: np.ndarray, block: int) -> Iterator[tuple[Any, Any]]:
+def _windows(ids: np.ndarray, block: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(x, y) tensors of consecutive non-overlapping windows of at most ``block`` predictions; full windows
     are batched together, the remainder comes last."""
-    import torch
-
     n = len(ids) - 1  # predictions
     full = n // block
     if full:
@@ -319,8 +310,6 @@ def _windows(ids: np.ndarray, block: int) -> Iterator[tuple[Any, Any]]:
 @contextlib.contextmanager
 def _keep_global_rng() -> Iterator[None]:
     """The training loop seeds python, numpy and torch globally; give the caller's generators back."""
-    import torch
-
     py, npy, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
     try:
         yield

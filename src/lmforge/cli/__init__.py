@@ -1,14 +1,15 @@
-"""The ``lmforge`` command line (layer 6). Each sub-command imports what it needs when it runs."""
+"""The ``lmforge`` command line (layer 7). Each sub-command imports what it needs when it runs."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from lmforge.config import LmforgeError
+from lmforge.config import LmforgeError, RunConfig, load_config
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, list[str]], int]] = {}
 
@@ -25,9 +26,8 @@ def command(name: str) -> Callable[[Callable[[argparse.Namespace, list[str]], in
     return deco
 
 
-def config_from_args(args: argparse.Namespace, overrides: list[str], base: dict[str, Any] | None = None):
-    from lmforge.config import load_config
-
+def config_from_args(args: argparse.Namespace, overrides: list[str], base: dict[str, Any] | None = None) -> RunConfig:
+    """The run config of ``--config`` plus ``--section.field`` overrides (``--data`` is ``data.path``)."""
     extra = list(overrides)
     if getattr(args, "data", None):
         extra = ["--data.path", args.data, *extra]
@@ -35,10 +35,16 @@ def config_from_args(args: argparse.Namespace, overrides: list[str], base: dict[
 
 
 def print_sample(model_dir: Path, prompt: str, max_new_tokens: int, seed: int) -> None:
+    """Print a sampled continuation of ``prompt`` from the model in ``model_dir`` (``train``/``finetune --sample``).
+
+    Its imports are lazy like a command handler's: it runs only inside one, and at module level they would
+    load torch for every ``lmforge`` invocation, ``--help`` included."""
+    from lmforge.models.base import LanguageModel
     from lmforge.predict import GenerationConfig, generate_text
     from lmforge.runs import load_model
 
-    model, tokenizer, _ = load_model(model_dir)
+    loaded, tokenizer, _ = load_model(model_dir)
+    model = cast(LanguageModel, loaded)  # a run directory always holds one of lmforge's models
     if model.max_seq_len is not None:  # the sample must fit in the model's context with its prompt
         max_new_tokens = min(max_new_tokens, model.max_seq_len - len(tokenizer.encode(prompt)))
     gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_k=50, seed=seed)
@@ -52,8 +58,6 @@ COMMAND_MODULES = ["train", "generate", "finetune", "evaluate", "export", "tune"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import importlib
-
     p = argparse.ArgumentParser(prog="lmforge", description="Train, search and use language models.")
     sub = p.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:

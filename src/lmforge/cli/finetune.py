@@ -21,8 +21,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lmforge.cli import UserError, command
-from lmforge.config import TASK_NAMES
+from lmforge.cli import UserError, command, print_sample
+from lmforge.config import TASK_NAMES, RunConfig, TrainConfig, apply_overrides, build_config, load_yaml
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -52,11 +52,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", default="\n", help="lm: prompt of the sample")
 
 
-def finetune_config(model_cfg: Any, config_file: str | None, overrides: list[str], data: str) -> dict[str, Any]:
+def finetune_config(model_cfg: RunConfig, config_file: str | None, overrides: list[str], data: str) -> dict[str, Any]:
     """The raw (unvalidated) config of a fine-tune: the model's own ``model``/``tokenizer`` sections and
     ``data.block_size``; the user's ``data``/``optim``/``schedule``/``train``."""
-    from lmforge.config import apply_overrides, load_yaml
-
     base = model_cfg.to_dict()
     raw: dict[str, Any] = {
         "model": base["model"],
@@ -86,9 +84,7 @@ def _set_schedule_length(raw: dict[str, Any], units: int, what: str) -> None:
     tr, sch = raw.setdefault("train", {}), raw.setdefault("schedule", {})
     if "max_steps" not in tr or tr["max_steps"] is not None or sch.get("total_steps") or not tr.get("max_epochs"):
         return
-    from lmforge.config import TrainConfig
-
-    defaults = TrainConfig()
+    defaults = TrainConfig.model_validate({})
     per_step = int(tr.get("batch_size", defaults.batch_size)) * int(tr.get("grad_accum", defaults.grad_accum))
     sch["total_steps"] = max(1, math.ceil(float(tr["max_epochs"]) * units / per_step))
     print(f"{units} {what} per epoch: {float(tr['max_epochs']):g} epochs = {sch['total_steps']} steps")
@@ -96,7 +92,6 @@ def _set_schedule_length(raw: dict[str, Any], units: int, what: str) -> None:
 
 @command("finetune")
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    from lmforge.config import build_config
     from lmforge.predict.loading import load_pretrained
     from lmforge.runs import write_task_file
     from lmforge.train.loop import train
@@ -119,12 +114,10 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         write_task_file(out, {"task": "lm"})
         result = train(cfg, out, data=data, model=model, tokenizer=tokenizer)
         if args.sample > 0 and (out / "best").exists():
-            from lmforge.cli import print_sample
-
             print_sample(out / "best", args.prompt, args.sample, cfg.train.seed)
         return 0 if result.step > 0 else 1
 
-    from lmforge.data.tasks import pad_id_of, prepare_task_data
+    from lmforge.data.tasks import get_task, pad_id_of, parse_fields, prepare_task_data
 
     td = prepare_task_data(data_cfg, args.task, tokenizer, args.fields)
     labels = td.labels
@@ -149,7 +142,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = build_config(raw)
     tc = cfg.train
     pad = pad_id_of(tokenizer)
-    write_task_file(out, {"task": args.task, "fields": _fields(args), "labels": labels})
+    fields = parse_fields(args.fields, get_task(args.task))
+    write_task_file(out, {"task": args.task, "fields": fields, "labels": labels})
     result = train(
         cfg,
         out,
@@ -159,10 +153,4 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         val_batches=td.val_batches(tc.batch_size, pad, tc.eval_batches),
     )
     return 0 if result.step > 0 else 1
-
-
-def _fields(args: argparse.Namespace) -> dict[str, str]:
-    from lmforge.data.tasks import get_task, parse_fields
-
-    return parse_fields(args.fields, get_task(args.task))
 

@@ -23,18 +23,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 @command("train")
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    from lmforge.train.distributed import dist_env, is_main_process, launch
+    from lmforge.train.distributed import dist_env, is_main_process
+    from lmforge.train.launch import launch
     from lmforge.train.loop import train
 
     cfg = config_from_args(args, overrides)
     if not cfg.data.path:
         raise UserError("no data: pass --data PATH|demo|hf:NAME")
-    # >>> data-parallel: --nproc N > 1 re-runs this command in N processes under torchrun's launcher
+    # data-parallel: --nproc N > 1 re-runs this command in N processes under torchrun's launcher
     if args.nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {args.nproc}")
     if args.nproc > 1 and dist_env() is None:
         return launch(args.nproc, _worker_argv(args, overrides))
-    # <<< data-parallel
     result = train(cfg, args.out)
     if args.sample > 0 and is_main_process() and (Path(args.out) / "best").exists():
         print_sample(Path(args.out) / "best", args.prompt, args.sample, cfg.train.seed)

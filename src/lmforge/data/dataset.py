@@ -25,7 +25,8 @@ import tokenizers
 
 from lmforge.atomic import atomic_write_bytes
 from lmforge.config import DataConfig, RunConfig, TokenizerConfig
-from lmforge.data.sources import DataError, Documents, read_documents
+from lmforge.data.errors import DataError
+from lmforge.data.sources import Documents, read_documents
 from lmforge.data.tokenizer import Tokenizer, build_tokenizer
 
 _CACHE_FORMAT = 1

@@ -16,6 +16,8 @@ import sysconfig
 import warnings
 from pathlib import Path
 
+from lmforge.data.errors import DataError
+
 DEMO_MAX_BYTES = 3_000_000
 """Stop adding docstrings once this many UTF-8 bytes are collected (CPython 3.11 has about 1.8 MB in all)."""
 
@@ -65,8 +67,6 @@ def _collect(node: ast.AST, out: list[str]) -> None:
 
 def demo_documents(max_bytes: int = DEMO_MAX_BYTES) -> list[str]:
     """The ``demo`` corpus: standard-library docstrings, about ``max_bytes`` UTF-8 bytes at most."""
-    from lmforge.data.sources import DataError
-
     docs = _demo(stdlib_dir(), max_bytes)
     if not docs:
         raise DataError(f"demo corpus: no standard-library sources with docstrings found under {stdlib_dir()}")

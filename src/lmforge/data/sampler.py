@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmforge.data.sources import DataError
+from lmforge.data.errors import DataError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lmforge.config import LmforgeError
+from lmforge.data.demo import demo_documents
+from lmforge.data.errors import DataError
 
 EncodingErrors = Literal["strict", "replace"]
 
@@ -24,9 +25,7 @@ _GLOB_CHARS = set("*?[")
 _SKIP_DIRS = {"__pycache__"}
 _BINARY_PROBE = 8192
 
-
-class DataError(LmforgeError, ValueError):
-    """A user-facing data problem; the message names the source (file, line, byte offset or field)."""
+__all__ = ["DataError", "Documents", "EncodingErrors", "decode_utf8", "parse_hf_spec", "read_documents"]
 
 
 @dataclass
@@ -72,8 +71,6 @@ def read_documents(
     if not spec:
         raise DataError("data source is empty: give a text file, folder, glob, *.jsonl, hf:NAME or demo")
     if spec == "demo":
-        from lmforge.data.demo import demo_documents
-
         texts = demo_documents()
         return Documents(texts=texts[:max_documents] if max_documents else texts, source="demo")
     if spec.startswith("hf:"):

@@ -45,6 +45,8 @@ import numpy as np
 import torch
 
 from lmforge.config import IGNORE_INDEX, TASK_NAMES, LmforgeError, RunConfig
+from lmforge.data.errors import DataError
+from lmforge.data.sources import decode_utf8, parse_hf_spec
 
 EOT = object()
 """Segment marker: the tokenizer's end-of-text id (not a string, so it never depends on how a tokenizer
@@ -224,8 +226,6 @@ def _raw_records(path: str, hf_split: str = "train") -> Iterator[tuple[str, dict
     p = Path(os.path.expanduser(spec))
     if not p.is_file():
         raise TaskDataError(f"no such data file: {spec!r}")
-    from lmforge.data.sources import DataError, decode_utf8
-
     try:
         text, _ = decode_utf8(p.read_bytes(), str(p), "strict")
     except DataError as err:
@@ -260,8 +260,6 @@ def _raw_records(path: str, hf_split: str = "train") -> Iterator[tuple[str, dict
 
 
 def _hf_records(spec: str, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    from lmforge.data.sources import parse_hf_spec
-
     name, config = parse_hf_spec(spec)
     try:
         import datasets

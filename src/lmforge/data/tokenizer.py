@@ -28,7 +28,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 
 from lmforge.config import ConfigError, TokenizerConfig
-from lmforge.data.sources import DataError
+from lmforge.data.errors import DataError
 
 EOT = "<|endoftext|>"
 UNK = "<unk>"
@@ -126,10 +126,12 @@ class Tokenizer:
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Text of ``ids``; special tokens are kept (``<|endoftext|>`` reads as itself)."""
         if isinstance(ids, np.ndarray):
-            ids = ids.tolist()
-        elif not isinstance(ids, list):
-            ids = [int(i) for i in ids]
-        return self.backend.decode(ids, skip_special_tokens=False)
+            as_list: list[int] = ids.tolist()
+        elif isinstance(ids, list):
+            as_list = ids
+        else:
+            as_list = [int(i) for i in ids]
+        return self.backend.decode(as_list, skip_special_tokens=False)
 
     def id_to_token(self, i: int) -> str | None:
         return self.backend.id_to_token(i)

@@ -2,7 +2,7 @@
 loop needs to keep every rank's decisions identical.
 
 ``torchrun --nproc-per-node N -m lmforge train ...`` (or ``lmforge train --nproc N ...``, which calls
-torchrun's launcher) starts N processes with ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set; :meth:`Distributed.from_env`
+torchrun's launcher: :mod:`lmforge.train.launch`) starts N processes with ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set; :meth:`Distributed.from_env`
 reads them, joins the group (gloo on CPU, NCCL on CUDA with rank ``r`` on ``cuda:LOCAL_RANK``) and
 :meth:`Distributed.close` leaves it. Without those variables (or with ``WORLD_SIZE=1``) every method is a
 cheap no-op, so the loop has one code path.
@@ -17,6 +17,10 @@ How the work is split (``B = train.batch_size`` per process, ``N`` processes):
   rows (the loss is a mean over rows of equal length).
 - evaluation: every rank scores its share of the rows of the same validation batches; the token-weighted
   sums are all-reduced, so every rank gets the same loss.
+- decisions: whatever ends or skips a step (a non-finite loss, SIGTERM, the time limit, a callback) is
+  agreed over ranks, so their collectives never go out of step.
+
+The training loop calls the methods below at those points and has one code path for one or N processes.
 """
 
 from __future__ import annotations
@@ -27,15 +31,19 @@ import inspect
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.distributed as tdist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from lmforge.config import LmforgeError
 from lmforge.data.sampler import Batch, BlockSampler, gather_blocks
+from lmforge.runs import capture_rng_state, restore_rng_state
+from lmforge.train.errors import TrainingError
 
 
 class DistributedError(LmforgeError):
@@ -75,6 +83,16 @@ def is_main_process() -> bool:
     """True outside torchrun and on global rank 0 (the process that writes files and prints)."""
     env = dist_env()
     return env is None or env.rank == 0
+
+
+@dataclass(frozen=True)
+class ModelCalls:
+    """The model as the loop calls it: ``wrapped`` is the DistributedDataParallel wrapper (the model itself
+    in one process); ``train``/``eval`` are what the forward passes call (compiled when asked)."""
+
+    wrapped: nn.Module
+    train: nn.Module
+    eval: nn.Module
 
 
 class Distributed:
@@ -159,6 +177,17 @@ class Distributed:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def check_same_start(self, step: int, out: Path) -> None:
+        """Every rank must resume from the same checkpoint, or their collectives go out of step."""
+        if not self.enabled:
+            return
+        starts = self.gather_object(step)
+        if len(set(starts)) > 1:
+            raise TrainingError(
+                f"the processes start from different steps {starts} (by rank): every node must see the same "
+                f"run directory {out} (put --out on a shared filesystem)"
+            )
+
     # ---------------------------------------------------------------------------- collectives
     def barrier(self) -> None:
         if self.enabled:
@@ -208,6 +237,26 @@ class Distributed:
         tdist.all_gather_object(out, obj)
         return out
 
+    def agree_on_stop(self, elapsed_s: float, terminate: bool) -> tuple[float, bool]:
+        """The slowest rank's clock and "some rank got SIGTERM": the same stop decision on every rank
+        (their clocks and signals differ)."""
+        if not self.enabled:
+            return elapsed_s, terminate
+        elapsed, any_term = self.max([elapsed_s, float(terminate)])
+        return elapsed, any_term > 0
+
+    def reduce_step(self, model: nn.Module, full_batch: bool, loss_sum: float, rows: int,
+                    finite: bool) -> tuple[float, int, bool]:
+        """After a step's backward passes: full-batch GD sums each rank's share of the gradient and of the
+        pass's loss (its chunks bypass the DDP reducer); every rank skips the step if any saw NaN/inf."""
+        if not self.enabled:
+            return loss_sum, rows, finite
+        if full_batch:
+            self.all_reduce_grads(model)
+            loss_sum, n_rows = self.sum([loss_sum, float(rows)])
+            rows = int(n_rows)
+        return loss_sum, rows, self.all_true(finite)
+
     def all_reduce_grads(self, model: nn.Module) -> None:
         """Sum the gradients of ``model`` over ranks (for full-batch GD, which bypasses the DDP reducer)."""
         if not self.enabled:
@@ -218,19 +267,46 @@ class Distributed:
                     p.grad = torch.zeros_like(p)
                 tdist.all_reduce(p.grad, op=tdist.ReduceOp.SUM)
 
+    # ---------------------------------------------------------------------------- RNG states
+    def rank_rng_states(self) -> list[dict[str, Any]] | None:
+        """Every rank's RNG state, for rank 0's checkpoint (None in one process: its ``rng`` is enough)."""
+        return self.gather_object(capture_rng_state()) if self.enabled else None
+
+    def restore_rank_rng(self, trainer_state: dict[str, Any]) -> None:
+        """This rank's RNG state from a checkpoint: data-parallel checkpoints hold every rank's; a rank
+        without one (the run now has more processes) keeps its fresh seed."""
+        rank_rngs = trainer_state.get("rng_ranks") or [trainer_state["rng"]]
+        if self.rank < len(rank_rngs):
+            restore_rng_state(rank_rngs[self.rank])
+
     # ------------------------------------------------------------------------------ the model
     def wrap(self, model: nn.Module) -> nn.Module:
         """``model`` in DistributedDataParallel (which also copies rank 0's weights to every rank)."""
         if not self.enabled:
             return model
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         ids = [self.device.index] if self.device.type == "cuda" else None
         # buffers of our models are constants (rope tables, masks): no need to broadcast them every forward
         # (newer torch renames the option and deprecates the old name)
-        params = inspect.signature(DDP.__init__).parameters
-        no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
-        return DDP(model, device_ids=ids, **no_sync)
+        params = inspect.signature(DistributedDataParallel.__init__).parameters
+        no_sync: dict[str, Any] = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+        return DistributedDataParallel(model, device_ids=ids, **no_sync)
+
+    def model_calls(self, model: nn.Module, compile: bool, full_batch: bool) -> ModelCalls:
+        """The callables the loop trains and evaluates with. Evaluation and full-batch GD call the bare
+        model under data-parallel (no collectives inside; GD all-reduces its gradients itself)."""
+        wrapped = self.wrap(model)
+        fwd = cast(nn.Module, torch.compile(wrapped)) if compile else wrapped
+        return ModelCalls(
+            wrapped=wrapped,
+            train=model if self.enabled and full_batch else fwd,
+            eval=model if self.enabled else fwd,
+        )
+
+    def no_sync(self, wrapped: nn.Module, last: bool) -> contextlib.AbstractContextManager[Any]:
+        """Gradient accumulation: only the last micro-batch's backward all-reduces the gradients."""
+        if self.enabled and not last:
+            return cast(DistributedDataParallel, wrapped).no_sync()
+        return contextlib.nullcontext()
 
     # ------------------------------------------------------------------------------ the data
     def shard(self, batch: Batch) -> Batch:
@@ -240,6 +316,10 @@ class Distributed:
             return batch
         x, y = batch
         return x.tensor_split(self.world_size)[self.rank], y.tensor_split(self.world_size)[self.rank]
+
+    def shard_sampler(self, sampler: BlockSampler) -> BlockSampler | RankSlice:
+        """``sampler`` draws the global batch; this rank keeps its rows (the sampler itself in one process)."""
+        return RankSlice(sampler, self.rank, self.world_size) if self.enabled else sampler
 
     def shard_chunks(self, batches: Iterable[Batch]) -> Iterator[Batch]:
         """Every ``world_size``-th batch, starting at this rank's (full-batch GD: ranks share the pass)."""
@@ -276,31 +356,3 @@ class RankSlice:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state)
-
-
-# --------------------------------------------------------------------------------- launching
-def launch(nproc: int, module_args: list[str]) -> int:
-    """Run ``python -m lmforge MODULE_ARGS`` in ``nproc`` local processes with torchrun's launcher
-    (a standalone rendezvous on a free port) and return the exit status: 0, or the first failed
-    worker's (its error is already printed on stderr).
-
-    SIGTERM/SIGINT reach the launcher, which passes SIGTERM on to the workers (they finish the step,
-    save a checkpoint and exit) and kills them after 30 s; SIGTERM then exits 0, as a single process does.
-    """
-    if nproc < 1:
-        raise DistributedError(f"--nproc must be at least 1, got {nproc}")
-    import signal
-
-    from torch.distributed.elastic.multiprocessing import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
-
-    args = parse_args(["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), "-m", "lmforge", *module_args])
-    try:
-        run(args)
-    except ChildFailedError as err:
-        _, failure = err.get_first_failure()
-        return failure.exitcode if failure.exitcode > 0 else 1
-    except SignalException as err:
-        return 0 if err.sigval == signal.SIGTERM else 128 + int(err.sigval)
-    return 0

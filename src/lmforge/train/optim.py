@@ -87,7 +87,8 @@ def split_muon_params(
     for module in model.modules():
         if isinstance(module, nn.Embedding):
             excluded.update(id(p) for p in module.parameters(recurse=False))
-    muon, rest = [], []
+    muon: list[tuple[str, nn.Parameter]] = []
+    rest: list[tuple[str, nn.Parameter]] = []
     for name, p in _trainable(model):
         (muon if p.dim() == 2 and id(p) not in excluded else rest).append((name, p))
     return muon, rest
