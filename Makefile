@@ -22,8 +22,9 @@ demo: $(STAMP)  ## the main job: a 3-minute search on the built-in demo corpus, 
 train-demo: $(STAMP)  ## a single training run on the demo corpus (about a minute)
 	$(BIN)/lmforge train --data demo --out runs/train-demo --train.resume auto --config examples/demo.yaml
 
-test: $(STAMP)  ## the default test suite (no slow tests)
+test: $(STAMP)  ## the default test suite (no slow tests), after lint, the layer contracts and the type check
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q -m "not slow"
 
 test-slow: $(STAMP)  ## the long tests
