@@ -31,10 +31,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from torch import nn
 
 from lmforge import __version__
 from lmforge.config import LmforgeError
+from lmforge.models.base import DecodingModel
 from lmforge.predict.loading import load_pretrained, resolve_checkpoint
 from lmforge.serve.chat_template import PLAIN_CHAT_STOP, find_chat_template
 from lmforge.serve.handler import Server
@@ -83,7 +83,7 @@ def _responses(model: type) -> dict[int | str, dict[str, Any]]:
     }
 
 
-def create_app(model: nn.Module, tokenizer: ServedTokenizer, options: ServeOptions | None = None) -> FastAPI:
+def create_app(model: DecodingModel, tokenizer: ServedTokenizer, options: ServeOptions | None = None) -> FastAPI:
     """The FastAPI app serving ``model`` (any model of the state contract) with ``tokenizer``."""
     options = options or ServeOptions()
     server = Server(model, tokenizer, options)

@@ -12,7 +12,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TypeVar, cast
 
-from lmforge.predict import GenerationConfig, GenerationError, GenerationOutput
+from lmforge.config import LmforgeError
+from lmforge.predict import GenerationConfig, GenerationOutput
 from lmforge.serve.chat_template import ChatTemplate
 from lmforge.serve.options import ServeOptions
 from lmforge.serve.protocols import ServedTokenizer
@@ -165,7 +166,7 @@ class RequestPreparer:
                 stop_strings=stops or None,
                 seed=req.seed if sampling else None,
             )
-        except GenerationError as err:
+        except LmforgeError as err:  # GenerationError: settings the engine refuses
             raise ApiError(400, str(err)) from None
         return cfg, copies
 
