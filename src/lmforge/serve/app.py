@@ -29,6 +29,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -54,6 +55,7 @@ from lmforge.serve.schemas import (
     ModelList,
     error_body,
 )
+from lmforge.serve.security import ApiKeyCheck, HostAllowList
 from lmforge.serve.validation import validation_error
 
 __all__ = [
@@ -101,7 +103,19 @@ def create_app(model: DecodingModel, tokenizer: ServedTokenizer, options: ServeO
         lifespan=lifespan,
     )
     app.state.server = server
+    # outermost last: Host check -> CORS (its preflights carry no key) -> API key -> body limit -> routes
     app.add_middleware(BodyLimitMiddleware, max_bytes=options.max_body_bytes)
+    if options.api_key is not None:
+        app.add_middleware(ApiKeyCheck, api_key=options.api_key)
+    if options.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=options.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+        )
+    if options.allowed_hosts is not None:
+        app.add_middleware(HostAllowList, allowed=options.allowed_hosts)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -138,7 +152,7 @@ def create_app(model: DecodingModel, tokenizer: ServedTokenizer, options: ServeO
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         """Reply to a conversation (OpenAI ``/v1/chat/completions``)."""
-        return await server.respond(request, server.requests.prepare_chat(body))
+        return await server.respond(request, await server.requests.prepare_chat(body))
 
     def card() -> dict[str, Any]:
         return ModelCard(id=options.model_name, created=server.created, max_model_len=server.context).model_dump()

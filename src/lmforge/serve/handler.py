@@ -52,6 +52,7 @@ class Server:
             options.chat_template,
             bos_token=getattr(tokenizer, "eot_token", ""),
             eos_token=getattr(tokenizer, "eot_token", ""),
+            time_limit=options.template_timeout,
         )
         self.requests = RequestPreparer(tokenizer, options, self.chat, context=self.context, vocab_size=self.vocab_size)
         self.slots = Slots(options.max_concurrency)

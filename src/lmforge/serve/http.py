@@ -68,7 +68,9 @@ class BodyLimitMiddleware:
         await send_json(send, 413, error_body(msg, code="request_too_large"))
 
 
-async def send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+async def send_json(
+    send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
     """Answer with a JSON body straight from ASGI (the middleware answers before the app exists for the
     request) and close the connection, since the unread rest of the body may still be arriving."""
     data = json.dumps(body).encode()
@@ -76,6 +78,7 @@ async def send_json(send: Send, status: int, body: dict[str, Any]) -> None:
         (b"content-type", b"application/json"),
         (b"content-length", str(len(data)).encode()),
         (b"connection", b"close"),
+        *(headers or []),
     ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": data, "more_body": False})

@@ -237,7 +237,7 @@ class RequestPreparer:
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
         )
 
-    def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
+    async def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
         self.check_model(req.model)
         if req.logprobs or req.top_logprobs:
             raise ApiError(400, "'logprobs' is not supported by this server", param="logprobs")
@@ -255,7 +255,7 @@ class RequestPreparer:
         ]
         if not any(m["content"] for m in messages):
             raise ApiError(400, "Invalid value for 'messages': every message is empty", param="messages")
-        text = self.chat.render(messages)
+        text = await self.chat.render(messages)
         ids = self.tokenizer.encode(text)
         if not ids:
             raise ApiError(
