@@ -1,8 +1,10 @@
 """The OpenAI-compatible HTTP app (FastAPI; layer 6): builds it from a model and wires the routes.
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both streamed as server-sent events
-with ``"stream": true``), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``, ``GET /`` (the
-playground page) and FastAPI's ``/openapi.json`` and ``/docs``.
+with ``"stream": true``), ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /tokenize``, ``POST
+/detokenize``, ``GET /health``, ``GET /`` (the playground page) and FastAPI's ``/openapi.json`` and ``/docs``.
+Every response carries an ``X-Request-Id`` header and is logged as one JSON line
+(:mod:`lmforge.serve.access_log`).
 
 A request is validated by :mod:`lmforge.serve.schemas` (error messages: :mod:`lmforge.serve.validation`),
 checked against the model and the limits by :mod:`lmforge.serve.prepare`, run by
@@ -37,6 +39,7 @@ from lmforge import __version__
 from lmforge.config import LmforgeError
 from lmforge.models.base import DecodingModel
 from lmforge.predict.loading import load_pretrained, resolve_checkpoint
+from lmforge.serve.access_log import AccessLog
 from lmforge.serve.chat_template import PLAIN_CHAT_STOP, find_chat_template
 from lmforge.serve.handler import Server
 from lmforge.serve.http import BodyLimitMiddleware, ErrorJSONResponse
@@ -49,10 +52,14 @@ from lmforge.serve.schemas import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     Health,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
     error_body,
 )
 from lmforge.serve.security import ApiKeyCheck, HostAllowList
@@ -103,7 +110,8 @@ def create_app(model: DecodingModel, tokenizer: ServedTokenizer, options: ServeO
         lifespan=lifespan,
     )
     app.state.server = server
-    # outermost last: Host check -> CORS (its preflights carry no key) -> API key -> body limit -> routes
+    # outermost last: access log -> Host check -> CORS (its preflights carry no key) -> API key -> body limit
+    # -> routes
     app.add_middleware(BodyLimitMiddleware, max_bytes=options.max_body_bytes)
     if options.api_key is not None:
         app.add_middleware(ApiKeyCheck, api_key=options.api_key)
@@ -116,6 +124,7 @@ def create_app(model: DecodingModel, tokenizer: ServedTokenizer, options: ServeO
         )
     if options.allowed_hosts is not None:
         app.add_middleware(HostAllowList, allowed=options.allowed_hosts)
+    app.add_middleware(AccessLog)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -137,6 +146,8 @@ def create_app(model: DecodingModel, tokenizer: ServedTokenizer, options: ServeO
             message = "The request body could not be parsed: it must be UTF-8 encoded JSON"
         return ErrorJSONResponse(error_body(message, code=code), status_code=err.status_code, headers=err.headers)
 
+    err_only: dict[str, Any] = {"model": ErrorResponse}
+
     @app.post("/v1/completions", response_model=None, responses=_responses(CompletionResponse))
     async def completions(body: CompletionRequest, request: Request) -> Response:
         """Complete one or more prompts (OpenAI ``/v1/completions``)."""
@@ -153,6 +164,17 @@ def create_app(model: DecodingModel, tokenizer: ServedTokenizer, options: ServeO
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         """Reply to a conversation (OpenAI ``/v1/chat/completions``)."""
         return await server.respond(request, await server.requests.prepare_chat(body))
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses={400: err_only, 404: err_only})
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        """Token ids of a prompt, or of chat messages as the chat template renders them."""
+        ids = await server.requests.tokenize(body)
+        return {"tokens": ids, "count": len(ids), "max_model_len": server.context}
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses={400: err_only, 404: err_only})
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        """The text of token ids."""
+        return {"prompt": server.requests.detokenize(body)}
 
     def card() -> dict[str, Any]:
         return ModelCard(id=options.model_name, created=server.created, max_model_len=server.context).model_dump()

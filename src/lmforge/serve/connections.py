@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import resource
+import sys
 import time
 from asyncio import constants as asyncio_constants
 from dataclasses import dataclass
@@ -268,9 +269,17 @@ def run_server(app: Any, *, host: str, port: int, limits: ConnectionLimits, log_
         http=guarded_protocol(limits),
         timeout_keep_alive=max(1, math.ceil(limits.keep_alive)),
         timeout_graceful_shutdown=max(1, math.ceil(limits.graceful_shutdown)),
+        access_log=False,  # lmforge.serve.access_log writes one JSON line per request instead
     )
     server = uvicorn.Server(config)  # (after uvicorn has configured its loggers)
     logging.getLogger("uvicorn.error").addFilter(CancelledAtShutdown())
+    lines = logging.StreamHandler(sys.stdout)
+    lines.setFormatter(logging.Formatter("%(message)s"))
+    for name in ("lmforge.access", "lmforge.serve"):  # the access log's JSON lines, the server's warnings
+        logger = logging.getLogger(name)
+        logger.setLevel(log_level.upper())
+        logger.addHandler(lines)
+        logger.propagate = False
     setattr(asyncio_constants, "ACCEPT_RETRY_DELAY", ACCEPT_RETRY_S)  # noqa: B010 (a Final constant to typeshed)
 
     async def main() -> None:
