@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 
 import pytest
 
-from test_serve_standins import make_checkpoint
+from test_serve_standins import LiveServer, make_checkpoint, wait_until
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
+import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
+from lmforge.cli import main  # noqa: E402
+from lmforge.config import LmforgeError  # noqa: E402
 from lmforge.runs import load_model  # noqa: E402
-from lmforge.serve.app import load_app  # noqa: E402
-from lmforge.serve.chat_template import PLAIN_CHAT_STOP  # noqa: E402, F401
+from lmforge.serve.app import build_app, load_app, load_server  # noqa: E402
+from lmforge.serve.options import ServeOptions  # noqa: E402
 
 NAME = "tiny"
 
@@ -88,3 +92,45 @@ def test_tokenize_and_detokenize(client, tok):
         r = client.post(path, json=body)
         assert r.status_code == 400 and param in r.json()["error"]["message"], (body, r.text)
     assert client.post("/tokenize", json={"model": "gpt-4", "prompt": "a"}).status_code == 404
+
+
+# ------------------------------------------------------------------------------------------- loading
+def test_health_is_503_while_loading_and_200_when_ready(ckpt):
+
+    release = threading.Event()
+
+    def load():
+        release.wait(60)
+        return load_server(ckpt, model_name=NAME)
+
+    app = build_app(ServeOptions(model_name=NAME), load=load)
+    with LiveServer(app) as s, httpx.Client(base_url=s.url, timeout=30) as h:
+        r = h.get("/health")
+        assert r.status_code == 503 and r.json() == {"status": "loading", "model": NAME, "error": None}
+        r = h.post("/v1/completions", json={"prompt": "a", "max_tokens": 1})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+        release.set()
+        assert wait_until(lambda: h.get("/health").status_code == 200, timeout=60)
+        assert h.post("/v1/completions", json={"prompt": "a", "max_tokens": 1}).status_code == 200
+
+
+def test_a_model_that_fails_to_load_reports_it(tmp_path):
+
+    def load():
+        raise LmforgeError(f"{tmp_path}: not a checkpoint")
+
+    failed = threading.Event()
+    app = build_app(ServeOptions(model_name=NAME), load=load)
+    with LiveServer(app) as s, httpx.Client(base_url=s.url, timeout=30) as h:
+        app.state.on_load_failure = failed.set
+        assert wait_until(lambda: h.get("/health").json()["status"] == "failed", timeout=30)
+        r = h.get("/health")
+        assert r.status_code == 503 and r.json()["error"] == f"{tmp_path}: not a checkpoint"
+        assert "not a checkpoint" in h.get("/v1/models").json()["error"]["message"]
+
+
+def test_cli_serve_exits_with_one_line_when_loading_fails(tmp_path, capsys):
+    (tmp_path / "junk.txt").write_text("not a model")
+    assert main(["serve", str(tmp_path), "--port", "0", "--log-level", "critical"]) == 2
+    err = capsys.readouterr().err
+    assert "loading the model failed" in err and "Traceback" not in err

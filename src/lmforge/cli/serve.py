@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from lmforge.cli import UserError, command
 
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         raise UserError(f"--port {args.port}: must be between 0 and 65535")
     import torch
 
-    from lmforge.serve.app import load_app
+    from lmforge.serve.app import default_model_name, loading_app
     from lmforge.serve.connections import ConnectionLimits, run_server
     from lmforge.serve.security import default_allowed_hosts
 
@@ -142,17 +143,15 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     )
     if args.model_name:
         options["model_name"] = args.model_name
-    app = load_app(args.model, device=device, chat_template_file=args.chat_template, **options)
-    if device == "cpu":  # build (or load) the C++ decoding step now rather than during the first request
-        from lmforge.models import native
-
-        native.decode_step()
-    print(
-        f"serving {app.state.server.options.model_name} on http://{args.host}:{args.port} "
-        f"(playground: http://{args.host}:{args.port}/)",
-        flush=True,
-    )
+    if not args.model.startswith("hf:") and not Path(args.model).expanduser().exists():
+        raise UserError(f"MODEL_DIR {args.model}: no such directory")
+    # the port opens at once; /health answers 503 until the model has loaded
+    app = loading_app(args.model, device=device, chat_template_file=args.chat_template, **options)
+    name = args.model_name or default_model_name(args.model)
+    print(f"serving {name} on http://{args.host}:{args.port} (playground: http://{args.host}:{args.port}/)", flush=True)
     run_server(app, host=args.host, port=args.port, limits=limits, log_level=args.log_level)
+    if app.state.loading.error:
+        raise UserError(f"lmforge serve {args.model}: loading the model failed: {app.state.loading.error}")
     return 0
 
 

@@ -260,7 +260,8 @@ class CancelledAtShutdown(logging.Filter):
 
 
 def run_server(app: Any, *, host: str, port: int, limits: ConnectionLimits, log_level: str = "info") -> None:
-    """Serve ``app`` with uvicorn under ``limits`` until SIGINT / SIGTERM."""
+    """Serve ``app`` with uvicorn under ``limits`` until SIGINT / SIGTERM (or until an app that loads its
+    model in the background reports, through ``app.state.on_load_failure``, that loading failed)."""
     config = uvicorn.Config(
         app,
         host=host,
@@ -272,6 +273,8 @@ def run_server(app: Any, *, host: str, port: int, limits: ConnectionLimits, log_
         access_log=False,  # lmforge.serve.access_log writes one JSON line per request instead
     )
     server = uvicorn.Server(config)  # (after uvicorn has configured its loggers)
+    if hasattr(app, "state"):
+        app.state.on_load_failure = lambda: setattr(server, "should_exit", True)
     logging.getLogger("uvicorn.error").addFilter(CancelledAtShutdown())
     lines = logging.StreamHandler(sys.stdout)
     lines.setFormatter(logging.Formatter("%(message)s"))

@@ -310,6 +310,15 @@ class Health(BaseModel):
     """Requests those calls served (``requests_generated / generate_calls``: the mean batch, in requests)."""
 
 
+class NotReady(BaseModel):
+    """``/health`` while the model loads (503), or after loading failed."""
+
+    status: Literal["loading", "failed"]
+    model: str
+    error: str | None
+    """Why loading failed (one line)."""
+
+
 class ErrorObject(BaseModel):
     message: str
     type: str
