@@ -111,6 +111,26 @@ def test_dropped_stream_with_queued_events_frees_its_slot_at_once(gru):
         assert r.status_code == 200  # the slot is free again: not 429
 
 
+def test_a_reader_that_stalls_for_ever_loses_its_slot_after_the_time_limit(gru):
+    model, tok = gru
+    slow = SlowModel(model, delay=0.001)
+    options = ServeOptions(model_name=NAME, max_concurrency=1, max_tokens_limit=4000, timeout=2.0)
+    app = create_app(slow, tok, options)
+    server = app.state.server
+    live = LiveServer(app)
+    live.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # accepted sockets inherit it
+    with live as s:
+        body = {"prompt": "Hello", "max_tokens": 4000, "temperature": 0, "stream": True}
+        client = raw_post(s.port, "/v1/completions", body, rcvbuf=4096)  # and never read
+        try:
+            assert wait_until(lambda: server.slots.active == 1, timeout=30)
+            # the time limit (2 s) plus the grace for a stalled writer (5 s); a hang fails the bound
+            assert wait_until(lambda: server.slots.active == 0 and not server.batcher.running, timeout=60)
+            assert slow.steps < 4000  # stopped, not run to the end
+        finally:
+            client.close()
+
+
 # --------------------------------------------------------------------------------------- chat templates
 HANG = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}hi"
 """10^10 loop iterations: a template that would hold a render for hours."""
