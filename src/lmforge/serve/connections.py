@@ -210,10 +210,11 @@ class GuardedH11Protocol(H11Protocol):
         if self.transport.is_closing():
             return
         started = self.cycle is not None and self.cycle.response_started
-        if not started and (phase == "body" or self.conn.trailing_data[0]):
-            limit = self.limits.header_timeout if phase == "headers" else self.limits.body_timeout
-            what = "request headers" if phase == "headers" else "request body"
-            msg = f"The {what} did not arrive within {limit:g} s (--{phase[:-1] if phase == 'headers' else phase}-timeout)"
+        if not started and (phase == "body" or self.conn.trailing_data[0]):  # some of a request came: say why
+            if phase == "headers":
+                msg = f"The request headers did not arrive within {self.limits.header_timeout:g} s (--header-timeout)"
+            else:
+                msg = f"The request body did not arrive within {self.limits.body_timeout:g} s (--body-timeout)"
             self.transport.write(_raw_response(408, "Request Timeout", msg, "request_timeout"))
         self.transport.close()
 
