@@ -67,9 +67,10 @@ class SlowModel(nn.Module):
 
 
 class LiveServer:
-    """``with LiveServer(app) as s:`` runs uvicorn in a thread on 127.0.0.1 with a free port (``s.url``)."""
+    """``with LiveServer(app) as s:`` runs uvicorn in a thread on 127.0.0.1 with a free port (``s.url``);
+    ``config``: more ``uvicorn.Config`` arguments (e.g. ``http``, the protocol class)."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, **config: Any) -> None:
         import uvicorn
 
         self.app = app
@@ -78,8 +79,7 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2, **config))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> LiveServer:

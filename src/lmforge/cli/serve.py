@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from lmforge.cli import UserError, command
 
@@ -41,6 +43,49 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="Jinja chat template (default: the model directory's, else the plain template)",
     )
+    s.add_argument(
+        "--template-timeout", type=float, default=5.0, help="seconds a chat template may take to render (default 5)"
+    )
+    g = s.add_argument_group("connections")
+    g.add_argument(
+        "--header-timeout", type=float, default=10.0, help="seconds for a request's headers to arrive (default 10)"
+    )
+    g.add_argument(
+        "--body-timeout", type=float, default=30.0, help="seconds for a request's body to arrive (default 30)"
+    )
+    g.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle connection stays open (default 5)")
+    g.add_argument(
+        "--graceful-shutdown",
+        type=float,
+        default=5.0,
+        help="seconds requests in flight get to finish after SIGTERM / Ctrl-C (default 5)",
+    )
+    g.add_argument(
+        "--max-connections",
+        type=int,
+        default=0,
+        help="open connections at most; the oldest idle one makes room for a new one "
+        "(default: the descriptor limit less a quarter, 768 for ulimit -n 1024)",
+    )
+    a = s.add_argument_group("access")
+    a.add_argument(
+        "--api-key",
+        default=os.environ.get("LMFORGE_API_KEY") or None,
+        help="require 'Authorization: Bearer KEY' on every route but /health (default: env LMFORGE_API_KEY)",
+    )
+    a.add_argument(
+        "--allowed-hosts",
+        default=None,
+        metavar="HOST,...",
+        help="names the Host header may give, comma-separated; * for any (default: the --host address, "
+        "localhost, 127.0.0.1 and ::1; any when --host is 0.0.0.0 or ::)",
+    )
+    a.add_argument(
+        "--cors-origins",
+        default=None,
+        metavar="ORIGIN,...",
+        help="origins browsers may call the API from, comma-separated, * for any (default: no CORS)",
+    )
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps ...")
     s.add_argument(
         "--threads",
@@ -57,14 +102,16 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         raise UserError(f"unexpected arguments: {' '.join(overrides)}")
     try:
         import fastapi  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError as err:
         raise UserError(f"lmforge serve needs the 'serve' extra: pip install 'lmforge[serve]' ({err})") from None
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port {args.port}: must be between 0 and 65535")
     import torch
 
-    from lmforge.serve.app import load_app
+    from lmforge.serve.app import default_model_name, loading_app
+    from lmforge.serve.connections import ConnectionLimits, run_server
+    from lmforge.serve.security import default_allowed_hosts
 
     if args.threads is not None:
         if args.threads < 1:
@@ -80,18 +127,36 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         "max_batch_rows": args.max_batch_rows,
         "batch_wait_ms": args.batch_wait_ms,
         "max_body_bytes": args.max_body_bytes,
+        "template_timeout": args.template_timeout,
+        "api_key": args.api_key,
+        "allowed_hosts": _names(args.allowed_hosts, "--allowed-hosts")
+        if args.allowed_hosts is not None
+        else default_allowed_hosts(args.host),
+        "cors_origins": _names(args.cors_origins, "--cors-origins") if args.cors_origins is not None else [],
     }
+    limits = ConnectionLimits(
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        keep_alive=args.keep_alive,
+        max_connections=args.max_connections,
+        graceful_shutdown=args.graceful_shutdown,
+    )
     if args.model_name:
         options["model_name"] = args.model_name
-    app = load_app(args.model, device=device, chat_template_file=args.chat_template, **options)
-    if device == "cpu":  # build (or load) the C++ decoding step now rather than during the first request
-        from lmforge.models import native
-
-        native.decode_step()
-    print(
-        f"serving {app.state.server.options.model_name} on http://{args.host}:{args.port} "
-        f"(playground: http://{args.host}:{args.port}/)",
-        flush=True,
-    )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    if not args.model.startswith("hf:") and not Path(args.model).expanduser().exists():
+        raise UserError(f"MODEL_DIR {args.model}: no such directory")
+    # the port opens at once; /health answers 503 until the model has loaded
+    app = loading_app(args.model, device=device, chat_template_file=args.chat_template, **options)
+    name = args.model_name or default_model_name(args.model)
+    print(f"serving {name} on http://{args.host}:{args.port} (playground: http://{args.host}:{args.port}/)", flush=True)
+    run_server(app, host=args.host, port=args.port, limits=limits, log_level=args.log_level)
+    if app.state.loading.error:
+        raise UserError(f"lmforge serve {args.model}: loading the model failed: {app.state.loading.error}")
     return 0
+
+
+def _names(value: str, flag: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise UserError(f"{flag} {value!r}: give at least one name, comma-separated")
+    return names

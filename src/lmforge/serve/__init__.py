@@ -11,8 +11,13 @@ not import them, :func:`create_app` and :func:`load_app` do.
 - :mod:`lmforge.serve.batcher`: batches concurrent requests into one generate call in a worker thread;
 - :mod:`lmforge.serve.responses`: engine output -> JSON bodies and server-sent-event chunks;
 - :mod:`lmforge.serve.http`: body-size limit, concurrency slots, the event-stream and error responses;
+- :mod:`lmforge.serve.security`: the ``Host`` allow-list and the API key (middleware);
+- :mod:`lmforge.serve.access_log`: request ids and one JSON access-log line per request (middleware);
 - :mod:`lmforge.serve.handler`: the :class:`~lmforge.serve.handler.Server` and one request's path through it;
-- :mod:`lmforge.serve.app`: the FastAPI app (routes, error handlers), :func:`load_app` and the playground page.
+- :mod:`lmforge.serve.app`: the FastAPI app (routes, error handlers), :func:`load_app` / :func:`loading_app`
+  (``/health`` 503 while the model loads) and the playground page;
+- :mod:`lmforge.serve.connections`: below the app: read timeouts, the connection cap, descriptor warnings,
+  :func:`~lmforge.serve.connections.run_server` (uvicorn).
 """
 
 from __future__ import annotations

@@ -29,8 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
+from lmforge.models.base import DecodingModel
 from lmforge.predict import GenerationConfig, GenerationOutput, generate
 from lmforge.serve.protocols import ServedTokenizer
 
@@ -127,7 +127,7 @@ class Batcher:
     """
 
     def __init__(
-        self, model: nn.Module, tokenizer: ServedTokenizer, *, max_wait_s: float = 0.005, max_batch_rows: int = 32
+        self, model: DecodingModel, tokenizer: ServedTokenizer, *, max_wait_s: float = 0.005, max_batch_rows: int = 32
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer

@@ -14,10 +14,9 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
-from torch import nn
 
 from lmforge.config import LmforgeError
-from lmforge.predict import GenerationError
+from lmforge.models.base import DecodingModel
 from lmforge.serve.batcher import Batcher, DoneEvent, ErrorEvent, Job, TokenEvent
 from lmforge.serve.chat_template import ChatTemplate
 from lmforge.serve.http import EventStream, Slots, sse
@@ -31,6 +30,10 @@ POLL_S = 0.25
 """While no event arrives, check this often whether the client has gone."""
 
 
+STALLED_GRACE_S = 5.0
+"""How long past its time limit a stream may still wait for a client that stopped reading."""
+
+
 class ClientGone(Exception):
     """The client disconnected while its request waited for the engine."""
 
@@ -38,7 +41,7 @@ class ClientGone(Exception):
 class Server:
     """The state behind the routes: model, tokenizer, options, request checks, batcher, slots."""
 
-    def __init__(self, model: nn.Module, tokenizer: ServedTokenizer, options: ServeOptions) -> None:
+    def __init__(self, model: DecodingModel, tokenizer: ServedTokenizer, options: ServeOptions) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.options = options
@@ -49,6 +52,7 @@ class Server:
             options.chat_template,
             bos_token=getattr(tokenizer, "eot_token", ""),
             eos_token=getattr(tokenizer, "eot_token", ""),
+            time_limit=options.template_timeout,
         )
         self.requests = RequestPreparer(tokenizer, options, self.chat, context=self.context, vocab_size=self.vocab_size)
         self.slots = Slots(options.max_concurrency)
@@ -85,9 +89,18 @@ class Server:
             job.cancel()
             release()
 
-        return EventStream(self._events(prep, job, first, deadline, request), on_close)
+        # past the time limit the stream ends with an error event; a client too stalled to take even that is
+        # dropped a little later
+        return EventStream(self._events(prep, job, first, deadline), on_close, deadline=deadline + STALLED_GRACE_S)
 
-    async def _next_event(self, job: Job, deadline: float, request: Request) -> TokenEvent | DoneEvent | ErrorEvent:
+    async def _next_event(
+        self, job: Job, deadline: float, request: Request | None
+    ) -> TokenEvent | DoneEvent | ErrorEvent:
+        """The job's next event; 504 past ``deadline``; :class:`ClientGone` when ``request``'s client has
+        gone (a started stream passes None: its :class:`EventStream` watches for the disconnect itself).
+
+        Not ``asyncio.wait_for``: on Python 3.11 it swallows a cancellation that arrives as the queue hands
+        over an item, so a stream with events queued could not be cancelled until the queue ran dry."""
         loop = asyncio.get_running_loop()
         while True:
             remaining = deadline - loop.time()
@@ -100,13 +113,21 @@ class Server:
                     code="timeout",
                 )
             try:
-                return await asyncio.wait_for(job.events.get(), min(remaining, POLL_S))
-            except TimeoutError:
-                if await request.is_disconnected():
-                    raise ClientGone from None
+                return job.events.get_nowait()
+            except asyncio.QueueEmpty:
+                pass
+            getter = loop.create_task(job.events.get())
+            try:
+                await asyncio.wait({getter}, timeout=min(remaining, POLL_S))
+            finally:
+                getter.cancel()  # an item the getter has not taken yet stays in the queue
+            if getter.done() and not getter.cancelled():
+                return getter.result()
+            if request is not None and await request.is_disconnected():
+                raise ClientGone
 
     async def _events(
-        self, prep: Prepared, job: Job, first: TokenEvent | DoneEvent | ErrorEvent, deadline: float, request: Request
+        self, prep: Prepared, job: Job, first: TokenEvent | DoneEvent | ErrorEvent, deadline: float
     ) -> AsyncIterator[str]:
         chunks = ChunkStream(prep, self.tokenizer, self.options.model_name)
         for chunk in chunks.opening():
@@ -124,16 +145,14 @@ class Server:
                 yield sse(engine_error(event.error).body())
                 return
             try:
-                event = await self._next_event(job, deadline, request)
+                event = await self._next_event(job, deadline, None)
             except ApiError as err:  # the time limit, after the response has started
                 yield sse(err.body())
-                return
-            except ClientGone:
                 return
 
 
 def engine_error(err: BaseException) -> ApiError:
     """An exception from the engine -> the API error: the request's fault (400) or the server's (500)."""
-    if isinstance(err, (GenerationError, LmforgeError, ValueError)):
+    if isinstance(err, (LmforgeError, ValueError)):
         return ApiError(400, str(err))
     return ApiError(500, f"Generation failed: {type(err).__name__}: {err}", type="server_error")

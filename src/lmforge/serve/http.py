@@ -5,6 +5,7 @@ None of it knows about models or the OpenAI request shapes; it only knows how an
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -67,7 +68,9 @@ class BodyLimitMiddleware:
         await send_json(send, 413, error_body(msg, code="request_too_large"))
 
 
-async def send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+async def send_json(
+    send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
     """Answer with a JSON body straight from ASGI (the middleware answers before the app exists for the
     request) and close the connection, since the unread rest of the body may still be arriving."""
     data = json.dumps(body).encode()
@@ -75,6 +78,7 @@ async def send_json(send: Send, status: int, body: dict[str, Any]) -> None:
         (b"content-type", b"application/json"),
         (b"content-length", str(len(data)).encode()),
         (b"connection", b"close"),
+        *(headers or []),
     ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": data, "more_body": False})
@@ -109,24 +113,54 @@ class Slots:
 
 
 class EventStream(StreamingResponse):
-    """An SSE response that always runs ``on_close`` (free the slot, cancel the job) when it ends,
-    however it ends: finished, client gone, or cancelled."""
+    """An SSE response that frees its request's resources (``on_close``: free the slot, cancel the job) as
+    soon as the client disconnects, the stream ends, or ``deadline`` (event-loop time) passes.
 
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+    Starlette's own disconnect handling is not enough here: it cancels the writer, and a writer with events
+    already queued never waits, so the cancellation can be swallowed until the queue drains. Here a watcher
+    task reads the ASGI ``http.disconnect`` message and runs ``on_close`` itself, and the writer yields to
+    the event loop between events so that the watcher (and the transport's callbacks) always get to run.
+    ``deadline`` also ends a stream whose writes are stalled by a client that stopped reading."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None], *, deadline: float) -> None:
         super().__init__(
             content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
         self._gen = content
         self._on_close = on_close
+        self._deadline = deadline
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        watcher = loop.create_task(self._watch(receive))
+        writer = loop.create_task(self._write(send))
         try:
-            await super().__call__(scope, receive, send)
-        except (ClientDisconnect, OSError):
-            pass
+            await asyncio.wait(
+                {watcher, writer}, timeout=max(0.0, self._deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             self._on_close()
+            watcher.cancel()
+            writer.cancel()
+            await asyncio.wait({watcher, writer})
             await self._gen.aclose()  # type: ignore[attr-defined]
+        if not writer.cancelled() and writer.exception() is not None:
+            err = writer.exception()
+            if not isinstance(err, (ClientDisconnect, OSError)):
+                raise err  # type: ignore[misc]
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._on_close()
+
+    async def _write(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        async for chunk in self._gen:
+            await send({"type": "http.response.body", "body": chunk.encode("utf-8"), "more_body": True})
+            # writing to a gone client does not fail or wait: yield so that the disconnect can be seen
+            await asyncio.sleep(0)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def sse(obj: Any) -> str:

@@ -5,7 +5,7 @@ Kept apart from the app so that the options can be built and validated without f
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lmforge.config import LmforgeError
 
@@ -31,6 +31,14 @@ class ServeOptions:
     """Decoding rows (prompts x sequences or beams) of one batched generate call, and of one request."""
     chat_template: str | None = None
     """Jinja source of the chat template; None: the plain template."""
+    template_timeout: float = 5.0
+    """Seconds a chat template may take to render a request's messages."""
+    api_key: str | None = None
+    """Required as ``Authorization: Bearer KEY`` on every route but ``/health``; None: no key."""
+    allowed_hosts: list[str] | None = None
+    """Names the ``Host`` header may give (``*``: any); None: no check (``lmforge serve`` fills it in)."""
+    cors_origins: list[str] = field(default_factory=list)
+    """Origins browsers may call the API from; empty: no CORS headers at all."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -42,7 +50,11 @@ class ServeOptions:
         ):
             if getattr(self, name) < 1:
                 raise LmforgeError(f"serve option {name} = {getattr(self, name)}: must be at least 1")
-        if not (self.timeout > 0 and math.isfinite(self.timeout)):
-            raise LmforgeError(f"serve option timeout = {self.timeout}: must be a positive number of seconds")
+        for name in ("timeout", "template_timeout"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise LmforgeError(f"serve option {name} = {value}: must be a positive number of seconds")
+        if self.api_key is not None and (not self.api_key.strip() or any(c.isspace() for c in self.api_key)):
+            raise LmforgeError("serve option api_key: must be non-empty and without spaces")
         if self.batch_wait_ms < 0:
             raise LmforgeError(f"serve option batch_wait_ms = {self.batch_wait_ms}: must be >= 0")

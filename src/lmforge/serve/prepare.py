@@ -12,11 +12,19 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TypeVar, cast
 
-from lmforge.predict import GenerationConfig, GenerationError, GenerationOutput
+from lmforge.config import LmforgeError
+from lmforge.predict import GenerationConfig, GenerationOutput
 from lmforge.serve.chat_template import ChatTemplate
 from lmforge.serve.options import ServeOptions
 from lmforge.serve.protocols import ServedTokenizer
-from lmforge.serve.schemas import ApiError, ChatCompletionRequest, CompletionRequest
+from lmforge.serve.schemas import (
+    ApiError,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from lmforge.serve.validation import check_text
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
@@ -165,7 +173,7 @@ class RequestPreparer:
                 stop_strings=stops or None,
                 seed=req.seed if sampling else None,
             )
-        except GenerationError as err:
+        except LmforgeError as err:  # GenerationError: settings the engine refuses
             raise ApiError(400, str(err)) from None
         return cfg, copies
 
@@ -236,7 +244,7 @@ class RequestPreparer:
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
         )
 
-    def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
+    async def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
         self.check_model(req.model)
         if req.logprobs or req.top_logprobs:
             raise ApiError(400, "'logprobs' is not supported by this server", param="logprobs")
@@ -248,13 +256,10 @@ class RequestPreparer:
             raise ApiError(
                 400, "Give one of 'max_tokens' and 'max_completion_tokens' (they differ)", param="max_completion_tokens"
             )
-        messages = [
-            {"role": m.role, "content": check_text(m.text(), f"messages.{i}.content")}
-            for i, m in enumerate(req.messages)
-        ]
+        messages = self._messages(req.messages)
         if not any(m["content"] for m in messages):
             raise ApiError(400, "Invalid value for 'messages': every message is empty", param="messages")
-        text = self.chat.render(messages)
+        text = await self.chat.render(messages)
         ids = self.tokenizer.encode(text)
         if not ids:
             raise ApiError(
@@ -280,3 +285,28 @@ class RequestPreparer:
             stream=_filled(req.stream),
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
         )
+
+    @staticmethod
+    def _messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+        return [
+            {"role": m.role, "content": check_text(m.text(), f"messages.{i}.content")} for i, m in enumerate(messages)
+        ]
+
+    async def tokenize(self, req: TokenizeRequest) -> list[int]:
+        """``/tokenize``: the ids the model would see (a chat prompt as its template renders it)."""
+        self.check_model(req.model)
+        if req.messages is not None:
+            return self.tokenizer.encode(await self.chat.render(self._messages(req.messages)))
+        return self.tokenizer.encode(check_text(_filled(req.prompt), "prompt"))
+
+    def detokenize(self, req: DetokenizeRequest) -> str:
+        """``/detokenize``: ids (checked against the vocabulary) -> text."""
+        self.check_model(req.model)
+        bad = next((t for t in req.tokens if t >= self.vocab_size), None)
+        if bad is not None:
+            raise ApiError(
+                400,
+                f"'tokens' has token id {bad}, outside the model's vocabulary of {self.vocab_size} ids",
+                param="tokens",
+            )
+        return self.tokenizer.decode(req.tokens)

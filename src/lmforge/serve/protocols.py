@@ -1,7 +1,7 @@
 """What the server needs of a tokenizer, written once so that every serve module types it the same way.
 
 Any lmforge tokenizer or Hugging Face tokenizer wrapper fits; the tests' stand-ins do too. (The model is
-typed as ``torch.nn.Module``: the server only hands it to the generation engine and reads its context.)"""
+typed as :class:`lmforge.models.base.DecodingModel`, the engine's own protocol.)"""
 
 from __future__ import annotations
 

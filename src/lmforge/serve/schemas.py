@@ -178,7 +178,39 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Literal["none"] | None = None
 
 
+class TokenizeRequest(_Strict):
+    """``POST /tokenize``: a prompt, or chat messages (rendered with the chat template first)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)] | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' and 'messages'")
+        return self
+
+
+class DetokenizeRequest(_Strict):
+    """``POST /detokenize``: token ids back to text."""
+
+    model: str | None = None
+    tokens: Annotated[list[TokenId], Field(max_length=1_000_000)]
+
+
 # -------------------------------------------------------------------------------------- responses
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int | None
+    """The model's context in tokens (``null``: unbounded)."""
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 FinishReason = Literal["stop", "length"]
 
 
@@ -276,6 +308,15 @@ class Health(BaseModel):
     """Batched generate calls made so far."""
     requests_generated: int
     """Requests those calls served (``requests_generated / generate_calls``: the mean batch, in requests)."""
+
+
+class NotReady(BaseModel):
+    """``/health`` while the model loads (503), or after loading failed."""
+
+    status: Literal["loading", "failed"]
+    model: str
+    error: str | None
+    """Why loading failed (one line)."""
 
 
 class ErrorObject(BaseModel):

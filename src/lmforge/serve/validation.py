@@ -51,6 +51,9 @@ def validation_error(errors: list[dict[str, Any]]) -> ApiError:
         bad_param = _param([p for p in unicode.get("loc", ()) if p != "body"])
         what = f"'{bad_param}'" if bad_param else "a parameter name"
         return ApiError(400, f"Invalid value for {what}: not valid Unicode (a lone surrogate)", param=bad_param)
+    if param is None and e.get("type") == "value_error":  # a check across fields (a model validator)
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        return ApiError(400, f"Invalid request: {msg}")
     if param is None:
         return ApiError(400, "The request body must be a JSON object of parameters (Content-Type: application/json)")
     kind = e.get("type", "")
