@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import numpy as np
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
@@ -205,6 +206,22 @@ def dashboard_command(url: str) -> str:
 
 
 # --------------------------------------------------------------------------------------- samplers
+def trials_run(study: Any) -> int:
+    """Trials the study has started so far (every state but WAITING: enqueued points have not run)."""
+    return sum(1 for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING)
+
+
+def sampler_seed(seed: int, worker_id: int, already_run: int) -> int:
+    """The seed of a worker's sampler. A new study: ``seed + worker_id``. A study that already ran trials (a
+    resumed run, a worker joining late): a seed mixed from all three, so the fresh sampler does not replay
+    the proposals the first run's sampler made from the same seed (a killed ``tune`` resumed with the same
+    seed re-proposed exactly its earlier configurations)."""
+    if already_run == 0:
+        return seed + worker_id
+    mixed = np.random.SeedSequence([seed % 2**32, worker_id, already_run]).generate_state(1)[0]
+    return int(mixed) % 2**31
+
+
 def make_sampler(
     name: str,
     *,
@@ -226,7 +243,6 @@ def make_sampler(
     if name in ("random", "grid"):
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "cmaes":
-
         if importlib.util.find_spec("cmaes") is None:
             raise SearchError("--sampler cmaes needs the 'cmaes' package: pip install cmaes")
         if n_objectives > 1:

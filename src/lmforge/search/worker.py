@@ -42,6 +42,8 @@ from lmforge.search.study import (
     make_sampler,
     open_storage,
     original_number,
+    sampler_seed,
+    trials_run,
 )
 
 __all__ = ["load_context", "open_study", "over_cap", "run_worker", "search_done", "spawn"]
@@ -50,16 +52,16 @@ POLL_S = 2.0
 """Seconds between looks at the study while waiting for other workers' trials to end."""
 
 
-def open_study(
-    study_name: str, storage: str | BaseStorage, worker_id: int = 0
-) -> tuple[optuna.Study, SearchContext]:
-    """The study with this worker's sampler and pruner, and its search context."""
+def open_study(study_name: str, storage: str | BaseStorage, worker_id: int = 0) -> tuple[optuna.Study, SearchContext]:
+    """The study with this worker's sampler and pruner, and its search context. A study that already ran
+    trials (a resumed run) seeds the sampler anew (:func:`~lmforge.search.study.sampler_seed`)."""
     st = open_storage(storage) if isinstance(storage, str) else storage
-    ctx = load_context(load(st, study_name))
+    existing = load(st, study_name)
+    ctx = load_context(existing)
     space = ctx.search_space
     sampler = make_sampler(
         ctx.sampler,
-        seed=ctx.seed + worker_id,
+        seed=sampler_seed(ctx.seed, worker_id, trials_run(existing)),
         n_objectives=len(ctx.objectives),
         parallel=ctx.parallel,
         conditional=space.conditional,
