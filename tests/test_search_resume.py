@@ -120,3 +120,66 @@ def test_sigkill_then_resume(tmp_path):
     # four trials were asked for: the retries continue trials, they are not new ones
     originals = {t.system_attrs.get("failed_trial", t.number) for t in study.trials}
     assert len(originals) == 4
+
+
+@pytest.mark.slow
+def test_sigkill_mid_search_then_resume_keeps_the_budget_and_proposes_new_configurations(tmp_path):
+    """#14.5: a time-budgeted run killed with SIGKILL mid-search and resumed. The ledger in pipeline.json
+    kept the killed run's time (saved every LEDGER_SAVE_S, start-up included), so both runs together stay
+    within the budget by that ledger, and the resumed sampler (same --seed) does not re-propose the first
+    run's configurations."""
+    data = write_docs(tmp_path / "docs.jsonl")
+    (tmp_path / "space.yaml").write_text(SPACE)
+    run = tmp_path / "run"
+    budget = 90.0
+    env = {
+        **os.environ,
+        "LMFORGE_CACHE": str(tmp_path / "cache"),
+        "OMP_NUM_THREADS": "1",
+        "LMFORGE_NATIVE_DECODE": "0",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
+    }
+    cmd = [
+        sys.executable, "-m", "lmforge", "tune", "--data", str(data), "--out", str(run), "--budget", f"{budget:.0f}s",
+        "--space", str(tmp_path / "space.yaml"), "--sampler", "random", "--pruner", "none", "--seed", "0",
+        "--trial-tokens", str(12 * TPS), "--quiet", *BASE,
+    ]  # fmt: skip
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # kill point: mid-search, two trials finished (trials run one at a time: the third has started)
+    _wait_for(lambda: (run / "trials" / "0002").is_dir(), proc, timeout=300)
+    proc.kill()
+    proc.wait()
+    first_wall = time.monotonic() - t0
+    at_kill = json.loads((run / "pipeline.json").read_text())
+    assert at_kill["steps"]["search"]["status"] == "running"
+    first_numbers = {t.number for t in _study(run).trials if t.state != TrialState.WAITING}
+
+    t1 = time.monotonic()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    second_wall = time.monotonic() - t1
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    state = json.loads((run / "pipeline.json").read_text())
+    spent = sum(state["spent_s"].values())
+
+    # the killed run's time counted: the ledger lost at most a save interval (before: its start-up and up to
+    # the last trial's end, half of the wall time in a probe); a bound only a lost stretch of time breaks
+    assert sum(at_kill["spent_s"].values()) >= first_wall - 10, (at_kill["spent_s"], first_wall)
+    assert spent >= first_wall + second_wall - 20, (state["spent_s"], first_wall, second_wall)
+    # both runs together within the budget (the evaluation's fixed costs may run a little over its share)
+    assert spent <= budget * 1.1, state["spent_s"]
+
+    study = _study(run)
+    by_params: dict[str, set[int]] = {}
+    for t in study.trials:
+        if t.state == TrialState.WAITING or t.user_attrs.get("discarded"):
+            continue
+        key = json.dumps(t.params, sort_keys=True)
+        by_params.setdefault(key, set()).add(t.system_attrs.get("failed_trial", t.number))
+    repeated = {k: v for k, v in by_params.items() if len(v) > 1}
+    assert not repeated, repeated  # a retry continues its trial; a new trial never repeats a configuration
+    new = [
+        t for t in study.trials
+        if t.number not in first_numbers and "failed_trial" not in t.system_attrs and t.state != TrialState.WAITING
+    ]  # fmt: skip
+    assert new, "the resumed run proposed no new trial: nothing to compare"

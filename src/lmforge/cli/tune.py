@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
+from pathlib import Path
 
 from lmforge.cli import UserError, command
 
@@ -77,9 +80,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--address", help="Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: a local Ray)")
     t.add_argument("--trial-resources", help="Ray resources per trial, e.g. cpu=1,gpu=0.5 (default cpu=1)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out (with Ray: Tuner.restore)")
-    t.add_argument("--strategy", choices=["optuna", "evolution"], default="optuna",
-                   help="optuna: the sampler proposes trials; evolution: regularized evolution of trained networks "
-                        "(children continue from mutated parents: add/remove a layer, widen, connections)")
+    t.add_argument(
+        "--strategy",
+        choices=["optuna", "evolution"],
+        default="optuna",
+        help="optuna: the sampler proposes trials; evolution: regularized evolution of trained networks "
+        "(children continue from mutated parents: add/remove a layer, widen, connections)",
+    )
     # defaults None: TuneOptions holds them (lmforge.search.evolution defines them once)
     t.add_argument("--population", type=int, help="evolution: population size (default 8)")
     t.add_argument("--tournament", type=int, help="evolution: tournament size (default 3)")
@@ -93,11 +100,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 @command("tune")
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    # the budget's clock starts with the process: its start-up (Python, torch, optuna) is spent time too
+    started = time.monotonic() - _process_age_s()
     from lmforge.search.pipeline import NoFinishedTrial, TuneOptions, read_state, run_pipeline
 
     if args.sample_deprecated is not None:
-        print("warning: lmforge tune --sample is deprecated; use --tournament (evolution tournament size)",
-              file=sys.stderr)
+        print(
+            "warning: lmforge tune --sample is deprecated; use --tournament (evolution tournament size)",
+            file=sys.stderr,
+        )
         if args.tournament is None:
             args.tournament = args.sample_deprecated
     evolution = {k: v for k, v in (("population", args.population), ("sample", args.tournament)) if v is not None}
@@ -138,16 +149,30 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     )
     from lmforge.models import native
 
+    build = time.monotonic()
     native.decode_step()  # a first build of the C++ decoding step happens now, not on the budget's clock
+    opts.started = started + (time.monotonic() - build)
     try:
-        summary = run_pipeline(opts)
+        # the report is built inside the evaluation step, on the budget's clock
+        summary = run_pipeline(opts, finish=lambda run_dir: _report(str(run_dir), verbose=not args.quiet))
     except NoFinishedTrial:
         _report(args.out, verbose=not args.quiet)  # the leaderboard's fail reasons, as a page
         raise
-    _report(args.out, verbose=not args.quiet)
     if args.quiet:
         print(json.dumps(summary, indent=1, default=str))
     return 0
+
+
+def _process_age_s() -> float:
+    """Seconds since this process started (Linux ``/proc``); 0.0 where that cannot be read."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        # fields after the command name (which may hold spaces): the start time is field 22, in clock ticks
+        start_ticks = int(stat[stat.rindex(")") + 2 :].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _report(out: str, *, verbose: bool) -> None:

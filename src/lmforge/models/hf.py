@@ -10,12 +10,17 @@ checkpoint's own dropout settings apply (``model.dropout``, ``init_std`` and ``t
 ``model.max_seq_len`` / ``data.block_size`` is a :class:`ConfigError`.
 Incremental decoding keeps the HF cache plus the attention mask and position ids that HF needs for left padding
 (:class:`HFState`), so one lmforge generation engine drives HF models too.
+
+No code from a model folder ever runs: :func:`refuse_remote_code` rejects a folder whose ``config.json`` or
+``tokenizer_config.json`` has an ``auto_map`` (transformers' hook for the folder's own ``*.py`` modules) before
+transformers is imported, and every transformers loader gets ``trust_remote_code=False``.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -34,6 +39,8 @@ if TYPE_CHECKING:  # transformers is an optional extra, imported when a model is
     from transformers import PreTrainedModel
 
 HF_PREFIX = "hf:"
+REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")
+"""The files where transformers looks for ``auto_map`` (custom code it would import from the folder)."""
 
 
 class HFLoadError(LmforgeError):
@@ -54,6 +61,44 @@ class HFState:
     """Slots used (padding included)."""
 
 
+class RemoteCodeError(HFLoadError):
+    """A model folder that asks transformers to run its own code (``auto_map``); lmforge never runs it."""
+
+
+def _auto_map_modules(auto_map: object) -> list[str]:
+    """The ``*.py`` files an ``auto_map`` names: ``{"AutoModel": "modeling_x.Cls"}`` -> ``["modeling_x.py"]``
+    (a tokenizer's value may be a ``[slow, fast]`` list; ``repo--module.Cls`` names another repository)."""
+    refs: list[str] = []
+    values = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+    for value in values:
+        refs.extend(v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str))
+    return sorted({ref.rsplit(".", 1)[0].split("--")[-1] + ".py" for ref in refs if "." in ref})
+
+
+def refuse_remote_code(path: str | Path) -> None:
+    """Raise :class:`RemoteCodeError` (one line naming the file and the modules) when the local model folder
+    ``path`` would make transformers import code from it: ``auto_map`` in ``config.json`` or
+    ``tokenizer_config.json``. Call it before transformers sees the folder (loading, fine-tuning, export);
+    unreadable JSON is an :class:`HFLoadError` naming the file."""
+    folder = Path(path).expanduser()
+    for name in REMOTE_CODE_FILES:
+        file = folder / name
+        if not file.is_file():
+            continue
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise HFLoadError(f"{file}: not readable JSON ({err})") from None
+        if isinstance(data, dict) and "auto_map" in data:
+            modules = _auto_map_modules(data["auto_map"])
+            named = f" (modules {', '.join(modules)})" if modules else ""
+            raise RemoteCodeError(
+                f"{file}: 'auto_map' asks to run custom code from the model folder{named}; lmforge never runs "
+                "code from a model folder (trust_remote_code=False): remove 'auto_map' and use a built-in "
+                "transformers architecture"
+            )
+
+
 def hf_source(path: str | Path) -> str:
     """What ``from_pretrained`` gets: ``hf:NAME`` -> ``NAME``; a local path must be a directory with
     ``config.json`` (raises :class:`HFLoadError` naming it otherwise)."""
@@ -68,11 +113,13 @@ def hf_source(path: str | Path) -> str:
         raise HFLoadError(f"model.path {text!r}: no such directory (use hf:NAME for a Hugging Face Hub model)")
     if not (p / "config.json").is_file():
         raise HFLoadError(f"model.path {text!r}: {p / 'config.json'} is missing (not a Hugging Face checkpoint)")
+    refuse_remote_code(p)
     return str(p)
 
 
 def load_hf_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """``AutoModelForCausalLM.from_pretrained`` with errors turned into one-line :class:`HFLoadError`."""
+    """``AutoModelForCausalLM.from_pretrained`` with errors turned into one-line :class:`HFLoadError`; a local
+    folder with custom code is refused first (:func:`refuse_remote_code`), and transformers never trusts it."""
     source = hf_source(path)
     try:
         from transformers import AutoModelForCausalLM
@@ -83,9 +130,10 @@ def load_hf_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> P
             # sizing builds models on the meta device to count them: the architecture without the weights
             from transformers import AutoConfig
 
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), dtype=dtype)
+            config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
         else:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=False)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise HFLoadError(f"cannot load a Hugging Face causal LM from {str(path)!r}: {first}") from None

@@ -7,6 +7,9 @@
   as model family ``hf`` with the directory's own ``tokenizer.json`` (tokenizer kind ``hf``);
 - ``hf:NAME``: a Hugging Face Hub model, downloaded (needs a network) and then loaded as a local directory.
 
+A Hugging Face folder whose config asks to run its own code (``auto_map``) is refused with one line
+(:func:`lmforge.models.hf.refuse_remote_code`); lmforge never runs code from a model folder.
+
 With ``native=True`` (what ``generate``, ``eval`` and ``serve`` ask for) a Hugging Face GPT-2 or Llama model
 (a directory, or an ``hf``-family checkpoint fine-tuned from one) that maps exactly onto lmforge's transformer
 is returned as that transformer: the same logits, lmforge's faster decoding. Fine-tuning and export keep the
@@ -94,8 +97,10 @@ def _load(path: str | Path, map_location: str | torch.device) -> tuple[LanguageM
 def load_hf_dir(
     path: str | Path, *, map_location: str | torch.device = "cpu"
 ) -> tuple[LanguageModel, Tokenizer, RunConfig]:
-    """A local Hugging Face causal-LM directory -> (family ``hf`` model, its tokenizer, a RunConfig saying so)."""
+    """A local Hugging Face causal-LM directory -> (family ``hf`` model, its tokenizer, a RunConfig saying so).
+    A folder with custom code (``auto_map``) is refused before anything in it is read by transformers."""
     p = Path(path).expanduser().resolve()  # recorded in the config: later checkpoints load from anywhere
+    hf.refuse_remote_code(p)
     if not (p / "tokenizer.json").is_file():
         raise ModelLoadError(
             f"{p} has no tokenizer.json (a fast tokenizer file); create one with "

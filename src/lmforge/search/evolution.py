@@ -70,6 +70,8 @@ from lmforge.search.study import (
     open_storage,
     original_number,
     process_identity,
+    sampler_seed,
+    trials_run,
 )
 from lmforge.search.worker import search_done
 from lmforge.train.loop import Callback, LoopState, train
@@ -120,7 +122,9 @@ def run_evolution(
     if ctx.sampler == "grid":
         raise SearchError("--strategy evolution samples its initial population at random; drop --sampler grid")
     # the initial population is random (as in Real et al.); children are chosen by the tournament, not pruned
-    study = load(st, study_name, optuna.samplers.RandomSampler(seed=ctx.seed), optuna.pruners.NopPruner())
+    # a resumed run draws new random members, not the first run's again
+    seed = sampler_seed(ctx.seed, 0, trials_run(load(st, study_name)))
+    study = load(st, study_name, optuna.samplers.RandomSampler(seed=seed), optuna.pruners.NopPruner())
     if data is None:
         data = prepare_search_data(ctx.base_config, ctx.cv, ctx.seed)
     fid = ctx.fid
@@ -254,9 +258,7 @@ class _Evolution:
             }
         )
 
-    def _spec_of(
-        self, ft: FrozenTrial, trials: list[FrozenTrial]
-    ) -> tuple[dict[str, Any] | None, int | None]:
+    def _spec_of(self, ft: FrozenTrial, trials: list[FrozenTrial]) -> tuple[dict[str, Any] | None, int | None]:
         """Mutation spec and parent of a waiting trial: its own attributes, or those of the first trial
         of its retry chain; (None, None) for a trial that is no child."""
         first = original_number(ft)
@@ -485,9 +487,7 @@ def _choose(model: LanguageModel, rng: random.Random, d_model_choices: list[Any]
     return rng.choice(ops)
 
 
-def apply_mutation(
-    model: LanguageModel, cfg: RunConfig, spec: dict[str, Any]
-) -> tuple[LanguageModel, dict[str, Any]]:
+def apply_mutation(model: LanguageModel, cfg: RunConfig, spec: dict[str, Any]) -> tuple[LanguageModel, dict[str, Any]]:
     """(child model, child run config as a raw dict) for ``spec`` = ``{"op", "args", "seed"}``; the model
     and config are the parent's (from ``load_model``). Deterministic given ``spec["seed"]``."""
     op, args = spec["op"], dict(spec.get("args") or {})

@@ -2,7 +2,9 @@
 convergence (early stopping); ``DIR/best`` then gets the best validation checkpoint.
 
 The plan is computed once and stored in ``pipeline.json`` (``steps.final.plan``), so a killed final
-training resumes toward the same target instead of re-planning from a budget it partly spent.
+training resumes toward the same target instead of re-planning from a budget it partly spent; a time budget's
+clock is only ever shortened on a resume (:func:`fit_plan_to_time_left`), never lengthened: the killed run's
+time and the resumed run's start-up are spent budget.
 """
 
 from __future__ import annotations
@@ -41,8 +43,7 @@ def plan_final(
     )
     tc = cfg_raw["train"]
     tps = int(tc["batch_size"]) * int(cfg_raw["data"]["block_size"]) * int(tc.get("grad_accum", 1))
-    # the loop's clock leaves out checkpoint writing: keep a small margin for it
-    train_s = max(0.0, allowance - (0.5 + 0.03 * allowance))
+    train_s = training_seconds(allowance)
     if budget_kind == "tokens":
         extra = int(allowance // tps)
     else:
@@ -66,6 +67,32 @@ def plan_final(
         "eval_interval": max(1, int(tc["eval_interval"]), extra // 20),
         "checkpoint_interval": max(1, extra // 5),
     }
+
+
+def training_seconds(allowance: float) -> float:
+    """Seconds of the training loop's clock that fit in ``allowance`` seconds of budget: the loop's clock
+    leaves out checkpoint writing, so a small margin is kept for it."""
+    return max(0.0, allowance - (0.5 + 0.03 * allowance))
+
+
+def resume_point(plan: dict[str, Any], final_dir: Path) -> Path | None:
+    """The checkpoint :func:`train_final` continues from: the final training's own newest, else the trial's."""
+    ckpts = list_checkpoints(final_dir)
+    if ckpts:
+        return ckpts[-1]
+    return Path(plan["from"]) if plan.get("from") else None
+
+
+def fit_plan_to_time_left(plan: dict[str, Any], final_dir: Path, allowance: float) -> dict[str, Any]:
+    """A stored plan of a time budget, its clock (``max_time``) shortened so that the training resumed now
+    ends within ``allowance`` seconds (what the ledger leaves the final step); the plan itself when it fits
+    (or counts tokens). The loop's clock continues from the resume checkpoint's ``elapsed_s``."""
+    if plan.get("max_time") is None:
+        return plan
+    start = resume_point(plan, final_dir)
+    elapsed = float(load_checkpoint(start, load_trainer_state=False).meta.get("elapsed_s", 0.0)) if start else 0.0
+    cap = elapsed + training_seconds(allowance)
+    return {**plan, "max_time": cap} if cap < float(plan["max_time"]) else plan
 
 
 def train_final(

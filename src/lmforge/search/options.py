@@ -8,7 +8,7 @@ derived from them and never stored.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
 from lmforge.search.budget import Budget, parse_budget, parse_bytes, parse_count
@@ -61,6 +61,9 @@ class TuneOptions:
     """Evolution: members kept."""
     sample: int = DEFAULT_TOURNAMENT
     """Evolution: tournament size (``--tournament``; the stored key stays ``sample``)."""
+    started: float | None = field(default=None, compare=False, metadata={"stored": False})
+    """``time.monotonic()`` when the command started (None: when the pipeline starts). The budget's clock
+    starts there, so the start-up of every run, a resumed one too, is charged to the budget. Not stored."""
 
     # parsed from the fields above at construction; not stored
     total_budget: Budget | None = field(init=False, repr=False, compare=False)
@@ -84,8 +87,7 @@ class TuneOptions:
             raise SearchError(f"--strategy {self.strategy!r}: unknown; known: {', '.join(STRATEGIES)}")
         if self.strategy == "evolution" and (self.backend == "ray" or self.cv >= 2 or self.sampler == "grid"):
             raise SearchError(
-                "--strategy evolution runs one trial at a time on the embedded backend, "
-                "without --cv or --sampler grid"
+                "--strategy evolution runs one trial at a time on the embedded backend, without --cv or --sampler grid"
             )
         if self.sampler is not None and self.sampler not in SAMPLERS:
             raise SearchError(f"--sampler {self.sampler!r}: unknown; known: {', '.join(SAMPLERS)}")
@@ -129,12 +131,12 @@ class TuneOptions:
     # -- the stored form (pipeline.json "options") ----------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The options as given, for ``pipeline.json``."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        return {f.name: getattr(self, f.name) for f in _stored_fields()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TuneOptions:
         """The options a run stored (keys it did not store yet take the defaults above)."""
-        known = {f.name for f in fields(cls) if f.init}
+        known = {f.name for f in _stored_fields()}
         kw = {k: v for k, v in d.items() if k in known}
         kw["objectives"] = list(kw.get("objectives") or ["val_loss"])
         return cls(**kw)
@@ -144,4 +146,9 @@ class TuneOptions:
         return {k: v for k, v in self.to_dict().items() if v != _DEFAULTS.get(k)}
 
 
-_DEFAULTS = {f.name: getattr(TuneOptions(out=""), f.name) for f in fields(TuneOptions) if f.init}
+def _stored_fields() -> list[Field[Any]]:
+    """The options ``pipeline.json`` keeps: those given at construction, except per-process ones."""
+    return [f for f in fields(TuneOptions) if f.init and f.metadata.get("stored", True)]
+
+
+_DEFAULTS = {f.name: getattr(TuneOptions(out=""), f.name) for f in _stored_fields()}

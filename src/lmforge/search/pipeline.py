@@ -13,7 +13,11 @@ Steps (each recorded in ``DIR/pipeline.json`` when done, so a killed run continu
    ``DIR/summary.json`` (:mod:`lmforge.search.evaluation`, :mod:`lmforge.search.summary`). The HTML report
    is built by the caller (``lmforge tune``) from these files: :mod:`lmforge.report`.
 
-The budget (time or tokens) covers all steps; :mod:`lmforge.search.budget` splits it. Data: the prepared
+The budget (time or tokens) covers all steps; :mod:`lmforge.search.budget` splits it. The time ledger
+(``spent_s`` in ``pipeline.json``) starts with the command (``TuneOptions.started``: its start-up counts) and
+is saved every ``LEDGER_SAVE_S`` seconds while a step runs, so a run killed with SIGKILL loses at most that
+much: the resumed run's allowances count the rest. ``run_pipeline(opts, finish=...)`` runs the caller's last
+output (the HTML report) inside the evaluation step, on the budget's clock. Data: the prepared
 validation split is halved by documents: one half scores the trials and the final training, the other is
 only read by the final evaluation. This module holds the step sequence, the resume and the run lock; the
 first run's planning is :mod:`lmforge.search.new_run`.
@@ -22,11 +26,13 @@ first run's planning is :mod:`lmforge.search.new_run`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import json
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +42,14 @@ from lmforge.atomic import atomic_write_json
 from lmforge.search.budget import STEPS, Budget, Ledger, format_amount, format_count, tokens_used
 from lmforge.search.context import CONTEXT_ATTR, SearchContext, SearchData, load_context, prepare_search_data
 from lmforge.search.evaluation import EVAL_BLOCKS, evaluate_best
-from lmforge.search.final import FINAL_PATIENCE, FINAL_STEP_CAP, install_dir, plan_final, train_final
+from lmforge.search.final import (
+    FINAL_PATIENCE,
+    FINAL_STEP_CAP,
+    fit_plan_to_time_left,
+    install_dir,
+    plan_final,
+    train_final,
+)
 from lmforge.search.leaderboard import LiveTable
 from lmforge.search.new_run import STATE_VERSION, start_run
 from lmforge.search.options import BACKENDS, DEFAULT_BUDGET, STRATEGIES, TuneOptions
@@ -73,9 +86,21 @@ __all__ = [
 
 STATE_FILE = "pipeline.json"
 RESUME_KEYS = (
-    "data", "space", "sampler", "pruner", "cv", "max_params", "seed", "config", "objectives", "backend", "strategy",
+    "data",
+    "space",
+    "sampler",
+    "pruner",
+    "cv",
+    "max_params",
+    "seed",
+    "config",
+    "objectives",
+    "backend",
+    "strategy",
 )
 """Options a run keeps from its first command line (given anew on a resume, they are ignored with a note)."""
+LEDGER_SAVE_S = 2.0
+"""Seconds between saves of the time ledger while a step runs (a SIGKILL loses at most this much of it)."""
 
 
 class NoFinishedTrial(SearchError):
@@ -111,24 +136,30 @@ def read_state(run_dir: str | Path) -> dict[str, Any] | None:
 
 
 # ------------------------------------------------------------------------------------ pipeline
-def run_pipeline(opts: TuneOptions) -> dict[str, Any]:
-    """Run (or continue) the pipeline in ``opts.out``; return the summary (also in ``DIR/summary.json``)."""
+def run_pipeline(opts: TuneOptions, finish: Callable[[Path], None] | None = None) -> dict[str, Any]:
+    """Run (or continue) the pipeline in ``opts.out``; return the summary (also in ``DIR/summary.json``).
+    ``finish(run_dir)`` runs in the evaluation step once the outputs are written (the CLI builds the HTML
+    report there), so its time is charged to the budget like every step's."""
     quiet_optuna()
     run_dir = Path(opts.out).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     with _run_lock(run_dir):
-        return _Pipeline(opts, run_dir).run()
+        return _Pipeline(opts, run_dir, finish).run()
 
 
 class _Pipeline:
-    def __init__(self, opts: TuneOptions, run_dir: Path) -> None:
+    def __init__(self, opts: TuneOptions, run_dir: Path, finish: Callable[[Path], None] | None = None) -> None:
         self.opts = opts
         self.run_dir = run_dir
+        self.finish = finish
         self.state: dict[str, Any] = {}
         self.data: SearchData | None = None
-        self._t = time.monotonic()
+        # the clock starts with the command when it says when that was: its start-up is spent budget too
+        self._t = time.monotonic() if opts.started is None else min(opts.started, time.monotonic())
         self._saved = 0.0
         self._step = "search"
+        # the ledger thread and the steps both change and save the state
+        self._lock = threading.RLock()
 
     # -- output -----------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -137,9 +168,10 @@ class _Pipeline:
 
     # -- state ------------------------------------------------------------------------------------
     def save(self, force: bool = True) -> None:
-        if force or time.time() - self._saved > 5:
-            atomic_write_json(self.run_dir / STATE_FILE, self.state)
-            self._saved = time.time()
+        with self._lock:
+            if force or time.monotonic() - self._saved > LEDGER_SAVE_S:
+                atomic_write_json(self.run_dir / STATE_FILE, self.state)
+                self._saved = time.monotonic()
 
     @property
     def budget(self) -> Budget:
@@ -156,14 +188,37 @@ class _Pipeline:
 
     def tick(self, step: str | None = None, save: bool = False) -> None:
         """Charge the wall-clock time since the last tick to the current step."""
-        now = time.monotonic()
-        self.state["spent_s"][step or self._step] += now - self._t
-        self._t = now
-        self.save(force=save)
+        with self._lock:
+            now = time.monotonic()
+            self.state["spent_s"][step or self._step] += now - self._t
+            self._t = now
+            self.save(force=save)
 
     def set_step(self, step: str, **fields: Any) -> None:
-        self.state["steps"][step].update(fields)
-        self.save()
+        with self._lock:
+            self.state["steps"][step].update(fields)
+            self.save()
+
+    @contextlib.contextmanager
+    def ledger_clock(self) -> Iterator[None]:
+        """While the steps run: tick and save the ledger every ``LEDGER_SAVE_S`` seconds from a thread, so
+        time spent inside a long trial, evaluation or final training survives a SIGKILL."""
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(LEDGER_SAVE_S):
+                try:
+                    self.tick(save=True)
+                except OSError as err:  # a full or read-only disk: the steps' own saves report it
+                    self.log(f"warning: cannot save {self.run_dir / STATE_FILE}: {err}")
+
+        thread = threading.Thread(target=loop, daemon=True, name="lmforge-ledger")
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=10)
 
     # -- entry --------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -184,12 +239,14 @@ class _Pipeline:
             f"(watch it: {dashboard_command(self.state['storage'])})"
         )
         try:
-            for step in STEPS:
-                if self.state["steps"][step]["status"] in ("done", "skipped"):
-                    continue
-                self._step = step
-                getattr(self, f"_step_{step}")()
-                self.tick(step, save=True)
+            with self.ledger_clock():
+                for step in STEPS:
+                    if self.state["steps"][step]["status"] in ("done", "skipped"):
+                        continue
+                    with self._lock:  # time not charged yet (the start-up of a resumed run) goes to this step
+                        self._step = step
+                    getattr(self, f"_step_{step}")()
+                    self.tick(step, save=True)
         finally:
             self.tick(save=True)
         return json.loads((self.run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
@@ -262,7 +319,9 @@ class _Pipeline:
 
         def hook() -> None:
             if self.budget.kind == "tokens":
-                self.state["spent_tokens"]["search"] = tokens_used(study.get_trials(deepcopy=False))
+                used = tokens_used(study.get_trials(deepcopy=False))
+                with self._lock:
+                    self.state["spent_tokens"]["search"] = used
             self.tick("search")
             table.maybe_print()
 
@@ -319,6 +378,12 @@ class _Pipeline:
                 reference_tokens_per_s=self.state["plan"].get("reference_tokens_per_s", 1e4),
             )
             self.set_step("final", plan=plan, status="running")
+        else:  # resumed: the first run's time counts, so its clock may only get shorter
+            fitted = fit_plan_to_time_left(plan, final_dir, allowance)
+            if fitted != plan:
+                self.log(f"final training: clock cut to {fitted['max_time']:.0f}s: the budget left is {allowance:.0f}s")
+                plan = fitted
+                self.set_step("final", plan=plan)
         self.log(
             f"final training: trial {plan['trial']} "
             + (f"continues from {plan['from']}" if plan["from"] else "trains from scratch")
@@ -327,7 +392,8 @@ class _Pipeline:
         if plan["max_steps"] > plan["start_step"]:
             result = train_final(plan, src, final_dir, ctx, self._search_data(ctx), self.opts.verbose)
             trained = result.tokens - plan["start_tokens"] if plan["from"] else result.tokens
-            self.state["spent_tokens"]["final"] = float(trained)
+            with self._lock:
+                self.state["spent_tokens"]["final"] = float(trained)
             self.set_step(
                 "final", stop_reason=result.stop_reason, tokens=int(trained), best_val_loss=result.best_val_loss
             )
@@ -347,9 +413,14 @@ class _Pipeline:
         result = evaluate_best(self.run_dir / "best", self._search_data(ctx))
         # the outputs are written with the step marked done, and only then is the state saved: a kill in
         # between repeats this step
-        self.state["steps"]["evaluate"].update(result, status="done")
-        self.tick("evaluate")
-        write_outputs(self.run_dir, self.state, study, ctx)
-        self.save()
+        with self._lock:
+            self.state["steps"]["evaluate"].update(result)
+            self.tick("evaluate")
+            done = copy.deepcopy(self.state)
+        done["steps"]["evaluate"]["status"] = "done"
+        write_outputs(self.run_dir, done, study, ctx)
+        if self.finish is not None:  # the caller's last output (the HTML report), on the budget's clock
+            self.finish(self.run_dir)
+        self.set_step("evaluate", status="done")
         s = json.loads((self.run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
         self.log(summary_text(s))

@@ -10,7 +10,9 @@ Heartbeats: a running trial's worker beats every ``LMFORGE_HEARTBEAT_S`` seconds
 record Optuna's native heartbeat, journals a trial system attribute. A trial whose beat has not changed for
 ``LMFORGE_GRACE_S`` seconds (default 120) is failed by any other worker (:func:`fail_stale`) and its
 configuration enqueued again; a journal's staleness is judged by how long the *observer* has seen the beat
-unchanged, so the machines' clocks need not agree.
+unchanged, so the machines' clocks need not agree. A late beat is not a lost worker: a trial whose process
+is alive on the observer's host (``host``, ``pid``, ``pid_start``) is never failed, however late its beat (a
+worker starved of CPU by a loaded machine is slow, not dead).
 
 A trial records the host and process running it (user attributes ``host``, ``pid``, ``pid_start``). When
 a run resumes, a RUNNING trial whose process no longer exists on this host was interrupted: it is marked
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import numpy as np
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
@@ -205,6 +208,22 @@ def dashboard_command(url: str) -> str:
 
 
 # --------------------------------------------------------------------------------------- samplers
+def trials_run(study: Any) -> int:
+    """Trials the study has started so far (every state but WAITING: enqueued points have not run)."""
+    return sum(1 for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING)
+
+
+def sampler_seed(seed: int, worker_id: int, already_run: int) -> int:
+    """The seed of a worker's sampler. A new study: ``seed + worker_id``. A study that already ran trials (a
+    resumed run, a worker joining late): a seed mixed from all three, so the fresh sampler does not replay
+    the proposals the first run's sampler made from the same seed (a killed ``tune`` resumed with the same
+    seed re-proposed exactly its earlier configurations)."""
+    if already_run == 0:
+        return seed + worker_id
+    mixed = np.random.SeedSequence([seed % 2**32, worker_id, already_run]).generate_state(1)[0]
+    return int(mixed) % 2**31
+
+
 def make_sampler(
     name: str,
     *,
@@ -226,7 +245,6 @@ def make_sampler(
     if name in ("random", "grid"):
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "cmaes":
-
         if importlib.util.find_spec("cmaes") is None:
             raise SearchError("--sampler cmaes needs the 'cmaes' package: pip install cmaes")
         if n_objectives > 1:
@@ -311,6 +329,8 @@ def _start_ticks(pid: int) -> int | None:
 
 
 def process_alive(pid: int | None, start: int | None) -> bool:
+    """Whether process ``pid`` of this host runs (a zombie, killed but not yet reaped by its parent, does
+    not), and is the one that started at ``start`` (clock ticks; None: not checked)."""
     if not pid:
         return False
     try:
@@ -319,8 +339,27 @@ def process_alive(pid: int | None, start: int | None) -> bool:
         return False
     except PermissionError:
         pass
+    if _state(int(pid)) in ("Z", "X"):
+        return False
     now = _start_ticks(int(pid))
     return start is None or now is None or now == start
+
+
+def _state(pid: int) -> str | None:
+    """The process state letter of ``/proc/PID/stat`` (``R``, ``S``, ``Z``...); None where unreadable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()[0]
+
+
+def worker_alive(trial: Any) -> bool:
+    """Whether the process running ``trial`` (a FrozenTrial) is known to be alive: it runs on this host and
+    its pid (with the same start time) exists. A trial of another host is not known to be alive: its
+    heartbeat decides."""
+    ua = trial.user_attrs
+    return ua.get("host") == socket.gethostname() and process_alive(ua.get("pid"), ua.get("pid_start"))
 
 
 def recover_interrupted(study: Any, *, exclusive: bool = False) -> list[int]:
@@ -474,6 +513,10 @@ class StaleWatch:
         self._last_check = -float("inf")
 
     def stale(self, study: Any) -> list[Any]:
+        """The RUNNING trials whose beat is overdue and whose process is not known to be alive."""
+        return [t for t in self._overdue(study) if not worker_alive(t)]
+
+    def _overdue(self, study: Any) -> list[Any]:
         storage = trial_storage(study)
         if is_heartbeat_enabled(storage):
             ids = storage._get_stale_trial_ids(study._study_id)  # noqa: SLF001

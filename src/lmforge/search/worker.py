@@ -6,8 +6,9 @@ of them as processes (``python -m lmforge.search.worker``); more can join from o
 storage and can read the data and the run directory (``lmforge worker``).
 
 Workers share the study safely: ``--n-trials N`` admits exactly the first N new trials by trial number (a
-trial asked past the cap in a race is marked ``discarded`` and never trained); every worker watches the
-others' heartbeats and fails and re-enqueues the trial of a worker that died (:class:`StaleWatch`); and a
+trial asked past the cap in a race is marked ``discarded`` and never trained), where a trial that failed for
+good (every attempt FAIL, no retry left) does not count: the cap is N finished (COMPLETE or PRUNED) trials, and
+the search gives up after N such failures; every worker watches the others' heartbeats and fails and re-enqueues the trial of a worker that died (:class:`StaleWatch`); and a
 worker leaves only when no trial is running any more, so the retry of a lost trial always finds a taker.
 """
 
@@ -42,24 +43,26 @@ from lmforge.search.study import (
     make_sampler,
     open_storage,
     original_number,
+    sampler_seed,
+    trials_run,
 )
 
-__all__ = ["load_context", "open_study", "over_cap", "run_worker", "search_done", "spawn"]
+__all__ = ["load_context", "open_study", "failed_for_good", "over_cap", "run_worker", "search_done", "spawn"]
 
 POLL_S = 2.0
 """Seconds between looks at the study while waiting for other workers' trials to end."""
 
 
-def open_study(
-    study_name: str, storage: str | BaseStorage, worker_id: int = 0
-) -> tuple[optuna.Study, SearchContext]:
-    """The study with this worker's sampler and pruner, and its search context."""
+def open_study(study_name: str, storage: str | BaseStorage, worker_id: int = 0) -> tuple[optuna.Study, SearchContext]:
+    """The study with this worker's sampler and pruner, and its search context. A study that already ran
+    trials (a resumed run) seeds the sampler anew (:func:`~lmforge.search.study.sampler_seed`)."""
     st = open_storage(storage) if isinstance(storage, str) else storage
-    ctx = load_context(load(st, study_name))
+    existing = load(st, study_name)
+    ctx = load_context(existing)
     space = ctx.search_space
     sampler = make_sampler(
         ctx.sampler,
-        seed=ctx.seed + worker_id,
+        seed=sampler_seed(ctx.seed, worker_id, trials_run(existing)),
         n_objectives=len(ctx.objectives),
         parallel=ctx.parallel,
         conditional=space.conditional,
@@ -80,23 +83,41 @@ def search_done(study: optuna.Study, ctx: SearchContext) -> str | None:
     if ctx.sampler == "grid" and not waiting:
         return "grid exhausted"
     if ctx.n_trials is not None and not waiting:
-        started = {original_number(t) for t in trials if not t.user_attrs.get("discarded")}
+        failed = failed_for_good(trials)
+        started = {original_number(t) for t in trials if not t.user_attrs.get("discarded")} - failed
         if len(started) >= ctx.n_trials:
             return f"{ctx.n_trials} trials run"
+        if len(failed) >= ctx.n_trials:
+            return f"{len(failed)} trials failed (the cap of {ctx.n_trials} counts finished trials only)"
     return None
+
+
+def failed_for_good(trials: list[FrozenTrial]) -> set[int]:
+    """Original numbers (:func:`~lmforge.search.study.original_number`) of the trials whose every attempt
+    failed and that have no retry waiting or running: they do not count toward ``--n-trials``. Discarded
+    asks (past the cap) are not trials at all."""
+    chains: dict[int, list[TrialState]] = {}
+    for t in trials:
+        if not t.user_attrs.get("discarded"):
+            chains.setdefault(original_number(t), []).append(t.state)
+    return {n for n, states in chains.items() if all(s == TrialState.FAIL for s in states)}
 
 
 def over_cap(study: optuna.Study, trial: optuna.Trial | FrozenTrial, n_trials: int | None) -> bool:
     """Whether ``trial`` (just asked, not a retry or an enqueued point) lies past the ``n_trials`` cap: at
-    least ``n_trials`` new trials have smaller numbers. Trial numbers are assigned atomically by the
-    storage, so racing workers agree on which trials are admitted: exactly the first ``n_trials``."""
+    least ``n_trials`` new trials that count have smaller numbers (a trial failed for good does not count,
+    :func:`failed_for_good`). Trial numbers are assigned atomically by the storage, so racing workers agree
+    on which trials are admitted: the first ``n_trials`` that count."""
     if n_trials is None:
         return False
+    trials = study.get_trials(deepcopy=False)
+    failed = failed_for_good(trials)
     earlier = 0
-    for t in study.get_trials(deepcopy=False):
+    for t in trials:
         if t.number >= trial.number or t.user_attrs.get("discarded") or "failed_trial" in t.system_attrs:
             continue
-        earlier += 1
+        if t.number not in failed:
+            earlier += 1
     return earlier >= n_trials
 
 
