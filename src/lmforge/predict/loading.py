@@ -83,7 +83,8 @@ def _load(path: str | Path, map_location: str | torch.device) -> tuple[LanguageM
     ckpt = resolve_checkpoint(p)
     if (ckpt / "COMPLETE").is_file():
         model, tokenizer, cfg = load_model(ckpt, map_location=map_location)
-        return cast(LanguageModel, model.eval()), tokenizer, cfg  # every registered family is one
+        model.eval()
+        return model, tokenizer, cfg
     if is_hf_dir(p):
         return load_hf_dir(p, map_location=map_location)
     if (p / "config.yaml").is_file() or (p / "checkpoints").is_dir():

@@ -139,6 +139,16 @@ def fig_importance(run: ReportRun, path: Path, imp: dict[str, float], method: st
     return None
 
 
+def _category_axis(pos: dict[str, float]) -> Callable[[Any], float]:
+    """Position of a categorical value on a parallel-coordinates axis."""
+    return lambda v: pos[repr(v)]
+
+
+def _scaled_axis(tf: Callable[[Any], float], lo: float, span: float) -> Callable[[Any], float]:
+    """Position of a numeric value on a parallel-coordinates axis: ``tf`` (identity or log10) scaled to 0..1."""
+    return lambda v: (tf(v) - lo) / span
+
+
 def front(points: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
     """Non-dominated points (both coordinates minimized), sorted by the first."""
     out: list[tuple[float, float, int]] = []
@@ -177,12 +187,12 @@ def fig_pareto(run: ReportRun, path: Path) -> str | None:
     ]
     if len(pts) < 2:
         return "loss against size: needs at least 2 finished trials with a parameter count"
-    fr = front(pts)
+    size_front = front(pts)
     fig = _figure()
     ax = fig.add_subplot()
     ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=20, color="0.6", label="finished trials")
-    ax.plot([p[0] for p in fr], [p[1] for p in fr], "o-", color="tab:red", label="non-dominated")
-    for x, y, n in fr:
+    ax.plot([p[0] for p in size_front], [p[1] for p in size_front], "o-", color="tab:red", label="non-dominated")
+    for x, y, n in size_front:
         ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("parameters")
@@ -216,20 +226,20 @@ def fig_parallel(run: ReportRun, path: Path, order: list[str]) -> str | None:
         ):
             cats = sorted({repr(v) for v in vals})
             pos = {c: (i / (len(cats) - 1) if len(cats) > 1 else 0.5) for i, c in enumerate(cats)}
-            axes_pos.append((n, lambda v, pos=pos: pos[repr(v)], [(p, c.strip("'")) for c, p in pos.items()]))
+            axes_pos.append((n, _category_axis(pos), [(p, c.strip("'")) for c, p in pos.items()]))
             continue
         log = bool(getattr(dist, "log", False)) and min(vals) > 0
-        tf = (lambda v: math.log10(v)) if log else float
+        tf: Callable[[Any], float] = math.log10 if log else float
         lo, hi = min(tf(v) for v in vals), max(tf(v) for v in vals)
         span = hi - lo or 1.0
         ticks = [(0.0, f"{min(vals):.3g}"), (1.0, f"{max(vals):.3g}")]
-        axes_pos.append((n, lambda v, tf=tf, lo=lo, span=span: (tf(v) - lo) / span, ticks))
+        axes_pos.append((n, _scaled_axis(tf, lo, span), ticks))
     ys = [t.values[0] for t in done]
     lo, hi = min(ys), max(ys)
     axes_pos.append(
         (
             run.objectives[0],
-            lambda v, lo=lo, hi=hi: (v - lo) / ((hi - lo) or 1.0),
+            _scaled_axis(float, lo, (hi - lo) or 1.0),
             [(0.0, f"{lo:.4g}"), (1.0, f"{hi:.4g}")],
         )
     )

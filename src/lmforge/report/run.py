@@ -72,7 +72,7 @@ def load_run(run_dir: Path) -> ReportRun:
     if isinstance((run.summary or {}).get("steps"), dict) and (
         not run.steps or _mtime(run_dir / "summary.json") >= _mtime(run_dir / "pipeline.json")
     ):  # the pipeline writes the summary (and builds this report) just before it saves its state
-        run.steps = dict(run.summary["steps"])
+        run.steps = dict((run.summary or {})["steps"])
     url = (run.state or {}).get("storage")
     name = (run.state or {}).get("study_name")
     if url is None and (run_dir / "study.journal").is_file():

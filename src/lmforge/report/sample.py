@@ -29,7 +29,7 @@ def sample_text(run: ReportRun, max_new_tokens: int, seed: int) -> tuple[str | N
         return None, "no trained model yet (no best checkpoint)"
     model, tokenizer, _ = load_model(model_dir, map_location="cpu")
     n = max_new_tokens
-    if getattr(model, "max_seq_len", None):
+    if model.max_seq_len:
         n = max(1, min(n, model.max_seq_len - 1))
     gen = GenerationConfig(max_new_tokens=n, do_sample=True, temperature=0.8, top_k=50, seed=seed, eos_token_id=[])
     with torch.inference_mode():

@@ -46,7 +46,7 @@ from torch import nn
 from lmforge.atomic import atomic_write_text, fsync_dir, write_durable
 from lmforge.config import LmforgeError, RunConfig, build_config
 from lmforge.data import Tokenizer
-from lmforge.models import build_model
+from lmforge.models import LanguageModel, build_model
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -566,7 +566,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------ rebuild
 def load_model(
     path: str | Path, *, map_location: str | torch.device = "cpu"
-) -> tuple[nn.Module, Tokenizer, RunConfig]:
+) -> tuple[LanguageModel, Tokenizer, RunConfig]:
     """Rebuild ``(model, tokenizer, RunConfig)`` from a checkpoint directory (weights loaded strictly)."""
     path = Path(path)
     ckpt = load_checkpoint(path, map_location=map_location, load_trainer_state=False)

@@ -28,7 +28,7 @@ def measure_latency(model_dir: Path, new_tokens: int = LATENCY_TOKENS) -> float:
     device = resolve_device(cfg.train.device)
     model.to(device)
     prompt = [[tokenizer.eot_id if tokenizer.eot_id is not None else 0]]
-    if getattr(model, "max_seq_len", None):
+    if model.max_seq_len:
         new_tokens = max(1, min(new_tokens, model.max_seq_len - 1))
     gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=[])
     with torch.inference_mode():

@@ -228,6 +228,7 @@ class LmforgeOptunaSearch(OptunaSearch):
         try:
             if note is not None:
                 ot.set_user_attr(*note)
+            assert self._ot_study is not None  # set up by OptunaSearch before any trial completes
             self._ot_study.tell(ot, value, state=state)
         except Exception:  # told before the driver died and was restored: the study already has it
             pass
@@ -285,7 +286,7 @@ class DriverCallback(tune.Callback):
 
 def make_scheduler(pruner: str, fid: Fidelity) -> Any:
     """The Ray scheduler for ``--pruner``, on trained tokens."""
-    common = {"time_attr": "tokens", "metric": "val_loss", "mode": "min"}
+    common: dict[str, Any] = {"time_attr": "tokens", "metric": "val_loss", "mode": "min"}
     if pruner in ("asha", "sha", "successive_halving"):
         return ASHAScheduler(
             **common,

@@ -74,7 +74,7 @@ def storage_url(storage: str | None, run_dir: str | Path) -> str:
 def heartbeat_settings() -> tuple[int, int]:
     """(heartbeat interval, grace period) in seconds: ``LMFORGE_HEARTBEAT_S`` and ``LMFORGE_GRACE_S`` override
     the defaults (the grace period defaults to four intervals when only the interval is set)."""
-    values = []
+    values: list[int | None] = []
     for var, default in (("LMFORGE_HEARTBEAT_S", HEARTBEAT_S), ("LMFORGE_GRACE_S", None)):
         raw = os.environ.get(var)
         if raw is None or raw.strip() == "":
@@ -88,6 +88,7 @@ def heartbeat_settings() -> tuple[int, int]:
             raise SearchError(f"{var}={raw!r}: must be a whole number of seconds >= 1")
         values.append(v)
     interval, grace = values
+    assert interval is not None  # the interval always has a default
     if grace is None:
         grace = GRACE_S if interval == HEARTBEAT_S else 4 * interval
     if grace <= interval:
@@ -142,7 +143,7 @@ def open_storage(url: str) -> Any:
             )
         path = Path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
-        lock = _flock_lock(str(path) + ".lock") if os.name == "posix" else None
+        lock: Any = _flock_lock(str(path) + ".lock") if os.name == "posix" else None  # a BaseJournalFileLock
         return JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
     except ImportError as err:
         raise SearchError(
@@ -257,11 +258,10 @@ def make_sampler(
             warn_independent_sampling=False,
         )
     if name == "gp":
-        independent = optuna.samplers.RandomSampler(seed=seed)
         return optuna.samplers.GPSampler(
             seed=seed,
             n_startup_trials=n_startup_trials,
-            independent_sampler=independent,
+            independent_sampler=optuna.samplers.RandomSampler(seed=seed),
             warn_independent_sampling=False,
         )
     if name == "nsga2":
@@ -519,7 +519,8 @@ class StaleWatch:
     def _overdue(self, study: Any) -> list[Any]:
         storage = trial_storage(study)
         if is_heartbeat_enabled(storage):
-            ids = storage._get_stale_trial_ids(study._study_id)  # noqa: SLF001
+            # optuna's own stale-trial query (the heartbeat storages have it; BaseStorage does not declare it)
+            ids = storage._get_stale_trial_ids(study._study_id)  # type: ignore[attr-defined]  # noqa: SLF001
             return [storage.get_trial(i) for i in ids]
         now = self._clock()
         _, default_grace = heartbeat_settings()

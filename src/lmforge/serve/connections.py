@@ -156,8 +156,8 @@ class GuardedH11Protocol(H11Protocol):
         """No request in progress: waiting for one (a new or kept-alive connection)."""
         return self.cycle is None or self.cycle.response_complete
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
-        super().connection_made(transport)  # type: ignore[arg-type]
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]  # uvicorn types it as a Transport
         if not self.registry.add(self):
             msg = "The server has too many connections open; retry shortly"
             self.transport.write(_raw_response(503, "Service Unavailable", msg, "too_many_connections"))
