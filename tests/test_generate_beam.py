@@ -3,35 +3,24 @@
 from __future__ import annotations
 
 import importlib
-import itertools
 import math
 
 import pytest
 import torch
 
 from lmforge.predict import GenerationConfig, generate
-from test_generate_standins import CHAR_PIECES, TinyAttention, TinyGRU, ToyTokenizer, uncached_greedy
+from support.generate import (
+    CHAR_PIECES,
+    TinyAttention,
+    TinyGRU,
+    ToyTokenizer,
+    brute_force,
+    uncached_greedy,
+)
 
 engine = importlib.import_module("lmforge.predict.engine")
 
 
-def brute_force(model, prompt, vocab, steps, eos, length_penalty):
-    """Every completion of at most ``steps`` tokens that stops at the first eos, scored as HF does:
-    sum_logprobs / (new tokens, eos included) ** length_penalty; best first."""
-    full = list(itertools.product(range(vocab), repeat=steps))
-    with torch.no_grad():  # one forward over every full-length continuation: prefix scores are partial sums
-        logits = model(torch.tensor([prompt + list(s) for s in full]))[0].double()
-    logp = logits.log_softmax(-1)[:, len(prompt) - 1 : len(prompt) - 1 + steps]  # (V**steps, steps, V)
-    token_lp = logp.gather(2, torch.tensor(full)[:, :, None])[:, :, 0].cumsum(1)  # (V**steps, steps)
-    prefix_lp = {s[:n]: float(token_lp[i, n - 1]) for i, s in enumerate(full) for n in range(1, steps + 1)}
-    out = []
-    for seq, lp in prefix_lp.items():
-        n = len(seq)
-        if eos in seq[:-1] or (n < steps and seq[-1] != eos):
-            continue  # continues past an eos, or ends early without one
-        ended = seq[-1] == eos
-        out.append((lp / n**length_penalty, list(seq[:-1]) if ended else list(seq), "eos" if ended else "length"))
-    return sorted(out, key=lambda x: -x[0])
 
 
 @pytest.mark.parametrize("early_stopping", [False, True, "never"])

@@ -6,14 +6,7 @@ import pytest
 import torch
 
 from lmforge.predict import GenerationConfig, GenerationError, GenerationOutput, generate, generate_text
-from test_generate_standins import (
-    CHAR_PIECES,
-    MULTI_PIECES,
-    TinyAttention,
-    TinyGRU,
-    ToyTokenizer,
-    uncached_greedy,
-)
+from support.generate import CHAR_PIECES, MULTI_PIECES, TinyAttention, TinyGRU, ToyTokenizer, uncached_greedy
 
 MODELS = [TinyGRU, TinyAttention]
 PROMPTS = [[1, 2, 3, 4, 5], [6], [2, 7, 9], [3, 3, 3, 3, 3, 3, 3, 1]]

@@ -9,8 +9,7 @@ import torch
 from lmforge.config import HFModelConfig, RCNNConfig, RecurrentConfig, TransformerConfig
 from lmforge.models import build_model
 from lmforge.predict import GenerationConfig, GenerationError, generate
-from test_generate_beam import brute_force
-from test_generate_standins import uncached_greedy
+from support.generate import brute_force, uncached_greedy
 
 FAMILIES = {
     "gpt": lambda: TransformerConfig(n_layer=2, d_model=32, n_head=4, init_std=0.3),

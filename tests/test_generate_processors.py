@@ -15,7 +15,7 @@ from lmforge.predict.processors import (
     TopPProcessor,
     build_processors,
 )
-from test_generate_standins import TinyGRU, uncached_greedy
+from support.generate import TinyGRU, uncached_greedy
 
 
 def _scores(B: int = 3, V: int = 12, seed: int = 0) -> torch.Tensor:

@@ -24,7 +24,7 @@ from lmforge.search.study import (
     process_identity,
 )
 from lmforge.search.worker import failed_for_good, over_cap, search_done
-from test_scale_storage import FakeClock
+from support.search import FakeClock
 
 
 def _state(pid: int) -> str:

@@ -24,7 +24,7 @@ from lmforge.search.context import fixed_val_batches, prepare_search_data
 from lmforge.search.pipeline import TuneOptions, run_pipeline
 from lmforge.search.study import SearchError, create_or_load, open_storage
 from lmforge.train.loop import train
-from test_search_tune import BASE, TPS, write_docs, write_space
+from support.search import BASE, TPS, write_docs, write_space
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'lmforge[ray]')")
 

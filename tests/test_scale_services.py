@@ -20,8 +20,17 @@ from optuna.trial import TrialState
 from lmforge.runs import list_checkpoints, read_metrics
 from lmforge.search.context import load_context
 from lmforge.search.study import create_or_load, open_storage
-from test_scale_storage import check_exactly_n, counted, make_study, start_workers, wait_all, worker_env
-from test_search_tune import BASE, TPS, write_docs
+from support.search import (
+    BASE,
+    TPS,
+    check_exactly_n,
+    counted,
+    make_study,
+    start_workers,
+    wait_all,
+    worker_env,
+    write_docs,
+)
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 REDIS_URL = "redis://127.0.0.1:6379/0"

@@ -15,7 +15,7 @@ from lmforge.search import pipeline
 from lmforge.search.final import fit_plan_to_time_left, training_seconds
 from lmforge.search.pipeline import LEDGER_SAVE_S, run_pipeline
 from lmforge.search.study import make_sampler, sampler_seed, trials_run
-from test_search_tune import TPS, options
+from support.search import TPS, options
 
 SPACE = """
 params:

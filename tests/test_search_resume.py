@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from lmforge.runs import list_checkpoints, read_metrics
 from lmforge.search.study import create_or_load, open_storage
-from test_search_tune import BASE, TPS, write_docs
+from support.search import BASE, TPS, write_docs
 
 SPACE = """
 params:

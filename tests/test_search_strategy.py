@@ -9,7 +9,7 @@ from optuna.trial import TrialState
 
 from lmforge.search.pipeline import TuneOptions, run_pipeline
 from lmforge.search.study import SearchError
-from test_search_tune import load_study, options
+from support.search import load_study, options
 
 SPACE = """
 params:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import random
 from pathlib import Path
 
 import numpy as np
@@ -17,42 +16,7 @@ from optuna.trial import TrialState
 
 from lmforge.runs import load_model, read_metrics
 from lmforge.search.pipeline import TuneOptions, run_pipeline
-from lmforge.search.study import create_or_load, open_storage
-
-BASE = ["--data.block_size", "16", "--train.batch_size", "4", "--model.n_layer", "1", "--model.d_model", "16"]
-TPS = 4 * 16  # tokens per optimizer step
-
-
-def write_docs(path: Path, n: int = 120, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    words = "the cat sat on a mat and dog ran to big red house while small bird sang".split()
-    with open(path, "w", encoding="utf-8") as f:
-        for _ in range(n):
-            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(6, 14)))}) + "\n")
-    return path
-
-
-def write_space(path: Path, space: str) -> Path:
-    path.write_text(space, encoding="utf-8")
-    return path
-
-
-def options(tmp: Path, space: str, **kw) -> TuneOptions:
-    tmp.mkdir(parents=True, exist_ok=True)
-    data = write_docs(tmp / "docs.jsonl")
-    return TuneOptions(
-        out=str(tmp / "run"),
-        data=str(data),
-        space=str(write_space(tmp / "space.yaml", space)),
-        overrides=list(kw.pop("overrides", BASE)),
-        verbose=False,
-        **kw,
-    )
-
-
-def load_study(run: Path):
-    state = json.loads((run / "pipeline.json").read_text())
-    return create_or_load(open_storage(state["storage"]), state["study_name"], len(state["options"]["objectives"]))
+from support.search import BASE, TPS, load_study, options, write_docs
 
 
 def steps_strictly_increasing(run_dir: Path) -> list[dict]:

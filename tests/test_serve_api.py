@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from test_serve_standins import CONTEXT, make_checkpoint
+from support.serve import CONTEXT, make_checkpoint
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from test_serve_standins import LiveServer, SlowModel, make_checkpoint, wait_until
+from support.serve import LiveServer, SlowModel, make_checkpoint, wait_until
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from test_serve_standins import LiveServer, make_checkpoint, wait_until
+from support.serve import LiveServer, make_checkpoint, wait_until
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from test_serve_standins import LiveServer, SlowModel, make_checkpoint, wait_until
+from support.serve import LiveServer, SlowModel, make_checkpoint, wait_until
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")

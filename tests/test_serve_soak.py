@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from test_serve_standins import make_checkpoint  # noqa: E402
+from support.serve import make_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
