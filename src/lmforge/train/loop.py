@@ -31,6 +31,7 @@ from lmforge.models import build_model
 from lmforge.models.base import LanguageModel
 from lmforge.runs import (
     BEST_DIR,
+    CONFIG_FILE,
     METRICS_FILE,
     Checkpoint,
     append_metrics,
@@ -172,7 +173,7 @@ class _Trainer:
         if resume_ckpt is not None:
             model.load_state_dict(resume_ckpt.state_dict, strict=True)
         if dist.is_main:
-            with write_errors(out / "config.yaml"):
+            with write_errors(out / CONFIG_FILE):
                 out.mkdir(parents=True, exist_ok=True)
                 write_config(out, self.config_yaml)
 
