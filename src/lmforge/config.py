@@ -414,9 +414,11 @@ def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     sec[field] = value
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``["--model.n_layer", "4", "--optim.lr=3e-3", ...]`` to a nested dict (copied)."""
-    raw = copy.deepcopy(raw)
+def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
+    """``["--model.n_layer", "4", "--optim.lr=3e-3"]`` -> ``[("model.n_layer", "4"), ("optim.lr", "3e-3")]``,
+    in order (a field may appear twice here: the command line refuses that, callers composing overrides
+    may rely on the last one winning)."""
+    pairs: list[tuple[str, str]] = []
     i = 0
     while i < len(overrides):
         tok = overrides[i]
@@ -431,6 +433,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 raise ConfigError(f"override '--{key}' has no value")
             text = overrides[i + 1]
             i += 2
+        pairs.append((key, text))
+    return pairs
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``["--model.n_layer", "4", "--optim.lr=3e-3", ...]`` to a nested dict (copied)."""
+    raw = copy.deepcopy(raw)
+    for key, text in parse_overrides(overrides):
         set_dotted(raw, key, parse_value(text))
     return raw
 

@@ -6,8 +6,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from lmforge.config import LmforgeError, RunConfig, load_config
 
@@ -34,22 +33,36 @@ def config_from_args(args: argparse.Namespace, overrides: list[str], base: dict[
     return load_config(args.config, extra, base=base)
 
 
-def print_sample(model_dir: Path, prompt: str, max_new_tokens: int, seed: int) -> None:
-    """Print a sampled continuation of ``prompt`` from the model in ``model_dir`` (``train``/``finetune --sample``).
+ALIASES = {"--data": "data.path"}
+"""Command options that set a config field (``train``, ``finetune``, ``tune``, ``worker``)."""
 
-    Its imports are lazy like a command handler's: it runs only inside one, and at module level they would
-    load torch for every ``lmforge`` invocation, ``--help`` included."""
-    from lmforge.models.base import LanguageModel
-    from lmforge.predict import GenerationConfig, generate_text
-    from lmforge.runs import load_model
 
-    loaded, tokenizer, _ = load_model(model_dir)
-    model = cast(LanguageModel, loaded)  # a run directory always holds one of lmforge's models
-    if model.max_seq_len is not None:  # the sample must fit in the model's context with its prompt
-        max_new_tokens = min(max_new_tokens, model.max_seq_len - len(tokenizer.encode(prompt)))
-    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_k=50, seed=seed)
-    text = generate_text(model, tokenizer, [prompt], gen)[0][0]
-    print(f"\n--- sample from {model_dir} ---\n{prompt}{text}\n---")
+def refuse_repeated_options(argv: list[str], args: argparse.Namespace) -> None:
+    """Raise :class:`UserError` naming both values when an option or a ``--section.field`` override is given
+    twice, or an option and the override of the same field (``--data X --data.path Y``): "last one wins"
+    would silently drop one of two things the user asked for. Options that collect a list
+    (``action="append"``) may repeat."""
+    seen: dict[str, tuple[str, str]] = {}  # option or dotted field -> (as given, value)
+    for i, tok in enumerate(argv):
+        if tok == "--":
+            break
+        if not tok.startswith("--"):
+            continue
+        name, eq, inline = tok.partition("=")
+        value = inline if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+        if "." in name:
+            key = name[2:]
+        else:
+            dest = name[2:].replace("-", "_")
+            if not hasattr(args, dest) or isinstance(getattr(args, dest), list):
+                continue
+            key = ALIASES.get(name, name) if hasattr(args, "config") else name
+        if key in seen:
+            first, first_value = seen[key]
+            if first == name:
+                raise UserError(f"{name} is given twice ({first_value!r} and {value!r}); give it once")
+            raise UserError(f"{first} {first_value} and {name} {value} both set {key.lstrip('-')}; give one of them")
+        seen[key] = (name, value)
 
 
 # Each module adds its sub-command parser in ``add_parser(sub)`` and registers its handler with
@@ -79,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     try:
+        refuse_repeated_options(argv, args)
         return COMMANDS[args.command](args, rest)
     except LmforgeError as err:
         print(f"error: {err}", file=sys.stderr)

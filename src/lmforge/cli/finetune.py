@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lmforge.cli import UserError, command, print_sample
+from lmforge.cli import UserError, command
 from lmforge.config import TASK_NAMES, RunConfig, TrainConfig, apply_overrides, build_config, load_yaml
 
 
@@ -92,6 +92,15 @@ def _set_schedule_length(raw: dict[str, Any], units: int, what: str) -> None:
 
 @command("finetune")
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    from lmforge.runs import claim_run_dir
+
+    with claim_run_dir(args.out, "finetune") as out:
+        return _finetune(args, overrides, out)
+
+
+def _finetune(args: argparse.Namespace, overrides: list[str], out: Path) -> int:
+    """The fine-tune itself, run while this process holds ``out``."""
+    from lmforge.cli.sample import print_sample
     from lmforge.predict.loading import load_pretrained
     from lmforge.runs import write_task_file
     from lmforge.train.loop import train
@@ -101,7 +110,6 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     model, tokenizer, model_cfg = load_pretrained(local.resolve() if local.exists() else args.model)
     raw = finetune_config(model_cfg, args.config, overrides, args.data)
     data_cfg = build_config({k: raw[k] for k in ("data", "tokenizer", "model") if k in raw})
-    out = Path(args.out)
 
     if args.task == "lm":
         from lmforge.data import num_blocks, prepare_data

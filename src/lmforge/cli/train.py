@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from lmforge.cli import UserError, command, config_from_args, print_sample
+from lmforge.cli import UserError, command, config_from_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 @command("train")
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    from lmforge.cli.sample import print_sample
+    from lmforge.runs import check_out_dir, claim_run_dir
     from lmforge.train.distributed import dist_env, is_main_process
     from lmforge.train.launch import launch
     from lmforge.train.loop import train
@@ -34,10 +35,13 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {args.nproc}")
     if args.nproc > 1 and dist_env() is None:
+        check_out_dir(args.out)  # refused here, not once per worker
         return launch(args.nproc, _worker_argv(args, overrides))
-    result = train(cfg, args.out)
-    if args.sample > 0 and is_main_process() and (Path(args.out) / "best").exists():
-        print_sample(Path(args.out) / "best", args.prompt, args.sample, cfg.train.seed)
+    # rank 0 writes the run directory, so it alone holds the lock
+    with claim_run_dir(args.out, "train", writer=is_main_process()) as out:
+        result = train(cfg, out)
+        if args.sample > 0 and is_main_process() and (out / "best").exists():
+            print_sample(out / "best", args.prompt, args.sample, cfg.train.seed)
     return 0 if result.step > 0 else 1
 
 

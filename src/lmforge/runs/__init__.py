@@ -31,7 +31,14 @@ from lmforge.runs.checkpoint import (
 )
 from lmforge.runs.lock import RunLockedError, run_lock
 from lmforge.runs.metrics import METRICS_FILE, MetricsError, append_metrics, read_metrics, truncate_metrics
-from lmforge.runs.out_dir import OutDirError, check_out_dir, describe_os_error
+from lmforge.runs.out_dir import (
+    RUN_FILE,
+    OutDirError,
+    check_out_dir,
+    claim_run_dir,
+    describe_os_error,
+    mark_run,
+)
 from lmforge.runs.task_file import TASK_FILE, TaskFileError, read_task_file, task_file_path, write_task_file
 
 __all__ = [
@@ -42,6 +49,7 @@ __all__ = [
     "META_FILE",
     "METRICS_FILE",
     "MODEL_FILE",
+    "RUN_FILE",
     "TASK_FILE",
     "TRAINER_FILE",
     "Checkpoint",
@@ -55,6 +63,7 @@ __all__ = [
     "best_checkpoint",
     "capture_rng_state",
     "check_out_dir",
+    "claim_run_dir",
     "checkpoint_dir",
     "describe_os_error",
     "is_complete",
@@ -62,6 +71,7 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint",
     "load_model",
+    "mark_run",
     "prune_checkpoints",
     "read_metrics",
     "read_task_file",

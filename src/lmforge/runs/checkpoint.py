@@ -458,6 +458,7 @@ def latest_checkpoint(
             if m:
                 _recover(root / m.group(1))
     bad: list[str] = []
+    skipped: list[str] = []
     for path in reversed(list_checkpoints(out_dir)):
         try:
             ckpt = load_checkpoint(path, map_location=map_location, load_trainer_state=load_trainer_state)
@@ -469,8 +470,11 @@ def latest_checkpoint(
                 with contextlib.suppress(OSError):  # a read-only run directory: skip it in place
                     os.rename(path, aside)
                     fsync_dir(path.parent)
-            warnings.warn(f"skipping checkpoint (kept as {aside.name}): {err}", CheckpointWarning, stacklevel=2)
+            skipped.append(f"skipping checkpoint (kept as {aside.name}): {err}")
             continue
+        # warned only when an older one loads: when none does, the error below names them all in one line
+        for message in skipped:
+            warnings.warn(message, CheckpointWarning, stacklevel=2)
         return ckpt
     if bad:
         raise CheckpointError(

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+from lmforge.atomic import atomic_write_text
 from lmforge.config import LmforgeError
+from lmforge.runs.lock import run_lock
 
-RUN_MARKERS = ("checkpoints", "best", "pipeline.json", "metrics.jsonl", "task.json", "trials", "final")
+RUN_FILE = "lmforge-run.json"
+"""Written first into every new run directory (:func:`mark_run`): the proof that lmforge made it."""
+RUN_MARKERS = (RUN_FILE, "checkpoints", "best", "pipeline.json", "trials", "final")
 """Entries that only an lmforge run writes; a directory holding one of them is a run (or a tune run) and may
-be resumed. ``config.yaml`` alone proves nothing: users keep their own."""
+be resumed. Names users also give their own files prove nothing: ``config.yaml`` (users keep their own
+configs), ``metrics.jsonl`` and ``task.json`` (a user's folder with such files was appended to, #14.8). A run
+made before :data:`RUN_FILE` existed is still recognised by its ``checkpoints``/``best``."""
 IGNORED = frozenset({".DS_Store", ".train.lock", ".tune.lock", ".finetune.lock"})
 
 
@@ -39,6 +49,34 @@ def check_out_dir(out: str | Path) -> Path:
     if parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK)):
         raise OutDirError(f"--out {out} cannot be created: {parent} is not a writable directory")
     return out
+
+
+def mark_run(out: str | Path, command: str) -> None:
+    """Write ``OUT/lmforge-run.json`` unless it exists: call it before anything else is written into ``out``
+    (after :func:`check_out_dir` and under the run lock), so that a half-started run is still a run."""
+    path = Path(out) / RUN_FILE
+    if path.exists():
+        return
+    atomic_write_text(path, json.dumps({"format": 1, "command": command, "created": time.time()}) + "\n")
+
+
+@contextlib.contextmanager
+def claim_run_dir(out: str | Path, command: str, *, writer: bool = True) -> Iterator[Path]:
+    """``lmforge train``/``finetune``'s hold on ``--out`` for the whole run: :func:`check_out_dir` before
+    anything is written, then (``writer``: the one process that writes the run, rank 0 under torchrun) the
+    ``train`` run lock, so that two runs never interleave in one directory, and :func:`mark_run`.
+    Every refusal is an :class:`OutDirError` (or ``RunLockedError``) of one line."""
+    out = check_out_dir(out)
+    if not writer:
+        yield out
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(run_lock(out, "train"))
+            mark_run(out, command)
+        except OSError as err:
+            raise OutDirError(describe_os_error(err, err.filename or out)) from None
+        yield out
 
 
 def describe_os_error(err: OSError, path: str | Path) -> str:

@@ -12,7 +12,15 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 from lmforge.config import RunConfig
-from lmforge.data import BlockSampler, PreparedData, Tokenizer, eval_batches, full_batches, prepare_data
+from lmforge.data import (
+    BlockSampler,
+    PreparedData,
+    Tokenizer,
+    eval_batches,
+    full_batches,
+    num_blocks,
+    prepare_data,
+)
 from lmforge.data.sampler import Batch
 from lmforge.train.distributed import Distributed
 from lmforge.train.errors import TrainingError
@@ -99,7 +107,8 @@ class TokenSource:
         return eval_batches(self.data.val, block, global_batch, max_batches)
 
     def full_batch_blocks(self, block: int) -> int:
-        return len(self.data.train) // (block + 1)
+        # the blocks full_batches yields (they overlap by one token: targets are the next block's inputs)
+        return num_blocks(len(self.data.train), block)
 
     def full_batches(self, block: int, batch_size: int) -> Iterator[Batch]:
         return full_batches(self.data.train, block, batch_size)

@@ -17,26 +17,26 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from lmforge.config import RunConfig, TrainConfig
+from lmforge.config import RunConfig
 from lmforge.data import BlockSampler, PreparedData, Tokenizer
 from lmforge.data.sampler import Batch
 from lmforge.models import build_model
 from lmforge.models.base import LanguageModel
 from lmforge.runs import (
+    BEST_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
     Checkpoint,
-    CheckpointError,
     append_metrics,
     capture_rng_state,
     latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
     prune_checkpoints,
     save_best,
     save_checkpoint,
@@ -47,10 +47,12 @@ from lmforge.train.callbacks import Callback, LoopState, TrainResult
 from lmforge.train.data_source import BatchSampler, DataSource, open_data_source
 from lmforge.train.device import autocast_context, grad_scaler, resolve_device, seed_everything
 from lmforge.train.distributed import Distributed, RankSlice
-from lmforge.train.errors import TrainingError
+from lmforge.train.errors import TrainingError, write_errors
 from lmforge.train.evaluation import evaluate_loss
+from lmforge.train.memory import check_fits_in_memory
 from lmforge.train.optim import build_optimizer
 from lmforge.train.progress import ProgressBar, progress_bar
+from lmforge.train.resume import best_so_far, check_resume_matches, check_trainer_state, resume_checkpoint
 from lmforge.train.schedule import build_scheduler
 from lmforge.train.terminate import TerminateRequest
 
@@ -79,6 +81,7 @@ def train(
     sampler: BatchSampler | None = None,
     val_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     verbose: bool = True,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> TrainResult:
     """Train ``config`` into ``out_dir`` and return a summary.
 
@@ -90,6 +93,9 @@ def train(
     Under torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set, ``WORLD_SIZE > 1``) every process calls
     this and they train one model with DistributedDataParallel (see :mod:`lmforge.train.distributed`):
     ``train.batch_size`` is per process, rank 0 alone writes the run directory and prints.
+
+    ``clock`` is the seconds counter that measures training time (``train.max_time``, the time horizon of
+    the schedule, ``elapsed_s``); tests pass a fake one.
     """
     tc = config.train
     out = Path(out_dir)
@@ -101,37 +107,26 @@ def train(
         # rank 0 repairs and reads the run directory and prepares (caches) the data first; the other ranks
         # then read what it left instead of racing it
         with dist.main_first():
-            resume_ckpt = _resume_checkpoint(tc, out)
+            resume_ckpt = resume_checkpoint(tc, out)
+            if resume_ckpt is not None:  # before anything is built from it: the same model and tokenizer
+                check_resume_matches(config, resume_ckpt)
             # every rank gets its own dropout stream; rank 0 is seeded as a single process would be
             seed_everything(tc.seed + dist.rank, tc.deterministic)
             if resume_ckpt is not None and tokenizer is None:
                 tokenizer = Tokenizer.load(resume_ckpt.path)
             source = open_data_source(config, data, tokenizer, sampler, val_batches)
         trainer = _Trainer(config, out, source=source, model=model, resume_ckpt=resume_ckpt,
-                           callbacks=callbacks, dist=dist, verbose=verbose)
+                           callbacks=callbacks, dist=dist, verbose=verbose, clock=clock)
         return trainer.run()
 
 
-def _resume_checkpoint(tc: TrainConfig, out: Path) -> Checkpoint | None:
-    """The checkpoint to continue from under ``train.resume``; never overwrite a run by accident."""
-    if tc.resume == "never":
-        if out.exists() and list_checkpoints(out):
-            raise TrainingError(
-                f"{out} already holds checkpoints; pass --train.resume auto to continue that run, or choose another --out"
-            )
-        return None
-    if tc.resume == "auto":
-        return latest_checkpoint(out) if out.exists() else None
-    try:
-        return load_checkpoint(Path(tc.resume))
-    except (CheckpointError, FileNotFoundError, OSError) as err:
-        raise TrainingError(f"train.resume = {tc.resume!r}: {err}") from None
-
-
-def _model_for(cfg: RunConfig, model: LanguageModel | None, tokenizer: Tokenizer) -> LanguageModel:
-    """The given model checked against the tokenizer and block size, or a fresh one built from ``cfg``."""
+def _model_for(cfg: RunConfig, model: LanguageModel | None, tokenizer: Tokenizer,
+               device: torch.device) -> LanguageModel:
+    """The given model checked against the tokenizer and block size, or a fresh one built from ``cfg``
+    (after checking that it will train in the memory ``device`` has)."""
     block = cfg.data.block_size
     if model is None:
+        check_fits_in_memory(cfg, tokenizer.vocab_size, device)
         model = build_model(cfg.model, vocab_size=tokenizer.vocab_size, max_seq_len=cfg.max_seq_len)
     elif model.config.vocab_size is not None and model.config.vocab_size < tokenizer.vocab_size:
         raise TrainingError(
@@ -156,8 +151,10 @@ class _Trainer:
         callbacks: Sequence[Callback],
         dist: Distributed,
         verbose: bool,
+        clock: Callable[[], float],
     ) -> None:
         self.out = out
+        self.clock = clock
         self.source = source
         self.callbacks = callbacks
         self.dist = dist
@@ -168,7 +165,7 @@ class _Trainer:
         source.check_fits(block)
 
         # -- model ----------------------------------------------------------------------------------
-        model = self.model = _model_for(config, model, tokenizer)
+        model = self.model = _model_for(config, model, tokenizer, dist.device)
         cfg = self.cfg = config.model_copy(update={"model": model.config})
         self.config_yaml = cfg.to_yaml()
         device = self.device = dist.device
@@ -176,8 +173,9 @@ class _Trainer:
         if resume_ckpt is not None:
             model.load_state_dict(resume_ckpt.state_dict, strict=True)
         if dist.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            write_config(out, self.config_yaml)
+            with write_errors(out / CONFIG_FILE):
+                out.mkdir(parents=True, exist_ok=True)
+                write_config(out, self.config_yaml)
 
         # -- optimization -----------------------------------------------------------------------------
         self.optimizer = build_optimizer(model, cfg.optim)
@@ -202,6 +200,9 @@ class _Trainer:
         self.last_val: float = math.nan
         if resume_ckpt is not None and resume_ckpt.trainer_state is not None:
             self.restore(resume_ckpt)
+        elif (out / METRICS_FILE).exists():  # starting at step 0: a restarted run redoes every record
+            self.history = truncate_metrics(out, 0, write=dist.is_main)
+        self.keep_better_best()
         dist.check_same_start(self.state.step, out)
 
         self.n_params = model.num_params()
@@ -216,8 +217,7 @@ class _Trainer:
     # ------------------------------------------------------------------------------- checkpoints
     def restore(self, ckpt: Checkpoint) -> None:
         """Continue from ``ckpt``'s trainer state exactly where it stopped (weights are already loaded)."""
-        ts = ckpt.trainer_state
-        assert ts is not None
+        ts = check_trainer_state(ckpt)
         tc, state, dist = self.tc, self.state, self.dist
         self.optimizer.load_state_dict(ts["optimizer"])
         self.scheduler.load_state_dict(ts["scheduler"])
@@ -238,6 +238,14 @@ class _Trainer:
         self.scheduler.set_elapsed(state.elapsed_s)
         self.log(f"resumed from {ckpt.path} at step {state.step}")
 
+    def keep_better_best(self) -> None:
+        """Start "best so far" from ``OUT/best`` when it records a lower loss than the counters say (a run
+        restarted without a checkpoint, or killed between saving best/ and its checkpoint): a resumed run
+        never replaces an intact best model with a worse one."""
+        best, state = best_so_far(self.out), self.state
+        if best is not None and best.val_loss < state.best_val_loss:
+            state.best_val_loss, state.best_step = best.val_loss, best.step
+
     def trainer_state(self) -> dict[str, Any]:
         state = self.state
         return {
@@ -256,9 +264,10 @@ class _Trainer:
             ts = self.trainer_state()
             if rngs is not None:
                 ts["rng_ranks"] = rngs
-            save_checkpoint(path, model=self.model, config_yaml=self.config_yaml, tokenizer=self.tokenizer,
-                            trainer_state=ts, meta=meta)
-            prune_checkpoints(self.out, self.tc.keep_last)
+            with write_errors(path):
+                save_checkpoint(path, model=self.model, config_yaml=self.config_yaml, tokenizer=self.tokenizer,
+                                trainer_state=ts, meta=meta)
+                prune_checkpoints(self.out, self.tc.keep_last)
         dist.barrier()  # data-parallel: nobody reads (rolls back to) a half-written checkpoint
         return path
 
@@ -382,7 +391,7 @@ class _Trainer:
     def evaluate(self, reason: str | None, bar: ProgressBar) -> str | None:
         """Evaluate, record, track the best model, early-stop and ask the callbacks -> the stop reason."""
         tc, state, dist = self.tc, self.state, self.dist
-        t_eval = time.perf_counter()
+        t_eval = self.clock()
         # data-parallel: every rank holds as many step losses; their mean over ranks is the global one
         rec = self.eval_record(dist.mean(float(np.mean(self.losses))) if self.losses else math.nan)
         self.losses = []
@@ -390,7 +399,8 @@ class _Trainer:
         state.last_record = rec
         self.history.append(rec)
         if dist.is_main:
-            append_metrics(self.out, rec)
+            with write_errors(self.out / METRICS_FILE):
+                append_metrics(self.out, rec)
         self.scheduler.observe(rec["val_loss"])
         improved = rec["val_loss"] < state.best_val_loss - tc.min_delta
         if improved:
@@ -406,11 +416,12 @@ class _Trainer:
             cb_stop = bool(cb.on_eval(state, rec)) or cb_stop
         if dist.any_true(cb_stop) and reason is None:  # any rank's callback stops every rank
             reason = "callback"
-        state.elapsed_s += time.perf_counter() - t_eval
+        state.elapsed_s += self.clock() - t_eval
         if improved and dist.is_main:
-            save_best(self.out, model=self.model, config_yaml=self.config_yaml, tokenizer=self.tokenizer,
-                      meta={"step": state.step, "tokens": state.tokens, "val_loss": rec["val_loss"],
-                            "elapsed_s": state.elapsed_s})
+            with write_errors(self.out / BEST_DIR):
+                save_best(self.out, model=self.model, config_yaml=self.config_yaml, tokenizer=self.tokenizer,
+                          meta={"step": state.step, "tokens": state.tokens, "val_loss": rec["val_loss"],
+                                "elapsed_s": state.elapsed_s})
         return reason
 
     # ---------------------------------------------------------------------------------- the loop
@@ -421,17 +432,17 @@ class _Trainer:
         reason = self.stop_reason()
         self.model.train()
         bar = progress_bar(tc.max_steps, tc.progress and self.verbose and dist.is_main, state.step)
-        t_last = time.perf_counter()
+        t_last = self.clock()
         tok_window = 0
         with TerminateRequest() as term:
             while reason is None:
-                t0 = time.perf_counter()
+                t0 = self.clock()
                 if not self.step():
                     continue
                 state.step += 1
                 state.tokens += self.tokens_per_step
                 tok_window += self.tokens_per_step
-                state.elapsed_s += time.perf_counter() - t0
+                state.elapsed_s += self.clock() - t0
                 state.elapsed_s, term.requested = dist.agree_on_stop(state.elapsed_s, term.requested)
                 self.scheduler.set_elapsed(state.elapsed_s)
                 reason = self.stop_reason()
@@ -439,7 +450,7 @@ class _Trainer:
                     reason = "sigterm"
 
                 if state.step % tc.log_interval == 0 or reason:
-                    now = time.perf_counter()
+                    now = self.clock()
                     bar.set_postfix(loss=f"{self.losses[-1]:.4f}", tok_s=f"{tok_window / max(1e-9, now - t_last):,.0f}",
                                     refresh=False)
                     t_last, tok_window = now, 0

@@ -146,10 +146,10 @@ class CombinedOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         raise OptimizerError("CombinedOptimizer: add the group to one of .optimizers instead")
 
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+    def state_dict(self) -> dict[str, Any]:
         return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         parts = state_dict.get("optimizers") if isinstance(state_dict, dict) else None
         if not isinstance(parts, list) or len(parts) != len(self.optimizers):
             found = len(parts) if isinstance(parts, list) else "no"
