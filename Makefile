@@ -25,6 +25,7 @@ train-demo: $(STAMP)  ## a single training run on the demo corpus (about a minut
 test: $(STAMP)  ## the default test suite (no slow tests), after lint, the layer contracts and the type check
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 	$(BIN)/pytest -q -m "not slow"
 
 test-slow: $(STAMP)  ## the long tests

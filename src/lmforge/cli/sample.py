@@ -7,17 +7,14 @@ included."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import cast
 
-from lmforge.models.base import LanguageModel
 from lmforge.predict import GenerationConfig, generate_text
 from lmforge.runs import load_model
 
 
 def print_sample(model_dir: Path, prompt: str, max_new_tokens: int, seed: int) -> None:
     """Print a sampled continuation of ``prompt`` from the model in ``model_dir``."""
-    loaded, tokenizer, _ = load_model(model_dir)
-    model = cast(LanguageModel, loaded)  # a run directory always holds one of lmforge's models
+    model, tokenizer, _ = load_model(model_dir)
     if model.max_seq_len is not None:  # the sample must fit in the model's context with its prompt
         max_new_tokens = min(max_new_tokens, model.max_seq_len - len(tokenizer.encode(prompt)))
     gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_k=50, seed=seed)
