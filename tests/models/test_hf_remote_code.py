@@ -19,7 +19,7 @@ from lmforge.data.tokenizer import char_tokenizer  # noqa: E402
 from lmforge.models.hf import RemoteCodeError, load_hf_causal_lm, refuse_remote_code  # noqa: E402
 from lmforge.predict.loading import load_pretrained  # noqa: E402
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 TEXT = "the quick brown fox jumps over the lazy dog.\n"
 
 PLANTED = """

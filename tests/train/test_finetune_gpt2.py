@@ -5,48 +5,17 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
-import torch
 
 from lmforge.cli import main
+from support.finetune import make_gpt2_dir
 
 pytest.importorskip("transformers")
 
 QUIET = ["--train.progress", "false", "--data.cache_dir"]
 
 
-def make_gpt2_dir(path: Path, text: str) -> Path:
-    """A tiny random GPT-2 checkpoint with a byte-level BPE tokenizer.json made by `tokenizers`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    path.mkdir(parents=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>"],
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator([text], trainer=trainer)
-    tok.save(str(path / "tokenizer.json"))
-    eot = tok.token_to_id("<|endoftext|>")
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        vocab_size=tok.get_vocab_size(),
-        n_positions=256,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        bos_token_id=eot,
-        eos_token_id=eot,
-    )
-    GPT2LMHeadModel(cfg).save_pretrained(path)
-    return path
 
 
 def test_seed_example_gpt2_finetune_then_beam_summary(tmp_path, capsys, monkeypatch):

@@ -351,7 +351,7 @@ def test_search_over_fine_tuning_a_hugging_face_checkpoint(tmp_path):
     pytest.importorskip("transformers")
     from lmforge.models.hf import HFCausalLM
     from lmforge.predict.loading import load_pretrained
-    from test_finetune_gpt2 import make_gpt2_dir
+    from support.finetune import make_gpt2_dir
 
     text = "".join(f"the cat number {i} sat on the mat in the red house.\n" for i in range(200))
     hf_dir = make_gpt2_dir(tmp_path / "gpt2", text)

@@ -10,13 +10,7 @@ import pytest
 import torch
 
 from lmforge.cli import main
-
-QUIET = ["--train.progress", "false", "--data.cache_dir"]
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
+from support.finetune import QUIET, write_jsonl
 
 
 def sentiment(n: int, offset: int = 0) -> list[dict]:

@@ -135,7 +135,7 @@ def test_native_load_runs_hf_gpt2_and_llama_as_lmforge_transformers(arch, tmp_pa
     from transformers import AutoModelForCausalLM
 
     from lmforge.models.transformer import TransformerModel
-    from test_finetune_gpt2 import make_gpt2_dir
+    from support.finetune import make_gpt2_dir
 
     path = save_hf_llama(tmp_path / "m")[0] if arch == "llama" else make_gpt2_dir(tmp_path / "m", TEXT * 20)
     model, tokenizer, cfg = load_pretrained(path, native=True)
@@ -157,7 +157,7 @@ def test_native_load_keeps_what_does_not_map_wrapped(tmp_path):
     """A GPT-2 variant lmforge's transformer does not reproduce (attention scaled by 1 / layer index)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from test_finetune_gpt2 import make_gpt2_dir
+    from support.finetune import make_gpt2_dir
 
     path = make_gpt2_dir(tmp_path / "m", TEXT * 20)
     cfg = GPT2Config.from_pretrained(path)

@@ -137,7 +137,7 @@ def test_sigkill_mid_search_then_resume_keeps_the_budget_and_proposes_new_config
         "LMFORGE_CACHE": str(tmp_path / "cache"),
         "OMP_NUM_THREADS": "1",
         "LMFORGE_NATIVE_DECODE": "0",
-        "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src"),
     }
     cmd = [
         sys.executable, "-m", "lmforge", "tune", "--data", str(data), "--out", str(run), "--budget", f"{budget:.0f}s",

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from lmforge.cli import main
 
 # the base checkpoint fixture is in conftest.py; these helpers are shared with the CLI tests
-from test_finetune_cli import QUIET, write_jsonl
+from support.finetune import QUIET, write_jsonl
 
 
 def test_resume_equals_uninterrupted(base_ckpt, tmp_path):
