@@ -152,6 +152,7 @@ def test_two_processes_equal_one_with_double_batch_and_resume_with_one(corpus, t
     }
     want = {"config.yaml", "metrics.jsonl", "checkpoints"} | {p for p in layout(ref) if p.startswith("best")}
     want |= {f"checkpoints/step-{s:07d}{f}" for s in (5, 10) for f in ckpt_files}
+    want |= {".train.lock", "lmforge-run.json"}  # the command line's claim on --out (rank 0's lock, the run marker)
     assert layout(out) == want
     assert json.loads((out / "best" / "meta.json").read_text())["step"] == 10
 
