@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
 import json
 import sys
 import threading
@@ -39,6 +38,7 @@ from typing import Any
 import optuna
 
 from lmforge.atomic import atomic_write_json
+from lmforge.runs import run_lock
 from lmforge.search.budget import STEPS, Budget, Ledger, format_amount, format_count, tokens_used
 from lmforge.search.context import CONTEXT_ATTR, SearchContext, SearchData, load_context, prepare_search_data
 from lmforge.search.evaluation import EVAL_BLOCKS, evaluate_best
@@ -108,23 +108,6 @@ class NoFinishedTrial(SearchError):
     written first, so the report can show why."""
 
 
-# ------------------------------------------------------------------------------------ run lock
-@contextlib.contextmanager
-def _run_lock(run_dir: Path) -> Iterator[None]:
-    """One ``lmforge tune`` per run directory (the lock dies with the process)."""
-    f = open(run_dir / ".tune.lock", "a+")  # noqa: SIM115
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise SearchError(f"{run_dir} is in use by another lmforge tune process") from None
-    try:
-        yield
-    finally:
-        fcntl.flock(f, fcntl.LOCK_UN)
-        f.close()
-
-
 def read_state(run_dir: str | Path) -> dict[str, Any] | None:
     path = Path(run_dir) / STATE_FILE
     if not path.is_file():
@@ -143,7 +126,7 @@ def run_pipeline(opts: TuneOptions, finish: Callable[[Path], None] | None = None
     quiet_optuna()
     run_dir = Path(opts.out).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    with _run_lock(run_dir):
+    with run_lock(run_dir, "tune"):  # one lmforge tune per run directory
         return _Pipeline(opts, run_dir, finish).run()
 
 
