@@ -199,10 +199,10 @@ def test_generate_eval_and_serve_load_natively(tmp_path, monkeypatch):
 
 
 def test_native_load_keeps_the_wrapped_model_when_a_copy_would_not_fit(tmp_path, monkeypatch):
-    import lmforge.models.hf as hf_module
+    import lmforge.models.memory as memory_module
 
     path, _ = save_hf_llama(tmp_path / "llama")
-    monkeypatch.setattr(hf_module, "_free_memory", lambda device: 1000)
+    monkeypatch.setattr(memory_module, "free_memory", lambda device: 1000)
     with pytest.warns(RuntimeWarning, match="no room for a copy"):
         model, _, cfg = load_pretrained(path, native=True)
     assert isinstance(model, HFCausalLM) and cfg.model.family == "hf"

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import inspect
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 from torch import nn
 
 from lmforge.config import ConfigError, HFModelConfig, LmforgeError
-from lmforge.models import register_model
+from lmforge.models import memory, register_model
 from lmforge.models.base import ContextLengthError, LanguageModel, lm_loss
 from lmforge.models.hf_mapping import FORMATS, HFMappingError, from_hf_state_dict
 
@@ -263,23 +262,6 @@ class HFCausalLM(LanguageModel):
         return 6.0 * self.num_params(exclude_embeddings=True) + 12.0 * n_layer * d_model * T
 
 
-def _free_memory(device: torch.device) -> int | None:
-    """Bytes free on ``device`` (CPU: available physical memory, where the OS says), else None."""
-    try:
-        if device.type == "cuda":
-            return int(torch.cuda.mem_get_info(device)[0])
-        if device.type == "cpu":
-            meminfo = Path("/proc/meminfo")
-            if meminfo.is_file():  # Linux: MemAvailable counts the page cache the kernel would give back
-                for line in meminfo.read_text().splitlines():
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-            return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError, RuntimeError):
-        pass
-    return None
-
-
 def native_transformer(model: HFCausalLM) -> LanguageModel | None:
     """An lmforge transformer holding ``model``'s weights when it is a GPT-2 or Llama checkpoint that maps
     exactly (:mod:`lmforge.models.hf_mapping`), on the same device and dtype, in eval mode; else None.
@@ -287,14 +269,14 @@ def native_transformer(model: HFCausalLM) -> LanguageModel | None:
     It computes the same logits (within float rounding: the mapping tests hold them to 1e-5) and decodes several
     times faster than the wrapped model (lmforge's decoding path instead of transformers' forward per token).
     Weights are copied, so memory peaks at twice the model while both exist: when the device lacks the room for
-    the copy (as far as :func:`_free_memory` can tell), the wrapped model stays, with a warning.
+    the copy (as far as :func:`lmforge.models.memory.free_memory` can tell), the wrapped model stays, with a warning.
     """
     fmt = getattr(model.hf.config, "model_type", None)
     if fmt not in FORMATS:
         return None
     weight = _input_embeddings(model.hf).weight
     size = sum(p.numel() * p.element_size() for p in model.hf.parameters())
-    free = _free_memory(weight.device)
+    free = memory.free_memory(weight.device)
     if free is not None and size > 0.8 * free:
         warnings.warn(
             f"lmforge: {size / 2**30:.1f} GiB model with {free / 2**30:.1f} GiB free: no room for a copy, so it runs "

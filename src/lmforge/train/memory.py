@@ -9,14 +9,13 @@ small factor: a run is refused only when the estimate exceeds all the memory ava
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from lmforge.config import RunConfig
 from lmforge.models import build_model
+from lmforge.models.memory import free_memory
 from lmforge.train.errors import TrainingError
 
 OPTIMIZER_STATE = {"gd": 0, "sgd": 0, "momentum": 1, "adam": 2, "adamw": 2, "muon": 2}
@@ -61,24 +60,6 @@ def estimate_training_memory(cfg: RunConfig, params: int, vocab_size: int) -> Me
     )
 
 
-def available_memory(device: torch.device) -> int | None:
-    """Bytes free on ``device``: CUDA's free memory; on the CPU Linux's MemAvailable (it counts the page
-    cache the kernel would give back), else free physical pages. None when the system does not say."""
-    try:
-        if device.type == "cuda":
-            return int(torch.cuda.mem_get_info(device)[0])
-        if device.type != "cpu":
-            return None
-        meminfo = Path("/proc/meminfo")
-        if meminfo.is_file():
-            for line in meminfo.read_text().splitlines():
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError, RuntimeError):
-        return None
-
-
 def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
@@ -89,8 +70,8 @@ def _size(n: float) -> str:
 
 def check_fits_in_memory(cfg: RunConfig, vocab_size: int, device: torch.device, free: int | None = None) -> None:
     """Raise :class:`TrainingError` with the numbers when training a fresh ``cfg.model`` on ``device`` needs
-    more memory than is available (``free`` bytes; default: what :func:`available_memory` says)."""
-    free = available_memory(device) if free is None else free
+    more memory than is available (``free`` bytes; default: what :func:`lmforge.models.memory.free_memory` says)."""
+    free = free_memory(device) if free is None else free
     if free is None or cfg.model.family == "hf":  # an HF model is loaded, not built: its loader sizes it
         return
     est = estimate_training_memory(cfg, count_params(cfg, vocab_size), vocab_size)
