@@ -380,10 +380,14 @@ class ContinuousScheduler:
         prompts = [p for r in group for p in r.prompts]
         lengths = [len(p) for p in prompts]
         L = max(lengths)
-        pad = [r.config.pad_token_id if r.config.pad_token_id is not None else (r.eos[0] if r.eos else 0)
-               for r in group for _ in r.prompts]
-        ids = torch.tensor([[pd] * (L - len(p)) + p for p, pd in zip(prompts, pad, strict=True)],
-                           dtype=torch.long, device=self.device)
+        pad = [
+            r.config.pad_token_id if r.config.pad_token_id is not None else (r.eos[0] if r.eos else 0)
+            for r in group
+            for _ in r.prompts
+        ]
+        ids = torch.tensor(
+            [[pd] * (L - len(p)) + p for p, pd in zip(prompts, pad, strict=True)], dtype=torch.long, device=self.device
+        )
         valid = None
         if min(lengths) < L:
             lens = torch.tensor(lengths, device=self.device)
@@ -596,7 +600,9 @@ class ContinuousScheduler:
         out = GenerationOutput(
             sequences=[[r.ids for r in rows[i * n : (i + 1) * n]] for i in range(len(req.prompts))],
             scores=[[r.score for r in rows[i * n : (i + 1) * n]] for i in range(len(req.prompts))],
-            finish_reasons=[[FINISH_REASONS[r.reason] for r in rows[i * n : (i + 1) * n]] for i in range(len(req.prompts))],
+            finish_reasons=[
+                [FINISH_REASONS[r.reason] for r in rows[i * n : (i + 1) * n]] for i in range(len(req.prompts))
+            ],
             texts=[[r.text or "" for r in rows[i * n : (i + 1) * n]] for i in range(len(req.prompts))]
             if self.tokenizer is not None
             else None,
