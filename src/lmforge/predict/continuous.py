@@ -74,6 +74,8 @@ class RequestTiming:
     """Tokens generated over all its rows (eos included)."""
     outcome: str
     """``"done"``, ``"error"`` or ``"cancelled"``."""
+    steps_to_first_token: int | None = None
+    """Scheduler steps from its submission to its first token (1: it started at the next step)."""
 
 
 @dataclass(eq=False)
@@ -97,6 +99,8 @@ class Request:
     # filled by the scheduler
     submitted: float = 0.0
     first_token: float | None = None
+    submit_step: int = 0
+    first_token_step: int | None = None
     budgets: list[int] = field(default_factory=list)
     eos: list[int] = field(default_factory=list)
     procs: LogitsProcessorList = field(default_factory=LogitsProcessorList)
@@ -276,6 +280,7 @@ class ContinuousScheduler:
             req.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         req.submitted = time.perf_counter()
         with self._wake:
+            req.submit_step = self.steps
             self._incoming.append(req)
             self._wake.notify_all()
 
@@ -319,13 +324,13 @@ class ContinuousScheduler:
     # ----------------------------------------------------------------------------------------- step
     def step(self) -> bool:
         """One scheduler step (see the module docstring); returns whether work remains."""
-        with self._lock:
+        self._drop_cancelled()
+        with self._lock:  # a request submitted from now on is taken by the next step
             self._waiting.extend(self._incoming)
             self._incoming.clear()
-        self._drop_cancelled()
-        if not self.busy:
-            return False
-        self.steps += 1
+            if not self.busy:
+                return False
+            self.steps += 1
         decoding = self.model.decoding() if hasattr(self.model, "decoding") else contextlib.nullcontext()
         with torch.inference_mode(), decoding:
             self._prefill_chunk()
@@ -364,17 +369,20 @@ class ContinuousScheduler:
         """The waiting requests (oldest first) whose rows fit next to the running ones, as a prefill group."""
         free = self.max_rows - len(self._rows)
         group: list[Request] = []
+        gone: list[Request] = []
         with self._lock:
             while self._waiting:
                 r = self._waiting[0]
                 if r.cancelled.is_set():
-                    self._waiting.popleft()
+                    gone.append(self._waiting.popleft())
                     continue
                 # a request larger than max_rows still runs, alone
                 if r.num_rows > free and (group or self._rows):
                     break
                 group.append(self._waiting.popleft())
                 free -= r.num_rows
+        for r in gone:
+            self._ended(r, "cancelled")
         if not group:
             return None
         prompts = [p for r in group for p in r.prompts]
@@ -466,7 +474,7 @@ class ContinuousScheduler:
         for a, row in enumerate(rows):
             tok, req = toks[a], row.req
             if req.first_token is None:
-                req.first_token = now
+                req.first_token, req.first_token_step = now, self.steps
             req.generated += 1
             row.score += lp[a]
             t = row.n_new
@@ -631,6 +639,7 @@ class ContinuousScheduler:
             prompt_tokens=sum(len(p) for p in req.prompts),
             completion_tokens=req.generated,
             outcome=outcome,
+            steps_to_first_token=None if req.first_token_step is None else req.first_token_step - req.submit_step,
         )
         self.timings.append(timing)
         if self.on_timing is not None:
