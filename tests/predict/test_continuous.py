@@ -91,8 +91,8 @@ def test_greedy_equals_generate_whatever_the_arrival_order(model, order):
     sch = ContinuousScheduler(model, TOK, max_rows=4, prefill_chunk_size=8)
     cols = [Collector() for _ in PROMPTS]
     at = {"together": [0] * 6, "staggered": [0, 3, 3, 7, 12, 13], "reversed": [15, 12, 9, 6, 3, 0]}[order]
-    run_schedule(sch, [(at[i], c.request([enc(p)], cfg)) for i, (p, c) in enumerate(zip(PROMPTS, cols))])
-    for c, ref in zip(cols, refs):
+    run_schedule(sch, [(at[i], c.request([enc(p)], cfg)) for i, (p, c) in enumerate(zip(PROMPTS, cols, strict=True))])
+    for c, ref in zip(cols, refs, strict=True):
         assert c.out.sequences == [[ref]]
         assert c.out.finish_reasons == [["length"]]
         assert c.streamed[0] == ref
@@ -111,14 +111,16 @@ def test_seeded_sampling_and_per_row_settings_in_one_batch(model):
     ]
     cfgs = [GenerationConfig(max_new_tokens=12, eos_token_id=[], **kw) for kw in settings]
     prompts = [[enc(PROMPTS[i])] if i != 4 else [enc(PROMPTS[4]), enc(PROMPTS[0])] for i in range(6)]
-    refs = [generate(model, p, c) for p, c in zip(prompts, cfgs)]
+    refs = [generate(model, p, c) for p, c in zip(prompts, cfgs, strict=True)]
     # the settings matter: the same prompt under another row's settings gives another completion
     other = generate(model, prompts[0], cfgs[1]).sequences
     assert other != refs[0].sequences
     sch = ContinuousScheduler(model, TOK, max_rows=16)
     cols = [Collector() for _ in cfgs]
-    run_schedule(sch, [(i % 3, c.request(p, cfg)) for i, (c, p, cfg) in enumerate(zip(cols, prompts, cfgs))])
-    for c, ref in zip(cols, refs):
+    run_schedule(
+        sch, [(i % 3, c.request(p, cfg)) for i, (c, p, cfg) in enumerate(zip(cols, prompts, cfgs, strict=True))]
+    )
+    for c, ref in zip(cols, refs, strict=True):
         assert c.out.sequences == ref.sequences
         assert c.out.scores == [pytest.approx(s, abs=1e-3) for s in ref.scores]
 
@@ -131,8 +133,8 @@ def test_eos_and_max_length_budgets(model):
     refs = [generate(model, [p], cfg) for p in prompts]
     sch = ContinuousScheduler(model, TOK, max_rows=3)
     cols = [Collector() for _ in prompts]
-    run_schedule(sch, [(2 * i, c.request([p], cfg)) for i, (c, p) in enumerate(zip(cols, prompts))])
-    for c, ref in zip(cols, refs):
+    run_schedule(sch, [(2 * i, c.request([p], cfg)) for i, (c, p) in enumerate(zip(cols, prompts, strict=True))])
+    for c, ref in zip(cols, refs, strict=True):
         assert c.out.sequences == ref.sequences and c.out.finish_reasons == ref.finish_reasons
     assert ["eos"] in [c.out.finish_reasons[0] for c in cols]
 
@@ -144,8 +146,8 @@ def test_stop_strings_equal_generate_text(model):
     refs = [generate_text(model, TOK, [p], cfg)[0][0] for p in PROMPTS[:3]]
     sch = ContinuousScheduler(model, TOK, max_rows=4)
     cols = [Collector() for _ in refs]
-    run_schedule(sch, [(i, c.request([enc(p)], cfg)) for i, (c, p) in enumerate(zip(cols, PROMPTS))])
-    for c, ref in zip(cols, refs):
+    run_schedule(sch, [(i, c.request([enc(p)], cfg)) for i, (c, p) in enumerate(zip(cols, PROMPTS[:3], strict=True))])
+    for c, ref in zip(cols, refs, strict=True):
         assert c.out.texts == [[ref]]
         assert TOK.decode(c.streamed.get(0, [])) == TOK.decode(c.out.sequences[0][0])  # nothing past the cut
     assert cols[0].out.finish_reasons == [["stop"]] and stop not in refs[0]
@@ -181,7 +183,10 @@ def test_long_prompt_prefill_does_not_stall_running_rows(model):
     assert len(a.streamed[0]) == n0 + 5  # one token per step while b's 40 tokens prefill 4 at a time
     assert 0 not in b.streamed
     sch.run_until_idle()
-    assert b.out.sequences == generate(model, [enc("x" * 40)], GenerationConfig(max_new_tokens=3, eos_token_id=[])).sequences
+    assert (
+        b.out.sequences
+        == generate(model, [enc("x" * 40)], GenerationConfig(max_new_tokens=3, eos_token_id=[])).sequences
+    )
 
 
 # ---------------------------------------------------------------------------------- scheduling
@@ -202,7 +207,10 @@ def test_request_arriving_mid_batch_starts_within_one_step(model):
     assert late.first_step == before + 1  # its first token came out of the very next step
     assert sch.rows_running == 4
     sch.run_until_idle()
-    assert late.out.sequences == generate(model, [enc("late comer")], GenerationConfig(max_new_tokens=4, eos_token_id=[])).sequences
+    assert (
+        late.out.sequences
+        == generate(model, [enc("late comer")], GenerationConfig(max_new_tokens=4, eos_token_id=[])).sequences
+    )
 
 
 def test_cancellation_frees_the_slot(model):
@@ -239,7 +247,7 @@ def test_transformer_cache_stays_within_the_context():
     refs = [generate(model, [p], cfg).sequences for p in prompts]
     sch = ContinuousScheduler(model, TOK, max_rows=3)
     cols = [Collector() for _ in prompts]
-    run_schedule(sch, [(4 * i, c.request([p], cfg)) for i, (c, p) in enumerate(zip(cols, prompts))])
+    run_schedule(sch, [(4 * i, c.request([p], cfg)) for i, (c, p) in enumerate(zip(cols, prompts, strict=True))])
     assert [c.out.sequences for c in cols] == refs
     assert sch.steps > 40  # far more steps than the 24 slots
 
@@ -318,8 +326,13 @@ def test_hf_wrapped_family(tmp_path):
     PreTrainedTokenizerFast(tokenizer_object=tok.backend, eos_token=tok.eot_token).save_pretrained(tmp_path)
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=tok.vocab_size, max_position_embeddings=40, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=tok.vocab_size,
+        max_position_embeddings=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
     )
     LlamaForCausalLM(cfg).save_pretrained(tmp_path)
     model, tokenizer, _ = load_pretrained(tmp_path)
@@ -330,5 +343,5 @@ def test_hf_wrapped_family(tmp_path):
     refs = [generate(model, [p], gen).sequences for p in prompts]
     sch = ContinuousScheduler(model, tokenizer, max_rows=2, prefill_chunk_size=3)
     cols = [Collector() for _ in prompts]
-    run_schedule(sch, [(3 * i, c.request([p], gen)) for i, (c, p) in enumerate(zip(cols, prompts))])
+    run_schedule(sch, [(3 * i, c.request([p], gen)) for i, (c, p) in enumerate(zip(cols, prompts, strict=True))])
     assert [c.out.sequences for c in cols] == refs

@@ -58,8 +58,12 @@ def test_jobs_equal_generate_alone_with_mixed_settings(model):
     specs = [
         ([TOK.encode("Hello there")], GenerationConfig(max_new_tokens=12, eos_token_id=[])),
         ([TOK.encode("a"), TOK.encode("xyz")], GenerationConfig(max_new_tokens=9, eos_token_id=[])),
-        ([TOK.encode("The fox")], GenerationConfig(max_new_tokens=10, do_sample=True, seed=5, top_k=4,
-                                                    num_return_sequences=3, eos_token_id=[])),
+        (
+            [TOK.encode("The fox")],
+            GenerationConfig(
+                max_new_tokens=10, do_sample=True, seed=5, top_k=4, num_return_sequences=3, eos_token_id=[]
+            ),
+        ),
         ([TOK.encode("Once")], GenerationConfig(max_new_tokens=15, repetition_penalty=1.4, eos_token_id=[])),
     ]
     refs = [generate(model, p, c, tokenizer=TOK) for p, c in specs]
@@ -79,7 +83,7 @@ def test_jobs_equal_generate_alone_with_mixed_settings(model):
             await b.stop()
 
     results, steps = asyncio.run(main())
-    for (streamed, _, done), ref, (_, c) in zip(results, refs, specs):
+    for (streamed, _, done), ref, (_, c) in zip(results, refs, specs, strict=True):
         assert isinstance(done, DoneEvent), done
         assert done.output.sequences == ref.sequences and done.output.texts == ref.texts
         if streamed:
@@ -116,7 +120,9 @@ def test_job_arriving_mid_batch_starts_at_the_next_step(model):
 
 
 def test_cancelled_job_frees_its_rows_and_logprobs_and_processors_reach_the_rows(model):
-    banned = generate(model, [TOK.encode("abc")], GenerationConfig(max_new_tokens=1, eos_token_id=[])).sequences[0][0][0]
+    banned = generate(model, [TOK.encode("abc")], GenerationConfig(max_new_tokens=1, eos_token_id=[])).sequences[0][0][
+        0
+    ]
 
     def ban(input_ids, scores):
         assert input_ids.size(0) == 1 and scores.size(0) == 1
