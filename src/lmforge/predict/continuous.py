@@ -424,9 +424,12 @@ class ContinuousScheduler:
             first += len(r.prompts)
         if not new_rows:
             return
-        index = torch.tensor(expand, device=self.device)
-        state = self.ops.select(p.state, index)
-        new_logits = logits.index_select(0, index)
+        if expand == list(range(logits.size(0))):  # one row per prompt, none cancelled: no copy
+            state, new_logits = p.state, logits
+        else:
+            index = torch.tensor(expand, device=self.device)
+            state = self.ops.select(p.state, index)
+            new_logits = logits.index_select(0, index)
         if self._state is None:
             self._state, self._logits = state, new_logits
         else:

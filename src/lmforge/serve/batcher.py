@@ -143,6 +143,13 @@ class _CancelCheck:
         return scores
 
 
+def _deliver(batch: list[tuple[Job, TokenEvent | DoneEvent | ErrorEvent]]) -> None:
+    """On the event loop: put each event in its job's queue (unless the job was cancelled meanwhile)."""
+    for job, event in batch:
+        if not job.cancelled.is_set():
+            job.events.put_nowait(event)
+
+
 class _PerRow:
     """Calls a per-row processor (contract: ``input_ids`` (1, T), ``scores`` (1, V)) on each row of a batch
     (beam search), the row's left padding (negative ids) stripped."""
@@ -204,6 +211,7 @@ class Batcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._outbox: list[tuple[Job, TokenEvent | DoneEvent | ErrorEvent]] = []
         self.batches_run = 0
         """Generate calls made, plus busy periods of the continuous scheduler (for tests and ``/health``)."""
         self.jobs_run = 0
@@ -273,17 +281,23 @@ class Batcher:
         sch = scheduler or self.scheduler
         assert sch is not None
 
+        def send(event: TokenEvent | DoneEvent | ErrorEvent) -> None:
+            if scheduler is not None:  # a private scheduler, stepped by the per-request worker
+                job.post(event)
+            else:  # the shared scheduler's thread: delivered once per step by _flush
+                self._send(event, job)
+
         def on_tokens(row: int, ids: list[int], logprobs: list[TokenLogprob] | None) -> None:
             if job.stream:
-                job.post(TokenEvent(row, ids, logprobs))
+                send(TokenEvent(row, ids, logprobs))
 
         def on_done(output: GenerationOutput, logprobs: list[list[TokenLogprob]] | None) -> None:
-            job.post(DoneEvent(output, logprobs))
+            send(DoneEvent(output, logprobs))
 
         def on_error(err: BaseException) -> None:
             if not isinstance(err, ValueError):
                 log.error("generation failed: %s: %s", type(err).__name__, err)
-            job.post(ErrorEvent(err))
+            send(ErrorEvent(err))
 
         req = Request(
             prompts=job.prompts,
@@ -302,6 +316,25 @@ class Batcher:
             return
         self.jobs_run += 1
 
+    def _send(self, event: TokenEvent | DoneEvent | ErrorEvent, job: Job) -> None:
+        """Queue an event of the step in progress (the scheduler's thread); :meth:`_flush` delivers them."""
+        self._outbox.append((job, event))
+
+    def _flush(self) -> None:
+        """Hand a step's events to the event loop(s) in one call each: one wake-up per step, not per token."""
+        if not self._outbox:
+            return
+        items, self._outbox = self._outbox, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, TokenEvent | DoneEvent | ErrorEvent]]] = {}
+        for job, event in items:
+            if not job.cancelled.is_set():
+                by_loop.setdefault(job.loop, []).append((job, event))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # the loop is closed (server shutting down)
+                pass
+
     def _step_loop(self) -> None:
         """The scheduler's thread: wait for work, then step until there is none (one busy period)."""
         sch = self.scheduler
@@ -319,6 +352,8 @@ class Batcher:
                     log.exception("continuous batching step failed")
                     sch.cancel_all()
                     sch.step()
+                finally:
+                    self._flush()
 
     # --------------------------------------------------------------------------------------- loop
     def _drain(self) -> list[Job]:
