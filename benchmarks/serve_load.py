@@ -237,7 +237,9 @@ def main() -> int:
     texts: dict[str, dict[tuple[str, int], str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        model_dir = Path(args.model) if args.model else train_model(Path(tmp), args.train_seconds, args.width, args.layers)
+        model_dir = (
+            Path(args.model) if args.model else train_model(Path(tmp), args.train_seconds, args.width, args.layers)
+        )
         train_s = time.perf_counter() - t0
         for mode in modes:
             served = model_dir
