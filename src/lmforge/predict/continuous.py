@@ -20,7 +20,9 @@ Results equal :func:`~lmforge.predict.generate`'s for the same request alone: th
 same order, scores summed from the raw log-softmax, the same stop-string and streaming logic
 (:class:`~lmforge.predict.streaming.RowText`), and the rows of a seeded request share one generator and draw
 together, in row order, as ``generate`` draws for its batch (``num_return_sequences`` > 1 included). Up to
-float rounding: a row decodes in a batch padded differently than alone, as in ``generate`` itself.
+float rounding: a row decodes in a batch padded differently than alone, as in ``generate`` itself. (One
+exception: a seeded request of several prompts that ``generate`` would split into context groups, because
+their padded length plus budget exceeds a bounded context, draws here in one group, so other samples.)
 
 Cache design: the running batch is ONE model state whose rows are re-batched when rows join or leave (not
 every step): joining concatenates the new group's state (left-padded to a common slot count for the
