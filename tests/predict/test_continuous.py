@@ -345,3 +345,25 @@ def test_hf_wrapped_family(tmp_path):
     cols = [Collector() for _ in prompts]
     run_schedule(sch, [(3 * i, c.request([p], gen)) for i, (c, p) in enumerate(zip(cols, prompts, strict=True))])
     assert [c.out.sequences for c in cols] == refs
+
+
+def test_a_failing_processor_fails_its_request_only():
+    model = make_model("gru")
+    cfg = GenerationConfig(max_new_tokens=8, eos_token_id=[])
+    calls = []
+
+    def broken(input_ids, scores):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("processor broke")
+        return scores
+
+    sch = ContinuousScheduler(model, TOK)
+    bad, good = Collector(), Collector()
+    sch.submit(bad.request([enc("abc")], cfg, processors=[broken]))
+    sch.submit(good.request([enc("abc")], cfg))
+    sch.run_until_idle()
+    assert isinstance(bad.error, RuntimeError) and bad.out is None and len(bad.streamed[0]) == 2
+    assert good.out.sequences == generate(model, [enc("abc")], cfg).sequences
+    assert sch.requests_failed == 1 and sch.requests_done == 1 and sch.requests_cancelled == 0
+    assert not sch.busy and sch.rows_running == 0

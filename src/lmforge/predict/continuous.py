@@ -111,6 +111,7 @@ class Request:
     rows: list[_Row] = field(default_factory=list)
     finished: int = 0
     generated: int = 0
+    ended: bool = False
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -291,6 +292,19 @@ class ContinuousScheduler:
         req.cancel()
         with self._wake:
             self._wake.notify_all()
+
+    def fail_all(self, err: BaseException) -> None:
+        """Fail every request in flight or waiting with ``err`` and empty the batch (the stepping thread)."""
+        with self._lock:
+            reqs = [*self._incoming, *self._waiting]
+            self._incoming.clear()
+            self._waiting.clear()
+        reqs += [row.req for row in self._rows]
+        if self._prefill is not None:
+            reqs += self._prefill.requests
+        self._rows, self._state, self._logits, self._prefill = [], None, None, None
+        for r in dict.fromkeys(reqs):
+            self._fail(r, err)
 
     def cancel_all(self) -> None:
         with self._wake:
@@ -478,6 +492,9 @@ class ContinuousScheduler:
         keep: list[int] = []
         for a, row in enumerate(rows):
             tok, req = toks[a], row.req
+            if req.cancelled.is_set():  # failed in _pick: dropped at the next step
+                keep.append(a)
+                continue
             if req.first_token is None:
                 req.first_token, req.first_token_step = now, self.steps
             req.generated += 1
@@ -536,12 +553,21 @@ class ContinuousScheduler:
                 toks[a] = greedy_all[a]
                 continue
             s = scores[a : a + 1]
+            if req.cancelled.is_set():  # failed earlier in this step (its rows leave at the next one)
+                toks[a] = int(s.argmax(dim=-1))
+                continue
             if req.procs:
                 if req.procs.needs_history:
                     hist = torch.tensor([row.history], dtype=torch.long, device=self.device)
                 else:
                     hist = s.new_empty(0, 0, dtype=torch.long)
-                s = req.procs(hist, s)
+                try:
+                    s = req.procs(hist, s)
+                except Exception as err:  # a processor of this request failed: only it fails
+                    self._fail(req, err)
+                    req.cancel()
+                    toks[a] = int(scores[a].argmax())
+                    continue
             if not req.sampling:
                 toks[a] = int(s.argmax(dim=-1))
                 continue
@@ -631,6 +657,9 @@ class ContinuousScheduler:
         self._ended(req, "error")
 
     def _ended(self, req: Request, outcome: str) -> None:
+        if req.ended:
+            return
+        req.ended = True
         if outcome == "done":
             self.requests_done += 1
         elif outcome == "error":

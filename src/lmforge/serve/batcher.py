@@ -348,10 +348,9 @@ class Batcher:
             while sch.busy and not self._stopping.is_set():
                 try:
                     sch.step()
-                except Exception:  # a scheduler bug: fail what is in flight, keep serving
+                except Exception as err:  # a scheduler bug: fail what is in flight, keep serving
                     log.exception("continuous batching step failed")
-                    sch.cancel_all()
-                    sch.step()
+                    sch.fail_all(err)
                 finally:
                     self._flush()
 
