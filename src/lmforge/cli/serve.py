@@ -36,6 +36,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=5.0,
         help="how long the batcher waits for concurrent requests to join a batch",
     )
+    s.add_argument(
+        "--batching",
+        choices=["continuous", "per-request"],
+        default="continuous",
+        help="continuous: requests join and leave the running batch at every decoding step (default); "
+        "per-request: compatible requests batched into one generate call that later ones wait for",
+    )
+    s.add_argument(
+        "--prefill-chunk-size",
+        type=int,
+        default=256,
+        help="prompt tokens prefilled per decoding step with continuous batching (default 256)",
+    )
     s.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (413 above)")
     s.add_argument(
         "--chat-template",
@@ -126,6 +139,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         "max_tokens_limit": args.max_tokens_limit,
         "max_batch_rows": args.max_batch_rows,
         "batch_wait_ms": args.batch_wait_ms,
+        "batching": args.batching,
+        "prefill_chunk_size": args.prefill_chunk_size,
         "max_body_bytes": args.max_body_bytes,
         "template_timeout": args.template_timeout,
         "api_key": args.api_key,

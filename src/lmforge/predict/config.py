@@ -130,6 +130,16 @@ class GenerationConfig:
             raise bad("seed", "must be an integer or None")
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability (log-softmax of the model's raw logits, before any processor)
+    and the ``k`` most likely (id, logprob) alternatives at that position, best first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 @dataclass
 class GenerationOutput:
     """Per prompt, ``num_return_sequences`` completions (best first for beam search)."""

@@ -57,7 +57,12 @@ class Server:
         self.requests = RequestPreparer(tokenizer, options, self.chat, context=self.context, vocab_size=self.vocab_size)
         self.slots = Slots(options.max_concurrency)
         self.batcher = Batcher(
-            model, tokenizer, max_wait_s=options.batch_wait_ms / 1000.0, max_batch_rows=options.max_batch_rows
+            model,
+            tokenizer,
+            max_wait_s=options.batch_wait_ms / 1000.0,
+            max_batch_rows=options.max_batch_rows,
+            batching="per-request" if options.batching == "per-request" else "continuous",
+            prefill_chunk_size=options.prefill_chunk_size,
         )
         self.created = int(time.time())
 

@@ -28,7 +28,14 @@ class ServeOptions:
     batch_wait_ms: float = 5.0
     """How long the batcher waits for more requests to join a batch."""
     max_batch_rows: int = 32
-    """Decoding rows (prompts x sequences or beams) of one batched generate call, and of one request."""
+    """Decoding rows (prompts x sequences or beams) of the running batch (or of one batched generate call
+    when batching per request), and of one request."""
+    batching: str = "continuous"
+    """``continuous``: requests join and leave the running batch at every decoding step; ``per-request``: the
+    old path, compatible requests batched into one generate call that later requests wait for."""
+    prefill_chunk_size: int = 256
+    """Prompt tokens (padding included) prefilled per decoding step with continuous batching, so a long
+    prompt does not stall the streams in flight."""
     chat_template: str | None = None
     """Jinja source of the chat template; None: the plain template."""
     template_timeout: float = 5.0
@@ -47,6 +54,7 @@ class ServeOptions:
             "default_chat_max_tokens",
             "max_body_bytes",
             "max_batch_rows",
+            "prefill_chunk_size",
         ):
             if getattr(self, name) < 1:
                 raise LmforgeError(f"serve option {name} = {getattr(self, name)}: must be at least 1")
@@ -56,5 +64,7 @@ class ServeOptions:
                 raise LmforgeError(f"serve option {name} = {value}: must be a positive number of seconds")
         if self.api_key is not None and (not self.api_key.strip() or any(c.isspace() for c in self.api_key)):
             raise LmforgeError("serve option api_key: must be non-empty and without spaces")
+        if self.batching not in ("continuous", "per-request"):
+            raise LmforgeError(f"serve option batching = {self.batching!r}: use continuous or per-request")
         if self.batch_wait_ms < 0:
             raise LmforgeError(f"serve option batch_wait_ms = {self.batch_wait_ms}: must be >= 0")
