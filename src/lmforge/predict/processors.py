@@ -149,3 +149,41 @@ def build_processors(config: GenerationConfig, num_eos: int = 0) -> LogitsProces
         if config.top_p < 1.0:
             procs.append(TopPProcessor(config.top_p, min_tokens_to_keep=keep))
     return LogitsProcessorList(procs)
+
+
+class PresenceFrequencyPenaltyProcessor:
+    """OpenAI's presence and frequency penalties: ``score[j] -= c[j] * frequency + (c[j] > 0) * presence``,
+    ``c[j]`` being how often token j was generated so far in the row (the prompt does not count).
+
+    The prompt is what the first call sees: its ``input_ids`` width is taken as the prompt width, and
+    later calls count only the ids past it (the engine appends one column per step)."""
+
+    def __init__(self, presence: float = 0.0, frequency: float = 0.0) -> None:
+        self.presence = float(presence)
+        self.frequency = float(frequency)
+        self.prompt_width: int | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.prompt_width is None:
+            self.prompt_width = input_ids.size(1)
+        generated = input_ids[:, self.prompt_width :]  # (B, t)
+        V = scores.size(-1)
+        counts = torch.zeros(scores.size(0), V + 1, dtype=scores.dtype, device=scores.device)
+        ids = generated.masked_fill(generated < 0, V)  # padding -> the spare column
+        counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=scores.dtype))
+        counts = counts[:, :V]
+        return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
+
+
+class LogitBiasProcessor:
+    """Add ``bias[token_id]`` to that token's score in every row (OpenAI's ``logit_bias``; -100 in effect
+    bans a token, +100 forces it)."""
+
+    def __init__(self, bias: dict[int, float]) -> None:
+        self.ids = torch.tensor(list(bias), dtype=torch.long)
+        self.values = torch.tensor(list(bias.values()), dtype=torch.float32)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        out = scores.clone()
+        out[:, self.ids.to(scores.device)] += self.values.to(scores.device, scores.dtype)
+        return out
