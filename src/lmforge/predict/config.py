@@ -130,6 +130,16 @@ class GenerationConfig:
             raise bad("seed", "must be an integer or None")
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The log-probability of one generated token under the model, and the ``top`` most likely
+    alternatives at that position as ``(token_id, logprob)``, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 @dataclass
 class GenerationOutput:
     """Per prompt, ``num_return_sequences`` completions (best first for beam search)."""

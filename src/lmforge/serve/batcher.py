@@ -32,6 +32,8 @@ import torch
 
 from lmforge.models.base import DecodingModel
 from lmforge.predict import GenerationConfig, GenerationOutput, generate
+from lmforge.predict.config import TokenLogprob
+from lmforge.predict.processors import LogitsProcessor
 from lmforge.serve.protocols import ServedTokenizer
 
 log = logging.getLogger("lmforge.serve")
@@ -49,6 +51,8 @@ class TokenEvent:
 
     row: int
     ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    """One per id when the job asked for ``logprobs``."""
 
 
 @dataclass(frozen=True)
@@ -75,10 +79,16 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     key: tuple = ()
+    processors: list[LogitsProcessor] = field(default_factory=list)
+    """Applied to this job's rows only (a job with processors runs in a batch of its own here)."""
+    logprobs: int | None = None
+    """Top-k alternatives wanted with each token's log-probability (None: no logprobs)."""
 
     def __post_init__(self) -> None:
         if not self.key:
             self.key = batch_key(self.config)
+            if self.processors or self.logprobs is not None:
+                self.key = (*self.key, "own", next(_seeded))
 
     @property
     def rows(self) -> int:
@@ -244,7 +254,7 @@ class Batcher:
 
         def streamer(row: int, ids: list[int]) -> None:
             job, first = owner[row // R]
-            if job.stream and not job.cancelled.is_set():
+            if job.stream and job.logprobs is None and not job.cancelled.is_set():
                 job.post(TokenEvent(row - first * R, list(ids)))
 
         live = [job for job in jobs if not job.cancelled.is_set()]
@@ -259,7 +269,7 @@ class Batcher:
                 jobs[0].config,
                 tokenizer=self.tokenizer,
                 streamer=streamer,
-                processors=[_CancelCheck(jobs)],
+                processors=[_CancelCheck(jobs), *(jobs[0].processors if len(jobs) == 1 else [])],
             )
         except Cancelled:
             return
@@ -278,5 +288,33 @@ class Batcher:
                 finish_reasons=out.finish_reasons[start:end],
                 texts=out.texts[start:end] if out.texts is not None else None,
             )
+            if job.logprobs is not None:  # the whole rows at the end, each token with its logprobs
+                for p, seqs in enumerate(part.sequences):
+                    for s, ids in enumerate(seqs):
+                        lps = token_logprobs(self.model, job.prompts[p], ids, job.logprobs)
+                        job.post(TokenEvent(p * R + s, list(ids), lps))
             job.post(DoneEvent(part))
             start = end
+
+
+def token_logprobs(model: DecodingModel, prompt: list[int], ids: list[int], top: int) -> list[TokenLogprob]:
+    """Each of ``ids``' log-probability under ``model`` after ``prompt`` (one teacher-forced step over
+    prompt + ids: the model's own distribution, before temperature or other processors)."""
+    if not ids:
+        return []
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    seq = torch.tensor([[*prompt, *ids[:-1]]], dtype=torch.long, device=device)
+    with torch.inference_mode():
+        state = model.init_state(1, device)
+        logits, _ = model.step(seq, state)
+    lp = logits[0, len(prompt) - 1 :].float().log_softmax(-1)  # (len(ids), V)
+    chosen = lp.gather(1, torch.tensor(ids, device=device)[:, None])[:, 0].tolist()
+    out = []
+    if top > 0:
+        values, indices = lp.topk(min(top, lp.size(-1)), dim=-1)
+        alts = [list(zip(i, v, strict=True)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
+    else:
+        alts = [[] for _ in ids]
+    for t, c, a in zip(ids, chosen, alts, strict=True):
+        out.append(TokenLogprob(token_id=t, logprob=c, top=a))
+    return out
