@@ -256,13 +256,14 @@ class ConstrainedProcessor:
         rows = [self._matcher(tuple(ids), parents) for ids in done]
         V = self.grammar.vocabulary.vocab_size
         mask = lltorch.allocate_token_bitmask(B, V)
+        eos = self.grammar.vocabulary.eos_token_id
         for b, m in enumerate(rows):
-            if m.is_error():  # nothing valid can follow: let the row end
-                mask[b].zero_()
-                eos = self.grammar.vocabulary.eos_token_id
-                mask[b, eos // 32] = 1 << (eos % 32) if eos % 32 < 31 else -(1 << 31)
-            else:
+            if not m.is_error():
                 lltorch.fill_next_token_bitmask(m, mask, b)
+            if m.is_error() or not bool(mask[b].any()):
+                # nothing valid can follow (e.g. a choice the vocabulary cannot spell): let the row end
+                mask[b].zero_()
+                mask[b, eos // 32] = 1 << (eos % 32) if eos % 32 < 31 else -(1 << 31)
         allowed = _unpack(mask, scores.size(-1))
         return scores.masked_fill(~allowed.to(scores.device), float("-inf"))
 
