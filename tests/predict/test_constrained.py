@@ -7,17 +7,19 @@ from __future__ import annotations
 import json
 import string
 
-import jsonschema
 import pytest
 import tokenizers
 import torch
 from tokenizers import AddedToken, decoders, models, normalizers
 
-from lmforge.config import build_config
-from lmforge.data.tokenizer import Tokenizer, bpe_tokenizer, byte_tokenizer, char_tokenizer, load_hf_tokenizer
-from lmforge.models import build_model
-from lmforge.predict import GenerationConfig, generate
-from lmforge.predict.constrained import ConstraintError, Grammar, GrammarVocabulary, token_bytes
+jsonschema = pytest.importorskip("jsonschema")
+pytest.importorskip("llguidance")
+
+from lmforge.config import build_config  # noqa: E402
+from lmforge.data.tokenizer import Tokenizer, bpe_tokenizer, byte_tokenizer, char_tokenizer, load_hf_tokenizer  # noqa: E402
+from lmforge.models import build_model  # noqa: E402
+from lmforge.predict import GenerationConfig, generate  # noqa: E402
+from lmforge.predict.constrained import ConstraintError, Grammar, GrammarVocabulary, token_bytes  # noqa: E402
 
 DOCS = [
     string.printable * 2,
