@@ -210,3 +210,31 @@ def test_bad_grammars_name_the_field():
         vocab.compile(Grammar("choice", choices=("",), field="guided_choice"))
     with pytest.raises(ConstraintError, match="response_format"):
         vocab.compile(Grammar("json_schema", schema={"type": "no-such-type"}, field="response_format"))
+
+
+def test_one_processor_called_per_row_as_a_scheduler_does():
+    """Rows of different prompts, each passed alone as (1, T) in turn, one finishing early: every row's
+    matcher follows its own tokens (random scores stand in for a model)."""
+    tok = char_tokenizer(DOCS)
+    V = tok.vocab_size
+    grammar = GrammarVocabulary(tok, V, tok.eot_id).compile(Grammar("json_schema", schema=SCHEMA))
+    proc = grammar.processor()
+    g = torch.Generator().manual_seed(0)
+    rows = [tok.encode(p) for p in ("a", "bcd", "bcd", "efgh ij")]
+    starts = [len(r) for r in rows]
+    done = [False] * len(rows)
+    for _ in range(100):
+        for b, row in enumerate(rows):
+            if done[b]:
+                continue
+            scores = proc(torch.tensor([row]), torch.randn(1, V, generator=g) * 3)
+            t = int(scores.argmax())
+            if t == tok.eot_id:
+                done[b] = True
+            else:
+                row.append(t)
+    assert all(done)
+    replies = [tok.decode(r[s:]) for r, s in zip(rows, starts, strict=True)]
+    for text in replies:
+        jsonschema.validate(json.loads(text), SCHEMA)
+    assert len(set(replies)) > 1

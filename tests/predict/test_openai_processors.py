@@ -39,3 +39,25 @@ def test_logit_bias_adds_to_the_named_ids_only():
     got = LogitBiasProcessor({1: 5.0, 4: -100.0})(torch.zeros(2, 3, dtype=torch.long), scores)
     expected = torch.tensor([[0, 5, 0, 0, -100, 0]] * 2, dtype=torch.float32)
     assert torch.equal(got, expected) and torch.equal(scores, torch.zeros(2, 6))
+
+
+def test_penalties_per_row_calls_with_different_prompt_lengths():
+    """A scheduler that calls once per row with that row's own (1, T) ids (no padding) gets the same
+    penalties as the padded batch layout: each row's prompt is what it held when first seen."""
+    g = torch.Generator().manual_seed(1)
+    V = 7
+    prompts = [[1, 2], [3, 3, 3, 3, 5]]
+    batch = PresenceFrequencyPenaltyProcessor(presence=0.4, frequency=0.9)
+    per_row = PresenceFrequencyPenaltyProcessor(presence=0.4, frequency=0.9)
+    rows = [list(p) for p in prompts]
+    for step in range(5):
+        width = max(len(r) for r in rows)
+        padded = torch.tensor([[-1] * (width - len(r)) + r for r in rows])
+        scores = torch.randn(2, V, generator=g)
+        got = batch(padded, scores)
+        for b, r in enumerate(rows):
+            alone = per_row(torch.tensor([r]), scores[b : b + 1])
+            ref = ref_penalties(len(prompts[b]), [r], scores[b : b + 1], 0.4, 0.9)
+            assert torch.allclose(alone, ref, atol=1e-6) and torch.allclose(got[b : b + 1], ref, atol=1e-6)
+        for b, r in enumerate(rows):
+            r.append([3, 1, 1, 6, 3][step] if b else [2, 2, 0, 1, 2][step])

@@ -15,8 +15,9 @@ gives the bytes each lmforge token id stands for, for every tokenizer kind:
 - special tokens, ``<unk>`` and ids past the tokenizer (a model's padded vocabulary): no bytes, so never
   allowed; the end-of-text id ends a completion once the grammar accepts.
 
-The processor keeps one matcher per distinct completion so far (rows are identified by their tokens,
-not their position, since the engine drops finished rows), so it works in any batch layout.
+The processor keeps one matcher per distinct row so far (rows are identified by their tokens, not their
+position), so it works in any batch layout: the engine's (finished rows dropped) or a scheduler's that
+calls it once per row.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import llguidance.torch as lltorch
 import torch
 
 from lmforge.config import LmforgeError
+from lmforge.predict.processors import RowStates
 
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -223,45 +225,33 @@ class CompiledGrammar:
 class ConstrainedProcessor:
     """``(input_ids (B, T), scores (B, V)) -> scores`` with every token the grammar forbids at ``-inf``.
 
-    A row's completion is ``input_ids[:, T0:]``, T0 being the width of the first call (the prompts); its
-    matcher is found by those tokens, so rows may be dropped or reordered between calls. A row whose
-    completion the grammar rejected (a token forced past the mask) keeps only the end-of-text token."""
+    Each row's matcher is found by the row's tokens (:class:`~lmforge.predict.processors.RowStates`): a
+    row first seen is a prompt and starts the grammar; later rows advance a copy of their parent's matcher
+    by their last token. So rows may be dropped, reordered or passed one at a time. A row with nothing
+    valid left (a token forced past the mask, a choice the vocabulary cannot spell) may only end."""
 
     def __init__(self, grammar: CompiledGrammar) -> None:
         self.grammar = grammar
-        self.start_width: int | None = None
-        self.matchers: dict[tuple[int, ...], llguidance.LLMatcher] = {}
+        self.rows: RowStates[llguidance.LLMatcher] = RowStates(self._start, self._advance)
 
-    def _matcher(self, key: tuple[int, ...], parents: dict[tuple[int, ...], llguidance.LLMatcher]) -> Any:
-        m = self.matchers.get(key)
-        if m is not None:
-            return m
-        parent = parents.get(key[:-1]) if key else None
-        if parent is None:
-            m = self.grammar.start.deep_copy()
-            if key:
-                m.consume_tokens(list(key))
-        else:
-            m = parent.deep_copy()
-            m.consume_token(key[-1])
-        self.matchers[key] = m
+    def _start(self, prompt: tuple[int, ...]) -> llguidance.LLMatcher:
+        return self.grammar.start.deep_copy()
+
+    @staticmethod
+    def _advance(parent: llguidance.LLMatcher, token: int) -> llguidance.LLMatcher:
+        m = parent.deep_copy()
+        m.consume_token(token)
         return m
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        B, T = input_ids.shape
-        if self.start_width is None:
-            self.start_width = T
-        done = input_ids[:, self.start_width :].tolist()
-        parents, self.matchers = self.matchers, {}
-        rows = [self._matcher(tuple(ids), parents) for ids in done]
+        B = input_ids.size(0)
         V = self.grammar.vocabulary.vocab_size
         mask = lltorch.allocate_token_bitmask(B, V)
         eos = self.grammar.vocabulary.eos_token_id
-        for b, m in enumerate(rows):
+        for b, (_, m) in enumerate(self.rows(input_ids)):
             if not m.is_error():
                 lltorch.fill_next_token_bitmask(m, mask, b)
             if m.is_error() or not bool(mask[b].any()):
-                # nothing valid can follow (e.g. a choice the vocabulary cannot spell): let the row end
                 mask[b].zero_()
                 mask[b, eos // 32] = 1 << (eos % 32) if eos % 32 < 31 else -(1 << 31)
         allowed = _unpack(mask, scores.size(-1))
