@@ -125,6 +125,9 @@ class Server:
             job.cancel()
             release()
             assert isinstance(first, DoneEvent)
+            per_row = getattr(first, "logprobs", None)  # a scheduler that also gives them with the output
+            if per_row is not None:
+                logprobs = dict(enumerate(per_row))
             body = completion_body(prep, first.output, self.options.model_name, logprobs, fmt)
             self._record(prep, loop.time() - started, first_token, body["usage"])
             return JSONResponse(body)

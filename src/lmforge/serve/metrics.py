@@ -19,16 +19,25 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
 _SPEED_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 
 _SCHEDULER_GAUGES: tuple[tuple[str, tuple[str, ...], str], ...] = (
-    ("lmforge_batch_rows", ("running_rows", "active_rows", "batch_rows"), "Decoding rows in the running batch."),
+    (
+        "lmforge_batch_rows",
+        ("rows_running", "running_rows", "active_rows"),
+        "Decoding rows in the running batch (the batch size, in rows).",
+    ),
+    ("lmforge_rows_waiting", ("rows_waiting",), "Decoding rows of the requests waiting to start."),
+    ("lmforge_batch_slots_used", ("slots_used",), "Rows of the scheduler's batch in use (running or prefilling)."),
+    ("lmforge_batch_slots_total", ("slots_total",), "Rows the scheduler's batch holds."),
+    ("lmforge_cache_tokens", ("cache_tokens",), "Positions of the decoding cache in use (its length)."),
     (
         "lmforge_cache_usage_ratio",
-        ("cache_usage", "kv_cache_usage", "cache_use"),
+        ("cache_usage", "kv_cache_usage"),
         "Fraction of the decoding cache in use (0 to 1).",
     ),
     ("lmforge_generate_calls", ("batches_run",), "Batched generate calls (or scheduler steps) so far."),
     ("lmforge_requests_generated", ("jobs_run",), "Requests those calls served."),
 )
-"""(metric, the scheduler attributes that may hold it, help): the first attribute present is reported."""
+"""(metric, the attributes that may hold it, help): the first attribute the batcher, or its ``scheduler``,
+has is reported; a series none has is left out."""
 
 
 class _Live(Collector):
@@ -46,8 +55,12 @@ class _Live(Collector):
         waiting = GaugeMetricFamily("lmforge_requests_waiting", "Requests waiting for the generation worker.")
         waiting.add_metric([], _number(getattr(sched, "queued", 0)) or 0)
         yield waiting
+        sources = [sched, getattr(sched, "scheduler", None)]
         for name, attributes, doc in _SCHEDULER_GAUGES:
-            value = next((v for a in attributes if (v := _number(getattr(sched, a, None))) is not None), None)
+            value = next(
+                (v for src in sources for a in attributes if (v := _number(getattr(src, a, None))) is not None),
+                None,
+            )
             if value is not None:
                 g = GaugeMetricFamily(name, doc)
                 g.add_metric([], value)

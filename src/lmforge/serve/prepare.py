@@ -184,6 +184,8 @@ class RequestPreparer:
             raise ApiError(
                 400, f"Invalid value for 'n': {n} completions need num_beams >= {n} (got {beams})", param="n"
             )
+        if beams > 1 and req.logprobs is not None and req.logprobs is not False:
+            raise ApiError(400, "'logprobs' is not supported with beam search (num_beams > 1)", param="logprobs")
         copies, returned = (n, 1) if (not sampling and beams == 1) else (1, n)
         top_p = _filled(req.top_p) if req.given("top_p") else d.get("top_p")
         top_k = _filled(req.top_k) if req.given("top_k") else d.get("top_k")
