@@ -10,6 +10,7 @@ vocabulary setup, schema compile, and the per-token mask (mean and max over the 
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import os
@@ -48,9 +49,9 @@ def llguidance_setup(tokens: list[bytes], special: list[int], eos: int) -> Calla
     import llguidance
     import llguidance.torch as lt
 
-    from lmforge.predict.constrained import _Wrapper
+    from lmforge.predict.constrained import TokenizerBytes
 
-    ll = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Wrapper(tokens, eos, special)), n_vocab=len(tokens))
+    ll = llguidance.LLTokenizer(llguidance.TokenizerWrapper(TokenizerBytes(tokens, eos, special)), n_vocab=len(tokens))
     grammar = llguidance.LLMatcher.grammar_from_json_schema(SCHEMA, overrides={"whitespace_flexible": False})
 
     def start() -> Walk:
@@ -186,10 +187,10 @@ def main() -> None:
         tokens, special = token_bytes(tok, tok.vocab_size)
         eos = tok.eot_id
         builders: dict[str, Callable[[], Callable[[], Walk]]] = {
-            "llguidance": lambda: llguidance_setup(tokens, special, eos),
-            "xgrammar": lambda: xgrammar_setup(tokens, special, eos),
-            "outlines-core": lambda: outlines_setup(tokens, special, eos),
-            "lm-format-enforcer": lambda tok=tok: lmfe_setup(tokens, special, eos, tok),
+            "llguidance": functools.partial(llguidance_setup, tokens, special, eos),
+            "xgrammar": functools.partial(xgrammar_setup, tokens, special, eos),
+            "outlines-core": functools.partial(outlines_setup, tokens, special, eos),
+            "lm-format-enforcer": functools.partial(lmfe_setup, tokens, special, eos, tok),
         }
         for lib in args.libs.split(","):
             try:

@@ -123,7 +123,7 @@ def _decoded_bytes(tokenizer: ConstrainedTokenizer, vocab_size: int) -> tuple[li
     return out, [eot] if isinstance(eot, int) and eot < vocab_size else []
 
 
-class _Wrapper:
+class TokenizerBytes:
     """The tokenizer llguidance sees (``llguidance.TokenizerWrapper``'s fields): bytes per id, eos, and a
     greedy longest-match encoder (llguidance only uses it to tokenize grammar-forced text)."""
 
@@ -159,7 +159,7 @@ class GrammarVocabulary:
         self.vocab_size = vocab_size
         self.tokens = tokens
         self.eos_token_id = eos_token_id
-        wrapper = _Wrapper(tokens, eos_token_id, sorted(set(special) | {eos_token_id}))
+        wrapper = TokenizerBytes(tokens, eos_token_id, sorted(set(special) | {eos_token_id}))
         self.ll = llguidance.LLTokenizer(llguidance.TokenizerWrapper(wrapper), n_vocab=vocab_size)
 
     def compile(self, grammar: Grammar) -> CompiledGrammar:
