@@ -112,9 +112,7 @@ class TransformerConfig(_ModelBase):
         if self.n_kv_head is not None and self.n_head % self.n_kv_head:
             raise ValueError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
         if self.position == "rope" and (self.d_model // self.n_head) % 2:
-            raise ValueError(
-                f"model.position 'rope' needs an even head size, got d_model/n_head = {self.d_model // self.n_head}"
-            )
+            raise ValueError(f"model.position 'rope' needs an even head size, got d_model/n_head = {self.d_model // self.n_head}")
         return self
 
     @property
@@ -283,7 +281,9 @@ class RunConfig(_Section):
             )
         max_pos = getattr(m, "max_seq_len", None)
         if max_pos is not None and self.data.block_size > max_pos:
-            raise ValueError(f"data.block_size ({self.data.block_size}) exceeds model.max_seq_len ({max_pos})")
+            raise ValueError(
+                f"data.block_size ({self.data.block_size}) exceeds model.max_seq_len ({max_pos})"
+            )
         if s.min_lr > o.lr:
             raise ValueError(f"schedule.min_lr ({s.min_lr}) is larger than optim.lr ({o.lr})")
         if s.horizon == "time" and (t.max_time is None or s.name not in DECAYING_SCHEDULES):
@@ -292,7 +292,9 @@ class RunConfig(_Section):
                 f"(linear, cosine or wsd; got {s.name!r})"
             )
         if s.name in DECAYING_SCHEDULES and self.total_steps is None and s.horizon == "steps":
-            raise ValueError(f"schedule.name '{s.name}' needs a length: set train.max_steps or schedule.total_steps")
+            raise ValueError(
+                f"schedule.name '{s.name}' needs a length: set train.max_steps or schedule.total_steps"
+            )
         if self.total_steps is not None and s.warmup_steps >= self.total_steps and s.name != "constant":
             raise ValueError(
                 f"schedule.warmup_steps ({s.warmup_steps}) must be below the schedule length ({self.total_steps})"
@@ -362,9 +364,7 @@ def build_config(raw: dict[str, Any] | None = None) -> RunConfig:
     if isinstance(raw.get("model"), dict):
         raw["model"] = {"family": "transformer", **raw["model"]}
         if raw["model"]["family"] not in FAMILIES:
-            raise ConfigError(
-                f"invalid config: model.family = {raw['model']['family']!r}: unknown; known: {list(FAMILIES)}"
-            )
+            raise ConfigError(f"invalid config: model.family = {raw['model']['family']!r}: unknown; known: {list(FAMILIES)}")
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
@@ -445,9 +445,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
-) -> RunConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> RunConfig:
     """YAML file (optional) + overrides -> validated :class:`RunConfig`."""
     raw: dict[str, Any] = dict(base or {})
     if path is not None:

@@ -32,10 +32,7 @@ def test_family_switch_drops_other_family_options():
         (["--model.nlayer", "4"], ["model.nlayer", "unknown key"]),
         (["--optim.lr", "-1"], ["optim.lr", "-1"]),
         (["--optim.lr", "nan"], ["optim.lr", "nan"]),
-        (
-            ["--data.block_size", "256", "--model.max_seq_len", "128"],
-            ["data.block_size (256)", "model.max_seq_len (128)"],
-        ),
+        (["--data.block_size", "256", "--model.max_seq_len", "128"], ["data.block_size (256)", "model.max_seq_len (128)"]),
         (["--model.family", "cnn"], ["model.family", "cnn"]),
         (["--model.family", "lstm", "--model.n_head", "2"], ["model.n_head", "unknown key"]),
         (["--train.max_steps", "null"], ["no stopping rule"]),

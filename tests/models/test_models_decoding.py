@@ -58,9 +58,7 @@ def test_without_onednn_restores_the_setting_after_nested_and_concurrent_use():
 def test_generate_decodes_without_onednn_and_restores_it(model, monkeypatch):
     flags = []
     real_step = model.step
-    monkeypatch.setattr(
-        model, "step", lambda *a, **k: flags.append(torch.backends.mkldnn.enabled) or real_step(*a, **k)
-    )
+    monkeypatch.setattr(model, "step", lambda *a, **k: flags.append(torch.backends.mkldnn.enabled) or real_step(*a, **k))
     generate(model, [[1, 2, 3]], GenerationConfig(max_new_tokens=3, eos_token_id=[]))
     assert flags and not any(flags)
     assert torch.backends.mkldnn.enabled
@@ -71,18 +69,12 @@ def test_generation_allocates_the_cache_once(beams, monkeypatch):
     model = _transformer()
     grows = []
     real_grow = model._grow
-    monkeypatch.setattr(
-        model, "_grow", lambda state, end, exact=False: grows.append(exact) or real_grow(state, end, exact)
-    )
-    ref = generate(
-        model, [[1, 2, 3], [4, 5, 6, 7, 8]], GenerationConfig(max_new_tokens=20, num_beams=beams, eos_token_id=[])
-    )
+    monkeypatch.setattr(model, "_grow", lambda state, end, exact=False: grows.append(exact) or real_grow(state, end, exact))
+    ref = generate(model, [[1, 2, 3], [4, 5, 6, 7, 8]], GenerationConfig(max_new_tokens=20, num_beams=beams, eos_token_id=[]))
     assert grows == [True]  # the reservation (longest prompt + budget), then no growth while decoding
     monkeypatch.setattr(model, "reserve_state", lambda state, length: None)
     grows.clear()
-    out = generate(
-        model, [[1, 2, 3], [4, 5, 6, 7, 8]], GenerationConfig(max_new_tokens=20, num_beams=beams, eos_token_id=[])
-    )
+    out = generate(model, [[1, 2, 3], [4, 5, 6, 7, 8]], GenerationConfig(max_new_tokens=20, num_beams=beams, eos_token_id=[]))
     assert grows and all(not g for g in grows)  # without it the cache grows on demand ...
     assert out.sequences == ref.sequences  # ... to the same result
 

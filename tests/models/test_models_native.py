@@ -150,6 +150,7 @@ def test_python_only_fixture_turns_it_off(python_only):
     assert native.decode_step() is None
 
 
+
 def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, capsys):
     """A build killed mid-way leaves torch's lock file behind (torch would wait on it forever); a recent one
     belongs to a build in progress in another process. (Loading a second build into this process would abort

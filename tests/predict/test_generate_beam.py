@@ -21,6 +21,8 @@ from support.generate import (
 engine = importlib.import_module("lmforge.predict.engine")
 
 
+
+
 @pytest.mark.parametrize("early_stopping", [False, True, "never"])
 @pytest.mark.parametrize("length_penalty", [-0.5, 0.0, 1.0, 2.0])
 @pytest.mark.parametrize("cls", [TinyGRU, TinyAttention], ids=lambda c: c.__name__)
@@ -221,9 +223,8 @@ def test_fast_path_without_end_tokens_equals_the_general_path(length_penalty):
         return proc
 
     def run(eos, procs):
-        cfg = GenerationConfig(
-            max_new_tokens=10, num_beams=4, num_return_sequences=3, eos_token_id=eos, length_penalty=length_penalty
-        )
+        cfg = GenerationConfig(max_new_tokens=10, num_beams=4, num_return_sequences=3, eos_token_id=eos,
+                               length_penalty=length_penalty)
         return generate(model, prompts, cfg, processors=procs)
 
     fast = run([], [ban(8)])

@@ -118,10 +118,7 @@ def test_a_trainer_state_with_objects_gives_one_clean_line(tmp_path: Path) -> No
     import hashlib
 
     f = ck / "trainer_state.pt"
-    marker["files"]["trainer_state.pt"] = {
-        "size": f.stat().st_size,
-        "sha256": hashlib.sha256(f.read_bytes()).hexdigest(),
-    }
+    marker["files"]["trainer_state.pt"] = {"size": f.stat().st_size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
     (ck / "COMPLETE").write_text(json.dumps(marker))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no torch warning reaches the user

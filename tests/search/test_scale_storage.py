@@ -65,6 +65,8 @@ def test_journal_heartbeat_is_written_and_refreshed(tmp_path, monkeypatch):
     study.tell(trial, 1.0)
 
 
+
+
 def test_stale_watch_judges_by_its_own_clock(tmp_path, monkeypatch):
     """A beat that keeps changing is alive however old its timestamp (clock skew between machines); one
     that stops changing is stale after the grace period its worker declared."""

@@ -61,9 +61,7 @@ def test_short_time_budgets_reserve_time_for_the_evaluation():
 
 
 def test_short_time_budgets_give_the_final_training_more():
-    share = [
-        shares(Budget(seconds=s))["search"] / shares(Budget(seconds=s))["final"] for s in (60, 120, 600, 1800, 7200)
-    ]
+    share = [shares(Budget(seconds=s))["search"] / shares(Budget(seconds=s))["final"] for s in (60, 120, 600, 1800, 7200)]
     assert share[0] == pytest.approx(0.45 / 0.50) and share[1] == pytest.approx(share[0])
     assert share[1] < share[2] < share[3] == pytest.approx(0.70 / 0.25) and share[4] == pytest.approx(share[3])
 

@@ -155,10 +155,8 @@ def test_strategy_and_storage_conformance(tmp_path, monkeypatch, storage_kind, b
     before = {t.number: (t.values, t.user_attrs["run_dir"]) for t in done}
     second = _search(run, url, name, data, backend, strategy, n_trials=3)
     after = {t.number: t for t in second}
-    assert all(
-        after[n].state == TrialState.COMPLETE and (after[n].values, after[n].user_attrs["run_dir"]) == v
-        for n, v in before.items()
-    )
+    assert all(after[n].state == TrialState.COMPLETE and (after[n].values, after[n].user_attrs["run_dir"]) == v
+               for n, v in before.items())
     new = [t for t in second if t.number not in before and not t.user_attrs.get("discarded")]
     assert len(new) == 1 and new[0].user_attrs["run_dir"] not in {v[1] for v in before.values()}
 

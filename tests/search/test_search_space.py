@@ -206,26 +206,18 @@ def test_default_space_samples_valid_configs():
 
 
 def test_start_points_are_moved_into_the_space_and_tried_first():
-    raw = dict(
-        SPACE,
-        start=[
-            {"model.family": "gru", "optim.lr": 0.5, "model.d_model": 100, "model.n_layer": 2, "model.residual": True},
-            {"model.family": "transformer", "model.n_head": 3, "model.n_layer": 9},
-            {"model.family": "gru", "optim.lr": 0.5, "model.d_model": 100, "model.n_layer": 2, "model.residual": True},
-            {"train.seed": 3},  # nothing the space searches: no start point
-        ],
-    )
+    raw = dict(SPACE, start=[
+        {"model.family": "gru", "optim.lr": 0.5, "model.d_model": 100, "model.n_layer": 2, "model.residual": True},
+        {"model.family": "transformer", "model.n_head": 3, "model.n_layer": 9},
+        {"model.family": "gru", "optim.lr": 0.5, "model.d_model": 100, "model.n_layer": 2, "model.residual": True},
+        {"train.seed": 3},  # nothing the space searches: no start point
+    ])
     space = parse_space(raw)
     starts = space.start_params()
     assert starts == [
         # lr and d_model clipped to their ranges, the gru block's values kept
-        {
-            "model.family": "gru",
-            "optim.lr": 1e-2,
-            "model.d_model": 64,
-            "model.residual": True,
-            "model.n_layer|model.family=gru": 2,
-        },
+        {"model.family": "gru", "optim.lr": 1e-2, "model.d_model": 64, "model.residual": True,
+         "model.n_layer|model.family=gru": 2},
         # n_head 3 -> the nearest choice (the lower on a tie); n_layer 9 -> the range's top
         {"model.family": "transformer", "model.n_head": 2, "model.n_layer": 4},
     ]

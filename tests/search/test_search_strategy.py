@@ -23,15 +23,8 @@ fixed:
 
 
 def test_evolution_strategy_runs_through_the_pipeline(tmp_path):
-    opts = options(
-        tmp_path,
-        SPACE,
-        budget="60ktok",
-        strategy="evolution",
-        population=3,
-        sample=2,
-        overrides=["--data.block_size", "16", "--train.batch_size", "4"],
-    )
+    opts = options(tmp_path, SPACE, budget="60ktok", strategy="evolution", population=3, sample=2,
+                   overrides=["--data.block_size", "16", "--train.batch_size", "4"])
     summary = run_pipeline(opts)
     study = load_study(tmp_path / "run")
     done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
@@ -45,9 +38,8 @@ def test_evolution_strategy_runs_through_the_pipeline(tmp_path):
 
 def test_evolution_refuses_what_it_cannot_do(tmp_path):
     with pytest.raises(SearchError, match="evolution"):
-        run_pipeline(
-            TuneOptions(out=str(tmp_path / "r"), data="demo", budget="10s", strategy="evolution", cv=2, verbose=False)
-        )
+        run_pipeline(TuneOptions(out=str(tmp_path / "r"), data="demo", budget="10s", strategy="evolution", cv=2,
+                                 verbose=False))
 
 
 def test_tune_sample_is_a_deprecated_alias_of_tournament(tmp_path, capsys):

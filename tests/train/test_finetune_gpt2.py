@@ -16,6 +16,8 @@ pytest.importorskip("transformers")
 QUIET = ["--train.progress", "false", "--data.cache_dir"]
 
 
+
+
 def test_seed_example_gpt2_finetune_then_beam_summary(tmp_path, capsys, monkeypatch):
     pytest.importorskip("transformers")
     animals, places = ["fox", "cat", "dog", "owl", "bee", "cow"], ["park", "garden", "forest", "street", "field"]

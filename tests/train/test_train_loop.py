@@ -315,20 +315,8 @@ def test_time_horizon_decays_the_learning_rate_by_the_clock(corpus, tmp_path):
     out = tmp_path / "timed"
     lr, min_lr, max_time = 1e-3, 1e-5, 1.5
     cfg = cfg_for(
-        corpus,
-        "--train.max_steps",
-        "100000",
-        "--train.max_time",
-        str(max_time),
-        "--train.eval_interval",
-        "5",
-        "--schedule.name",
-        "cosine",
-        "--schedule.horizon",
-        "time",
-        "--optim.lr",
-        str(lr),
-        "--schedule.min_lr",
+        corpus, "--train.max_steps", "100000", "--train.max_time", str(max_time), "--train.eval_interval", "5",
+        "--schedule.name", "cosine", "--schedule.horizon", "time", "--optim.lr", str(lr), "--schedule.min_lr",
         str(min_lr),
     )
     res = train(cfg, out, verbose=False, clock=FakeClock(0.05))

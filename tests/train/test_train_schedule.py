@@ -220,7 +220,5 @@ def test_time_horizon_needs_a_clock_and_a_decay() -> None:
 
     with pytest.raises(ConfigError, match="schedule.horizon"):
         build_config({"schedule": {"name": "cosine", "horizon": "time"}, "train": {"max_steps": 10}})
-    cfg = build_config(
-        {"schedule": {"name": "cosine", "horizon": "time"}, "train": {"max_steps": None, "max_time": "1m"}}
-    )
+    cfg = build_config({"schedule": {"name": "cosine", "horizon": "time"}, "train": {"max_steps": None, "max_time": "1m"}})
     assert cfg.schedule.horizon == "time" and cfg.train.max_time == 60

@@ -161,3 +161,4 @@ def _finetune(args: argparse.Namespace, overrides: list[str], out: Path) -> int:
         val_batches=td.val_batches(tc.batch_size, pad, tc.eval_batches),
     )
     return 0 if result.step > 0 else 1
+

@@ -8,23 +8,16 @@ from lmforge.cli import UserError, command, config_from_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    t = sub.add_parser(
-        "train",
-        help="train a language model on a corpus",
-        description="Train a model. Any config field can be overridden as --section.field VALUE "
-        "(e.g. --model.n_layer 4 --optim.lr 3e-3).",
-    )
+    t = sub.add_parser("train", help="train a language model on a corpus",
+                       description="Train a model. Any config field can be overridden as --section.field VALUE "
+                                   "(e.g. --model.n_layer 4 --optim.lr 3e-3).")
     t.add_argument("--data", help="text file, folder, glob, .jsonl, hf:NAME[:CONFIG] or demo")
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--config", help="YAML file with sections data/tokenizer/model/optim/schedule/train")
     t.add_argument("--sample", type=int, default=200, help="print a sample of N tokens from the best model (0: none)")
     t.add_argument("--prompt", default="\n", help="prompt of the sample")
-    t.add_argument(
-        "--nproc",
-        type=int,
-        default=1,
-        help="data-parallel processes on this machine (torchrun; train.batch_size is per process)",
-    )
+    t.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel processes on this machine (torchrun; train.batch_size is per process)")
 
 
 @command("train")

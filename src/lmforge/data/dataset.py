@@ -327,3 +327,5 @@ def _write_stream(f: Any, tok: Tokenizer, texts: list[str], eot_last: bool, dtyp
 def _encode_stream(tok: Tokenizer, texts: list[str], eot_last: bool, dtype: np.dtype) -> np.ndarray:
     pieces = list(_stream_pieces(tok, texts, eot_last, dtype))
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+
+

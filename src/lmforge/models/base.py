@@ -74,16 +74,16 @@ class LanguageModel(nn.Module):
     max_seq_len: int | None = None
     """Longest sequence the model can attend over (``None``: unbounded, e.g. recurrent)."""
 
-    def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) long -> logits (B, T, V); loss = mean cross-entropy over targets != -100."""
         raise NotImplementedError
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> Any:
         raise NotImplementedError
 
-    def step(self, idx: torch.Tensor, state: Any, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+    def step(self, idx: torch.Tensor, state: Any, valid: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, Any]:
         raise NotImplementedError
 
     def reorder_state(self, state: Any, index: torch.Tensor) -> Any:

@@ -95,9 +95,7 @@ def _family(model: LanguageModel) -> str:
 def _as(model: LanguageModel, cls: type[ModelT]) -> ModelT:
     """``model`` as the class ``build_model`` builds for its family (a model of another class is a bug)."""
     if not isinstance(model, cls):
-        raise MutationError(
-            f"internal: a {model.config.family} model of class {type(model).__name__}, not {cls.__name__}"
-        )
+        raise MutationError(f"internal: a {model.config.family} model of class {type(model).__name__}, not {cls.__name__}")
     return model
 
 
@@ -138,7 +136,9 @@ def _load(child: LanguageModel, state: dict[str, torch.Tensor]) -> None:
             target[name].copy_(value)
 
 
-def _renumber(state: dict[str, torch.Tensor], prefix: str, fn: Callable[[int], int | None]) -> dict[str, torch.Tensor]:
+def _renumber(
+    state: dict[str, torch.Tensor], prefix: str, fn: Callable[[int], int | None]
+) -> dict[str, torch.Tensor]:
     """Rename ``prefix.{j}.rest`` to ``prefix.{fn(j)}.rest``; ``fn(j) is None`` drops the tensor."""
     pat = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.*)$")
     out = {}

@@ -114,11 +114,7 @@ class RCNNModel(TokenTableLM):
         return cast(Sequence[RCNNBlock], self.blocks)
 
     def _run(
-        self,
-        idx: torch.Tensor,
-        conv: Sequence[torch.Tensor],
-        hidden: Sequence[Hidden | None],
-        length: int,
+        self, idx: torch.Tensor, conv: Sequence[torch.Tensor], hidden: Sequence[Hidden | None], length: int,
         valid: torch.Tensor | None,
     ) -> tuple[torch.Tensor, RCNNState]:
         """The blocks over ``idx`` from per-block convolution buffers and recurrent states (None: zeros) after

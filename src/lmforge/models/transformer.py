@@ -279,14 +279,8 @@ class Block(nn.Module):
 
 
 NativeArgs = tuple[
-    tuple[
-        torch.Tensor,
-        torch.Tensor | None,
-        torch.Tensor | None,
-        torch.Tensor | None,
-        list[torch.Tensor | None],
-        torch.Tensor,
-    ],
+    tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, list[torch.Tensor | None],
+          torch.Tensor],
     tuple[int, int, int, bool, float, bool, int],
 ]
 """The native decoding step's arguments: (wte, wpe, rope_cos, rope_sin, 12 per-layer tensors, lm_head^T) and

@@ -333,3 +333,5 @@ def _elapsed_at_checkpoint(run_dir: Path) -> float:
         return float(json.loads((ckpts[-1] / META_FILE).read_text(encoding="utf-8")).get("elapsed_s") or 0.0)
     except (OSError, ValueError):
         return 0.0
+
+

@@ -335,7 +335,9 @@ def parse_space(raw: Any, source: str = "<space>") -> SearchSpace:
         raw = {"params": raw}
     unknown = set(raw) - sections
     if unknown:
-        raise SpaceError(f"{source}: unknown section(s) {sorted(unknown)}; known: params, conditional, fixed, start")
+        raise SpaceError(
+            f"{source}: unknown section(s) {sorted(unknown)}; known: params, conditional, fixed, start"
+        )
     top = Block()
     _fill_block(top, raw.get("params") or {}, source, "params")
     for path, v in _mapping(raw.get("fixed") or {}, source, "fixed").items():

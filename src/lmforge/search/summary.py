@@ -69,11 +69,8 @@ def build_summary(
             best_trial = {
                 "trial": n,
                 # an evolution child's mutated values may lie outside the space: it records them itself
-                "values": {
-                    k: v
-                    for k, v in (bt.user_attrs.get("values") or space.values_from_params(bt.params)).items()
-                    if k in searched
-                },
+                "values": {k: v for k, v in (bt.user_attrs.get("values") or space.values_from_params(bt.params)).items()
+                           if k in searched},
                 "search_val_loss": bt.values[0] if bt.values else bt.user_attrs.get("val_loss"),
                 "params": bt.user_attrs.get("params"),
             }

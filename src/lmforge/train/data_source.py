@@ -71,9 +71,8 @@ class TokenSource:
     """Language modelling: blocks of the prepared token streams. A caller may replace the sampler or the
     validation batches (search scores every trial on the same fixed batches)."""
 
-    def __init__(
-        self, data: PreparedData, sampler: BatchSampler | None = None, val_batches: list[Batch] | None = None
-    ) -> None:
+    def __init__(self, data: PreparedData, sampler: BatchSampler | None = None,
+                 val_batches: list[Batch] | None = None) -> None:
         self.data = data
         self._sampler = sampler
         self._val_batches = val_batches
@@ -148,13 +147,8 @@ class TaskSource:
         raise TrainingError("optim.name 'gd' (full-batch) needs a language-modelling corpus, not task examples")
 
 
-def open_data_source(
-    config: RunConfig,
-    data: PreparedData | None,
-    tokenizer: Tokenizer | None,
-    sampler: BatchSampler | None,
-    val_batches: list[Batch] | None,
-) -> DataSource:
+def open_data_source(config: RunConfig, data: PreparedData | None, tokenizer: Tokenizer | None,
+                     sampler: BatchSampler | None, val_batches: list[Batch] | None) -> DataSource:
     """The source for :func:`lmforge.train.train`'s arguments: an injected sampler and validation batches
     without ``data`` are task examples; otherwise ``data`` (prepared here from ``config.data`` when not
     given, with ``tokenizer`` when given) is a language-modelling corpus."""

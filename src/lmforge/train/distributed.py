@@ -245,9 +245,8 @@ class Distributed:
         elapsed, any_term = self.max([elapsed_s, float(terminate)])
         return elapsed, any_term > 0
 
-    def reduce_step(
-        self, model: nn.Module, full_batch: bool, loss_sum: float, rows: int, finite: bool
-    ) -> tuple[float, int, bool]:
+    def reduce_step(self, model: nn.Module, full_batch: bool, loss_sum: float, rows: int,
+                    finite: bool) -> tuple[float, int, bool]:
         """After a step's backward passes: full-batch GD sums each rank's share of the gradient and of the
         pass's loss (its chunks bypass the DDP reducer); every rank skips the step if any saw NaN/inf."""
         if not self.enabled:
@@ -289,9 +288,7 @@ class Distributed:
         # buffers of our models are constants (rope tables, masks): no need to broadcast them every forward
         # (newer torch renames the option and deprecates the old name)
         params = inspect.signature(DistributedDataParallel.__init__).parameters
-        no_sync: dict[str, Any] = (
-            {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
-        )
+        no_sync: dict[str, Any] = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
         return DistributedDataParallel(model, device_ids=ids, **no_sync)
 
     def model_calls(self, model: nn.Module, compile: bool, full_batch: bool) -> ModelCalls:

@@ -18,13 +18,9 @@ from lmforge.train.errors import TrainingError
 
 
 @torch.no_grad()
-def evaluate_loss(
-    model: torch.nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    device: torch.device,
-    autocast: contextlib.AbstractContextManager[Any] | None = None,
-    dist: Distributed | None = None,
-) -> tuple[float, int]:
+def evaluate_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                  device: torch.device, autocast: contextlib.AbstractContextManager[Any] | None = None,
+                  dist: Distributed | None = None) -> tuple[float, int]:
     """Token-weighted mean loss over ``batches`` -> (loss, counted tokens).
 
     With ``dist`` (data-parallel), each rank scores its share of every batch's rows and the sums are

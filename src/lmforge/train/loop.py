@@ -102,10 +102,8 @@ def train(
     # join the process group for the whole run (a no-op stand-in outside torchrun)
     with Distributed.from_env(resolve_device(tc.device)) as dist:
         if dist.enabled and sampler is not None:
-            raise TrainingError(
-                "data-parallel training (torchrun) with an injected sampler is not supported; "
-                "run task fine-tuning in a single process"
-            )
+            raise TrainingError("data-parallel training (torchrun) with an injected sampler is not supported; "
+                                "run task fine-tuning in a single process")
         # rank 0 repairs and reads the run directory and prepares (caches) the data first; the other ranks
         # then read what it left instead of racing it
         with dist.main_first():
@@ -117,23 +115,13 @@ def train(
             if resume_ckpt is not None and tokenizer is None:
                 tokenizer = Tokenizer.load(resume_ckpt.path)
             source = open_data_source(config, data, tokenizer, sampler, val_batches)
-        trainer = _Trainer(
-            config,
-            out,
-            source=source,
-            model=model,
-            resume_ckpt=resume_ckpt,
-            callbacks=callbacks,
-            dist=dist,
-            verbose=verbose,
-            clock=clock,
-        )
+        trainer = _Trainer(config, out, source=source, model=model, resume_ckpt=resume_ckpt,
+                           callbacks=callbacks, dist=dist, verbose=verbose, clock=clock)
         return trainer.run()
 
 
-def _model_for(
-    cfg: RunConfig, model: LanguageModel | None, tokenizer: Tokenizer, device: torch.device
-) -> LanguageModel:
+def _model_for(cfg: RunConfig, model: LanguageModel | None, tokenizer: Tokenizer,
+               device: torch.device) -> LanguageModel:
     """The given model checked against the tokenizer and block size, or a fresh one built from ``cfg``
     (after checking that it will train in the memory ``device`` has)."""
     block = cfg.data.block_size
@@ -219,7 +207,8 @@ class _Trainer:
 
         self.n_params = model.num_params()
         self.gd_blocks = source.full_batch_blocks(block) if self.gd else 0
-        self.tokens_per_step = self.gd_blocks * block if self.gd else self.global_batch * block * tc.grad_accum
+        self.tokens_per_step = (self.gd_blocks * block if self.gd
+                                else self.global_batch * block * tc.grad_accum)
 
     def log(self, message: str) -> None:
         if self.verbose and self.dist.is_main:
@@ -240,9 +229,7 @@ class _Trainer:
                     f"resuming a run with global batch {saved_batch} blocks with global batch {self.global_batch} "
                     f"(train.batch_size {tc.batch_size} x {dist.world_size} processes): training continues at the "
                     "same data position, but its batches differ from those of an uninterrupted run",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+                    RuntimeWarning, stacklevel=2)
         dist.restore_rank_rng(ts)
         state.step, state.tokens, state.elapsed_s = int(ts["step"]), int(ts["tokens"]), float(ts["elapsed_s"])
         state.best_val_loss, state.best_step = float(ts["best_val_loss"]), int(ts["best_step"])
@@ -262,16 +249,10 @@ class _Trainer:
     def trainer_state(self) -> dict[str, Any]:
         state = self.state
         return {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "sampler": self.sampler.state_dict(),
-            "rng": capture_rng_state(),
-            "step": state.step,
-            "tokens": state.tokens,
-            "elapsed_s": state.elapsed_s,
-            "best_val_loss": state.best_val_loss,
-            "best_step": state.best_step,
-            "bad_evals": self.bad_evals,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(), "rng": capture_rng_state(), "step": state.step,
+            "tokens": state.tokens, "elapsed_s": state.elapsed_s, "best_val_loss": state.best_val_loss,
+            "best_step": state.best_step, "bad_evals": self.bad_evals,
         }
 
     def checkpoint(self, val_loss: float | None) -> Path:
@@ -284,14 +265,8 @@ class _Trainer:
             if rngs is not None:
                 ts["rng_ranks"] = rngs
             with write_errors(path):
-                save_checkpoint(
-                    path,
-                    model=self.model,
-                    config_yaml=self.config_yaml,
-                    tokenizer=self.tokenizer,
-                    trainer_state=ts,
-                    meta=meta,
-                )
+                save_checkpoint(path, model=self.model, config_yaml=self.config_yaml, tokenizer=self.tokenizer,
+                                trainer_state=ts, meta=meta)
                 prune_checkpoints(self.out, self.tc.keep_last)
         dist.barrier()  # data-parallel: nobody reads (rolls back to) a half-written checkpoint
         return path
@@ -301,10 +276,8 @@ class _Trainer:
         with self.dist.main_first():  # rank 0 repairs an interrupted checkpoint write before the others read
             ck = latest_checkpoint(self.out)
         if ck is None or ck.trainer_state is None:
-            raise TrainingError(
-                f"loss is NaN/inf for {tc.max_bad_steps} steps in a row and there is no checkpoint "
-                "to roll back to; lower optim.lr or enable clipping (optim.grad_clip)"
-            )
+            raise TrainingError(f"loss is NaN/inf for {tc.max_bad_steps} steps in a row and there is no checkpoint "
+                                "to roll back to; lower optim.lr or enable clipping (optim.grad_clip)")
         self.model.load_state_dict(ck.state_dict)
         self.optimizer.load_state_dict(ck.trainer_state["optimizer"])
         self.scheduler.load_state_dict(ck.trainer_state["scheduler"])
@@ -399,16 +372,12 @@ class _Trainer:
     # ------------------------------------------------------------------------------- evaluation
     def eval_record(self, train_loss: float) -> dict[str, Any]:
         state, dist = self.state, self.dist
-        val_loss, _ = evaluate_loss(
-            self.calls.eval, self.val_batches, self.device, self.autocast, dist if dist.enabled else None
-        )
+        val_loss, _ = evaluate_loss(self.calls.eval, self.val_batches, self.device, self.autocast,
+                                    dist if dist.enabled else None)
         rec = {
-            "step": state.step,
-            "tokens": state.tokens,
-            "elapsed_s": round(state.elapsed_s, 3),
+            "step": state.step, "tokens": state.tokens, "elapsed_s": round(state.elapsed_s, 3),
             "time": round(time.time(), 3),
-            "train_loss": train_loss,
-            "val_loss": val_loss,
+            "train_loss": train_loss, "val_loss": val_loss,
             "val_ppl": math.exp(min(val_loss, 50.0)),
             "val_bits_per_token": val_loss / math.log(2),
             "lr": self.optimizer.param_groups[0]["lr"],
@@ -450,18 +419,9 @@ class _Trainer:
         state.elapsed_s += self.clock() - t_eval
         if improved and dist.is_main:
             with write_errors(self.out / BEST_DIR):
-                save_best(
-                    self.out,
-                    model=self.model,
-                    config_yaml=self.config_yaml,
-                    tokenizer=self.tokenizer,
-                    meta={
-                        "step": state.step,
-                        "tokens": state.tokens,
-                        "val_loss": rec["val_loss"],
-                        "elapsed_s": state.elapsed_s,
-                    },
-                )
+                save_best(self.out, model=self.model, config_yaml=self.config_yaml, tokenizer=self.tokenizer,
+                          meta={"step": state.step, "tokens": state.tokens, "val_loss": rec["val_loss"],
+                                "elapsed_s": state.elapsed_s})
         return reason
 
     # ---------------------------------------------------------------------------------- the loop
@@ -491,11 +451,8 @@ class _Trainer:
 
                 if state.step % tc.log_interval == 0 or reason:
                     now = self.clock()
-                    bar.set_postfix(
-                        loss=f"{self.losses[-1]:.4f}",
-                        tok_s=f"{tok_window / max(1e-9, now - t_last):,.0f}",
-                        refresh=False,
-                    )
+                    bar.set_postfix(loss=f"{self.losses[-1]:.4f}", tok_s=f"{tok_window / max(1e-9, now - t_last):,.0f}",
+                                    refresh=False)
                     t_last, tok_window = now, 0
                 bar.update(1)
 
@@ -508,16 +465,9 @@ class _Trainer:
         bar.close()
 
         result = TrainResult(
-            out_dir=self.out,
-            step=state.step,
-            tokens=state.tokens,
-            elapsed_s=state.elapsed_s,
-            best_val_loss=state.best_val_loss,
-            best_step=state.best_step,
-            final_val_loss=self.last_val,
-            stop_reason=reason or "max_steps",
-            num_params=self.n_params,
-            history=self.history,
+            out_dir=self.out, step=state.step, tokens=state.tokens, elapsed_s=state.elapsed_s,
+            best_val_loss=state.best_val_loss, best_step=state.best_step, final_val_loss=self.last_val,
+            stop_reason=reason or "max_steps", num_params=self.n_params, history=self.history,
         )
         for cb in self.callbacks:
             cb.on_train_end(state, result)

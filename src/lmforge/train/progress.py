@@ -9,13 +9,5 @@ from tqdm.std import tqdm as ProgressBar  # the base class of every tqdm front e
 
 
 def progress_bar(total: int | None, enabled: bool, initial: int) -> ProgressBar:
-    return tqdm(
-        total=total,
-        initial=initial,
-        disable=not enabled,
-        unit="step",
-        dynamic_ncols=True,
-        mininterval=0.5,
-        file=sys.stderr,
-        leave=True,
-    )
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
+                mininterval=0.5, file=sys.stderr, leave=True)

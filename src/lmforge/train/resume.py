@@ -28,15 +28,7 @@ from lmforge.runs import (
 from lmforge.train.errors import TrainingError
 
 TRAINER_STATE_KEYS = (
-    "optimizer",
-    "scheduler",
-    "sampler",
-    "rng",
-    "step",
-    "tokens",
-    "elapsed_s",
-    "best_val_loss",
-    "best_step",
+    "optimizer", "scheduler", "sampler", "rng", "step", "tokens", "elapsed_s", "best_val_loss", "best_step",
     "bad_evals",
 )
 """What every checkpoint's trainer state holds (``rng_ranks`` only under data parallelism)."""
