@@ -256,6 +256,7 @@ BAD = [
     ({"prompt": "x", "response_format": {"type": "json_schema"}}, 400, "response_format"),
     ({"prompt": "x", "logit_bias": {"100000": 1}}, 400, "logit_bias"),
     ({"prompt": "x", "logit_bias": {"1": 101}}, 400, "logit_bias.1"),
+    ({"prompt": "x", "logit_bias": {"²": 1}}, 400, "logit_bias"),
     ({"prompt": "x", "max_token": 5}, 400, "max_token"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
     ({"max_tokens": 5}, 400, "prompt"),
@@ -417,7 +418,7 @@ BAD_VALUES = {
     "presence_penalty": st.one_of(bad_float, st.floats(max_value=-2.01), st.floats(min_value=2.01)),
     "logit_bias": st.one_of(
         st.dictionaries(
-            st.text(min_size=1, max_size=3).filter(lambda k: not k.strip().isdigit()),
+            st.text(min_size=1, max_size=3).filter(lambda k: not (k.strip().isascii() and k.strip().isdigit())),
             st.floats(-5, 5),
             min_size=1,
             max_size=2,

@@ -225,14 +225,15 @@ class RequestPreparer:
         if req.logit_bias:
             bias: dict[int, float] = {}
             for key, value in req.logit_bias.items():
-                if not key.strip().isdigit() or int(key) >= self.vocab_size:
+                token = int(key) if key.strip().isascii() and key.strip().isdigit() else -1
+                if not 0 <= token < self.vocab_size:
                     raise ApiError(
                         400,
                         f"Invalid value for 'logit_bias': key {key!r} is not a token id of this model's vocabulary "
                         f"(0 to {self.vocab_size - 1})",
                         param="logit_bias",
                     )
-                bias[int(key)] = value
+                bias[token] = value
             procs.append(LogitBiasProcessor(bias))
         grammar = self._grammar(req)
         if grammar is not None:
