@@ -298,6 +298,21 @@ def test_guided_choice(client):
     )
     assert {c.message.content for c in r.choices} <= set(labels)
     assert {c.finish_reason for c in r.choices} == {"stop"}
+    # top_k acts among the allowed tokens: top_k=1 sampling is the constrained greedy reply (before the
+    # mask it could keep only a forbidden token, and then nothing)
+    greedy_label = client.chat.completions.create(
+        model=NAME, messages=MESSAGES, max_tokens=10, temperature=0, extra_body={"guided_choice": labels}
+    )
+    top1 = client.chat.completions.create(
+        model=NAME,
+        messages=MESSAGES,
+        max_tokens=10,
+        temperature=0.7,
+        n=3,
+        seed=4,
+        extra_body={"guided_choice": labels, "top_k": 1},
+    )
+    assert [c.message.content for c in top1.choices] == [greedy_label.choices[0].message.content] * 3
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(
             model=NAME,

@@ -16,7 +16,14 @@ from lmforge.config import LmforgeError
 from lmforge.predict import GenerationConfig, GenerationOutput
 from lmforge.predict.constrained import CompiledGrammar, ConstraintError, Grammar, GrammarVocabulary
 from lmforge.predict.generation_config import with_defaults
-from lmforge.predict.processors import LogitBiasProcessor, LogitsProcessor, PresenceFrequencyPenaltyProcessor
+from lmforge.predict.processors import (
+    LogitBiasProcessor,
+    LogitsProcessor,
+    PresenceFrequencyPenaltyProcessor,
+    TemperatureProcessor,
+    TopKProcessor,
+    TopPProcessor,
+)
 from lmforge.serve.chat_template import ChatTemplate
 from lmforge.serve.options import ServeOptions
 from lmforge.serve.protocols import ServedTokenizer
@@ -214,10 +221,13 @@ class RequestPreparer:
         return int(value) if isinstance(value, int) else fallback
 
     def _processors(
-        self, req: CompletionRequest | ChatCompletionRequest
+        self, req: CompletionRequest | ChatCompletionRequest, cfg: GenerationConfig
     ) -> tuple[list[LogitsProcessor], CompiledGrammar | None]:
-        """The request's own processors: penalties, ``logit_bias``, then the grammar mask (last, so that
-        nothing can lift a token it forbids)."""
+        """The request's own processors: penalties, ``logit_bias``, the grammar mask, then the sampling
+        warpers. The engine runs a config's warpers before extra processors, so when a request has any,
+        temperature / top-k / top-p move out of ``cfg`` to the end of the list: penalties and bias then act
+        on the raw logits (OpenAI's order), and top-k / top-p choose among the tokens the grammar allows
+        (before it, they could leave no allowed token at all)."""
         procs: list[LogitsProcessor] = []
         presence, frequency = _filled(req.presence_penalty), _filled(req.frequency_penalty)
         if presence or frequency:
@@ -238,6 +248,14 @@ class RequestPreparer:
         grammar = self._grammar(req)
         if grammar is not None:
             procs.append(grammar.processor())
+        if procs and cfg.do_sample and cfg.num_beams == 1:
+            if cfg.temperature != 1.0:
+                procs.append(TemperatureProcessor(cfg.temperature))
+            if cfg.top_k:
+                procs.append(TopKProcessor(cfg.top_k))
+            if cfg.top_p < 1.0:
+                procs.append(TopPProcessor(cfg.top_p))
+            cfg.temperature, cfg.top_k, cfg.top_p = 1.0, None, 1.0
         return procs, grammar
 
     def _grammar(self, req: CompletionRequest | ChatCompletionRequest) -> CompiledGrammar | None:
@@ -323,7 +341,7 @@ class RequestPreparer:
         stops = [check_text(t, "stop") for t in ([req.stop] if isinstance(req.stop, str) else req.stop or [])]
         cfg, copies = self._config(req, max_tokens, stops)
         self._check_rows(len(prompts), cfg, _filled(req.n))
-        procs, grammar = self._processors(req)
+        procs, grammar = self._processors(req, cfg)
         return Prepared(
             processors=procs,
             grammar=grammar,
@@ -372,7 +390,7 @@ class RequestPreparer:
         stops = user_stops + [s for s in self.chat.stop if s not in user_stops]
         cfg, copies = self._config(req, max_tokens, stops)
         self._check_rows(1, cfg, _filled(req.n))
-        procs, grammar = self._processors(req)
+        procs, grammar = self._processors(req, cfg)
         return Prepared(
             processors=procs,
             grammar=grammar,
