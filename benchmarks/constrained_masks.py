@@ -169,11 +169,51 @@ def measure(name: str, build: Callable[[], Callable[[], Walk]], steps: int, eos:
     }
 
 
+def engine_overhead(tok: Tokenizer, rows: int, tokens: int) -> dict[str, float]:
+    """lmforge's whole path (:class:`ConstrainedProcessor` in :func:`generate`: row lookup, matcher copy,
+    mask, unpack) against the same generate call unconstrained, on a tiny random transformer."""
+    from lmforge.config import build_config
+    from lmforge.models import build_model
+    from lmforge.predict import GenerationConfig, generate
+    from lmforge.predict.constrained import Grammar, GrammarVocabulary
+
+    torch.manual_seed(0)
+    cfg = build_config(
+        {
+            "model": {
+                "family": "transformer",
+                "n_layer": 2,
+                "n_head": 2,
+                "d_model": 64,
+                "vocab_size": tok.vocab_size,
+                "max_seq_len": 256,
+            },
+            "data": {"block_size": 256},
+            "tokenizer": {"kind": "char"},
+        }
+    )
+    model = build_model(cfg.model).eval()
+    grammar = GrammarVocabulary(tok, tok.vocab_size, tok.eot_id).compile(Grammar("json_object"))
+    gen = GenerationConfig(max_new_tokens=tokens, do_sample=True, seed=0, num_return_sequences=rows, eos_token_id=[])
+    prompt = [tok.encode("JSON: ")]
+    out: dict[str, float] = {}
+    for name, procs in (("plain", None), ("constrained", "grammar")):
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            generate(model, prompt, gen, processors=[grammar.processor()] if procs else None)
+            best = min(best, time.perf_counter() - t0)
+        out[name] = rows * tokens / best
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--bpe-vocab", type=int, default=2000)
     ap.add_argument("--libs", default="llguidance,xgrammar,outlines-core,lm-format-enforcer")
+    ap.add_argument("--rows", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=64)
     args = ap.parse_args()
     torch.set_num_threads(1)
     docs = corpus()
@@ -210,7 +250,16 @@ def main() -> None:
             f"{r['tokenizer']:<16} {r['lib']:<20} {r['vocab_ms']:>9.1f} {r['compile_ms']:>11.1f} "
             f"{r['mask_us_mean']:>9.0f} {r['mask_us_max']:>9.0f}"
         )
-    print("RESULT " + json.dumps(rows))
+    print()
+    print(f"generate, tokens/s (best of 3; {args.rows} rows x {args.tokens} tokens, json_object, no eos)")
+    engine = {}
+    for tname, tok in toks.items():
+        engine[tname] = e = engine_overhead(tok, args.rows, args.tokens)
+        print(
+            f"{tname:<10} plain {e['plain']:>8.0f}  constrained {e['constrained']:>8.0f}  "
+            f"ratio {e['constrained'] / e['plain']:.2f}"
+        )
+    print("RESULT " + json.dumps({"masks": rows, "engine": engine}))
 
 
 if __name__ == "__main__":
