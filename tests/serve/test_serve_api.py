@@ -248,8 +248,15 @@ BAD = [
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"prompt": "x", "stop": ""}, 400, "stop"),
     ({"prompt": "x", "seed": -1}, 400, "seed"),
-    ({"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
-    ({"prompt": "x", "logprobs": 2}, 400, "logprobs"),
+    ({"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ({"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ({"prompt": "x", "logprobs": 2, "echo": True}, 400, "echo"),
+    ({"prompt": "x", "logprobs": 0, "num_beams": 2}, 400, "logprobs"),
+    ({"prompt": "x", "guided_choice": []}, 400, "guided_choice"),
+    ({"prompt": "x", "response_format": {"type": "json_schema"}}, 400, "response_format"),
+    ({"prompt": "x", "logit_bias": {"100000": 1}}, 400, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"1": 101}}, 400, "logit_bias.1"),
+    ({"prompt": "x", "logit_bias": {"²": 1}}, 400, "logit_bias"),
     ({"prompt": "x", "max_token": 5}, 400, "max_token"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
     ({"max_tokens": 5}, 400, "prompt"),
@@ -375,6 +382,7 @@ KNOWN = {
     "suffix",
     "top_logprobs",
     "response_format",
+    "guided_choice",
     "tools",
     "tool_choice",
 }
@@ -407,9 +415,15 @@ BAD_VALUES = {
         st.text(min_size=257, max_size=300),
     ),
     "model": st.one_of(st.text(max_size=10).filter(lambda s: s != NAME), with_surrogate, st.integers()),
-    "presence_penalty": st.one_of(bad_float, st.floats(min_value=0.01, max_value=2), st.floats(min_value=2.01)),
+    "presence_penalty": st.one_of(bad_float, st.floats(max_value=-2.01), st.floats(min_value=2.01)),
     "logit_bias": st.one_of(
-        st.dictionaries(st.text(min_size=1, max_size=3), st.floats(-5, 5), min_size=1, max_size=2), st.integers()
+        st.dictionaries(
+            st.text(min_size=1, max_size=3).filter(lambda k: not (k.strip().isascii() and k.strip().isdigit())),
+            st.floats(-5, 5),
+            min_size=1,
+            max_size=2,
+        ),
+        st.integers(),
     ),
     "stream_options": st.one_of(st.integers(), st.text(max_size=3), st.just({"include_usage": "no"})),
 }

@@ -10,7 +10,9 @@ no-repeat-ngram, then, only when sampling, temperature, top-k, top-p.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
 
 import torch
 
@@ -18,6 +20,48 @@ from lmforge.predict.config import GenerationConfig
 
 LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``(input_ids (B, T), scores (B, V)) -> scores (B, V)``."""
+
+S = TypeVar("S")
+
+
+class RowStates(Generic[S]):
+    """Per-row state of a stateful processor (a grammar matcher, where the prompt ends), found by the row's
+    tokens rather than its position, so it works in any batch layout: :func:`generate`'s (rows dropped as
+    they finish, beams reordered) and a scheduler that calls once per row with that row's own (1, T) ids.
+
+    A row (padding dropped) seen for the first time, whose tokens less the last were not seen in an earlier
+    call, is a prompt: ``start(tokens)``; otherwise it continues that row: ``advance(state, last_token)``,
+    which must return a new state (the parent may continue in other rows too). The ``capacity`` most
+    recently used rows are kept."""
+
+    def __init__(
+        self, start: Callable[[tuple[int, ...]], S], advance: Callable[[S, int], S], capacity: int = 1024
+    ) -> None:
+        self.start = start
+        self.advance = advance
+        self.capacity = capacity
+        self.states: OrderedDict[tuple[int, ...], S] = OrderedDict()
+
+    def __call__(self, input_ids: torch.Tensor) -> list[tuple[tuple[int, ...], S]]:
+        """Per row of ``input_ids`` (B, T): its tokens (no padding) and its state."""
+        found: list[tuple[tuple[int, ...], S]] = []
+        new: dict[tuple[int, ...], S] = {}
+        for row in input_ids.tolist():
+            key = tuple(t for t in row if t >= 0)
+            state = new.get(key)
+            if state is None:
+                state = self.states.get(key)
+            if state is None:
+                parent = self.states.get(key[:-1]) if key else None
+                state = self.start(key) if parent is None else self.advance(parent, key[-1])
+            new[key] = state
+            found.append((key, state))
+        for key, state in new.items():  # known only from the next call on: rows of one call never chain
+            self.states[key] = state
+            self.states.move_to_end(key)
+        while len(self.states) > self.capacity:
+            self.states.popitem(last=False)
+        return found
 
 
 class TemperatureProcessor:
@@ -149,3 +193,40 @@ def build_processors(config: GenerationConfig, num_eos: int = 0) -> LogitsProces
         if config.top_p < 1.0:
             procs.append(TopPProcessor(config.top_p, min_tokens_to_keep=keep))
     return LogitsProcessorList(procs)
+
+
+class PresenceFrequencyPenaltyProcessor:
+    """OpenAI's presence and frequency penalties: ``score[j] -= c[j] * frequency + (c[j] > 0) * presence``,
+    ``c[j]`` being how often token j was generated so far in the row (the prompt does not count).
+
+    A row's prompt is what it holds when the processor first sees it (:class:`RowStates`), so one processor
+    serves every row of a request in any batch layout."""
+
+    def __init__(self, presence: float = 0.0, frequency: float = 0.0) -> None:
+        self.presence = float(presence)
+        self.frequency = float(frequency)
+        self.prompt_lengths: RowStates[int] = RowStates(len, lambda start, _token: start)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        V = scores.size(-1)
+        counts = torch.zeros(scores.size(0), V, dtype=scores.dtype, device=scores.device)
+        for b, (tokens, start) in enumerate(self.prompt_lengths(input_ids)):
+            generated = tokens[start:]
+            if generated:
+                ids = torch.tensor(generated, dtype=torch.long, device=scores.device)
+                counts[b].index_add_(0, ids, torch.ones(len(generated), dtype=scores.dtype, device=scores.device))
+        return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
+
+
+class LogitBiasProcessor:
+    """Add ``bias[token_id]`` to that token's score in every row (OpenAI's ``logit_bias``; -100 in effect
+    bans a token, +100 forces it)."""
+
+    def __init__(self, bias: dict[int, float]) -> None:
+        self.ids = torch.tensor(list(bias), dtype=torch.long)
+        self.values = torch.tensor(list(bias.values()), dtype=torch.float32)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        out = scores.clone()
+        out[:, self.ids.to(scores.device)] += self.values.to(scores.device, scores.dtype)
+        return out

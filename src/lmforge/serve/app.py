@@ -2,7 +2,7 @@
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both streamed as server-sent events
 with ``"stream": true``), ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /tokenize``, ``POST
-/detokenize``, ``GET /health``, ``GET /`` (the playground page) and FastAPI's ``/openapi.json`` and ``/docs``.
+/detokenize``, ``GET /health``, ``GET /metrics`` (Prometheus), ``GET /`` (the playground page) and FastAPI's ``/openapi.json`` and ``/docs``.
 Every response carries an ``X-Request-Id`` header and is logged as one JSON line
 (:mod:`lmforge.serve.access_log`).
 
@@ -13,7 +13,10 @@ checked against the model and the limits by :mod:`lmforge.serve.prepare`, run by
 Decoding parameters: ``temperature`` 0 is greedy (``n`` > 1 then repeats the one greedy completion), above
 0 samples with ``top_p`` / ``top_k``; ``num_beams`` > 1 is beam search (beam sampling when ``temperature``
 > 0); ``stop`` and the end-of-text token end a completion (``finish_reason`` ``"stop"``), the token budget
-``max_tokens`` ends it with ``"length"``.
+``max_tokens`` ends it with ``"length"``. ``presence_penalty`` / ``frequency_penalty`` / ``logit_bias``,
+``logprobs``, ``seed`` and structured output (``response_format`` json_object / json_schema, and the
+lmforge extension ``guided_choice``, by constrained decoding: :mod:`lmforge.predict.constrained`) are
+OpenAI's. A field a request leaves out takes the model's ``generation_config.json`` value, if it has one.
 
 Chat prompts are rendered with the model's chat template when its directory has one (``chat_template.jinja``
 or ``chat_template`` in ``tokenizer_config.json``, a Jinja template as in Hugging Face), otherwise with the
@@ -41,11 +44,13 @@ from lmforge import __version__
 from lmforge.config import LmforgeError
 from lmforge.models import native
 from lmforge.models.base import DecodingModel
+from lmforge.predict.generation_config import load_generation_defaults
 from lmforge.predict.loading import load_pretrained, resolve_checkpoint
 from lmforge.serve.access_log import AccessLog
 from lmforge.serve.chat_template import PLAIN_CHAT_STOP, find_chat_template
 from lmforge.serve.handler import Server
 from lmforge.serve.http import BodyLimitMiddleware, ErrorJSONResponse
+from lmforge.serve.metrics import CONTENT_TYPE, ServerMetrics
 from lmforge.serve.options import ServeOptions
 from lmforge.serve.protocols import ServedTokenizer
 from lmforge.serve.schemas import (
@@ -101,10 +106,16 @@ def _responses(model: type) -> dict[int | str, dict[str, Any]]:
     }
 
 
-def create_app(model: DecodingModel, tokenizer: ServedTokenizer, options: ServeOptions | None = None) -> FastAPI:
-    """The FastAPI app serving ``model`` (any model of the state contract) with ``tokenizer``."""
+def create_app(
+    model: DecodingModel,
+    tokenizer: ServedTokenizer,
+    options: ServeOptions | None = None,
+    generation_defaults: dict[str, Any] | None = None,
+) -> FastAPI:
+    """The FastAPI app serving ``model`` (any model of the state contract) with ``tokenizer``;
+    ``generation_defaults``: the model's decoding defaults (``generation_config.json`` keys)."""
     options = options or ServeOptions()
-    return build_app(options, Server(model, tokenizer, options))
+    return build_app(options, Server(model, tokenizer, options, generation_defaults=generation_defaults))
 
 
 class Loading:
@@ -126,6 +137,13 @@ def build_app(options: ServeOptions, server: Server | None = None, load: Callabl
     """The app with its routes; the server is given, or built by ``load`` in a thread at startup (then
     ``/health`` answers 503 until it is ready, and ``app.state.on_load_failure()`` runs if it fails)."""
     state = Loading(server)
+    metrics = ServerMetrics()
+    metrics.watch(
+        lambda: state.server.slots.active if state.server is not None else 0,
+        lambda: state.server.batcher if state.server is not None else None,
+    )
+    if server is not None:
+        server.metrics = metrics
 
     async def load_in_background(app: FastAPI) -> None:
         assert load is not None
@@ -137,6 +155,7 @@ def build_app(options: ServeOptions, server: Server | None = None, load: Callabl
             app.state.on_load_failure()
             return
         loaded.batcher.start()
+        loaded.metrics = metrics
         app.state.server = state.server = loaded
 
     @asynccontextmanager
@@ -160,6 +179,7 @@ def build_app(options: ServeOptions, server: Server | None = None, load: Callabl
     )
     app.state.server = server
     app.state.loading = state
+    app.state.metrics = metrics
     app.state.on_load_failure = lambda: None
     # outermost last: access log -> Host check -> CORS (its preflights carry no key) -> API key -> body limit
     # -> routes
@@ -180,11 +200,13 @@ def build_app(options: ServeOptions, server: Server | None = None, load: Callabl
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError) -> JSONResponse:
         headers = {"Retry-After": "1"} if err.status == 429 else None
+        metrics.rejected.labels(status=str(err.status)).inc()
         return ErrorJSONResponse(err.body(), status_code=err.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
         api = validation_error(list(err.errors()))
+        metrics.rejected.labels(status=str(api.status)).inc()
         return ErrorJSONResponse(api.body(), status_code=api.status)
 
     @app.exception_handler(StarletteHTTPException)
@@ -260,6 +282,12 @@ def build_app(options: ServeOptions, server: Server | None = None, load: Callabl
             "requests_generated": server.batcher.jobs_run,
         }
 
+    @app.get("/metrics", response_class=Response)
+    async def prometheus() -> Response:
+        """Prometheus metrics: requests running / waiting / rejected, time to first token, latency,
+        tokens per second, rows per request, tokens served, and the scheduler's own counters."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def playground() -> HTMLResponse:
         return HTMLResponse(playground_html())
@@ -294,7 +322,8 @@ def load_server(
             raise LmforgeError(f"--chat-template {chat_template_file}: {err.strerror}") from None
     elif not str(model_dir).startswith("hf:"):
         options["chat_template"] = find_chat_template(resolve_checkpoint(model_dir), cfg.tokenizer.path)
-    return Server(model, tokenizer, ServeOptions(**options))
+    defaults = load_generation_defaults(model_dir)
+    return Server(model, tokenizer, ServeOptions(**options), generation_defaults=defaults)
 
 
 def loading_app(

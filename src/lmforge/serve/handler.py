@@ -11,19 +11,23 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from lmforge.config import LmforgeError
 from lmforge.models.base import DecodingModel
+from lmforge.predict.config import TokenLogprob
+from lmforge.predict.constrained import token_bytes
 from lmforge.serve.batcher import Batcher, DoneEvent, ErrorEvent, Job, TokenEvent
 from lmforge.serve.chat_template import ChatTemplate
 from lmforge.serve.http import EventStream, Slots, sse
+from lmforge.serve.metrics import ServerMetrics
 from lmforge.serve.options import ServeOptions
 from lmforge.serve.prepare import Prepared, RequestPreparer
 from lmforge.serve.protocols import ServedTokenizer
-from lmforge.serve.responses import ChunkStream, completion_body
+from lmforge.serve.responses import ChunkStream, LogprobFormat, completion_body
 from lmforge.serve.schemas import ApiError
 
 POLL_S = 0.25
@@ -41,7 +45,13 @@ class ClientGone(Exception):
 class Server:
     """The state behind the routes: model, tokenizer, options, request checks, batcher, slots."""
 
-    def __init__(self, model: DecodingModel, tokenizer: ServedTokenizer, options: ServeOptions) -> None:
+    def __init__(
+        self,
+        model: DecodingModel,
+        tokenizer: ServedTokenizer,
+        options: ServeOptions,
+        generation_defaults: dict[str, Any] | None = None,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.options = options
@@ -54,7 +64,17 @@ class Server:
             eos_token=getattr(tokenizer, "eot_token", ""),
             time_limit=options.template_timeout,
         )
-        self.requests = RequestPreparer(tokenizer, options, self.chat, context=self.context, vocab_size=self.vocab_size)
+        self.requests = RequestPreparer(
+            tokenizer,
+            options,
+            self.chat,
+            context=self.context,
+            vocab_size=self.vocab_size,
+            generation_defaults=generation_defaults,
+        )
+        self.metrics: ServerMetrics | None = None
+        """Set by the app (``/metrics``); None: nothing recorded."""
+        self._logprob_format: LogprobFormat | None = None
         self.slots = Slots(options.max_concurrency)
         self.batcher = Batcher(
             model,
@@ -66,14 +86,35 @@ class Server:
         )
         self.created = int(time.time())
 
+    def logprob_format(self) -> LogprobFormat:
+        if self._logprob_format is None:
+            table = token_bytes(self.tokenizer, self.vocab_size)[0] if hasattr(self.tokenizer, "backend") else None
+            self._logprob_format = LogprobFormat(self.tokenizer, table)
+        return self._logprob_format
+
     async def respond(self, request: Request, prep: Prepared) -> Response:
         release = self.slots.acquire()
         loop = asyncio.get_running_loop()
-        job = Job(prompts=prep.prompts, config=prep.config, loop=loop, stream=prep.stream)
+        started = loop.time()
+        # logprobs come with token events: a job that wants them streams its events even for a JSON reply
+        job = Job(
+            prompts=prep.prompts,
+            config=prep.config,
+            loop=loop,
+            stream=prep.stream or prep.logprobs is not None,
+            processors=list(prep.processors),
+            logprobs=prep.logprobs,
+        )
         deadline = loop.time() + self.options.timeout
+        logprobs: dict[int, list[TokenLogprob]] = {}
+        fmt = self.logprob_format() if prep.logprobs is not None else None
         try:
             self.batcher.submit(job)
             first = await self._next_event(job, deadline, request)
+            if not prep.stream:  # a JSON reply: gather the token events' logprobs until the end
+                while isinstance(first, TokenEvent):
+                    logprobs.setdefault(first.row, []).extend(first.logprobs or [])
+                    first = await self._next_event(job, deadline, request)
             if isinstance(first, ErrorEvent):
                 raise engine_error(first.error)
         except ClientGone:
@@ -84,11 +125,17 @@ class Server:
             job.cancel()
             release()
             raise
+        first_token = loop.time() - started
         if not prep.stream:
             job.cancel()
             release()
             assert isinstance(first, DoneEvent)
-            return JSONResponse(completion_body(prep, first.output, self.options.model_name))
+            per_row = getattr(first, "logprobs", None)  # a scheduler that also gives them with the output
+            if per_row is not None:
+                logprobs = dict(enumerate(per_row))
+            body = completion_body(prep, first.output, self.options.model_name, logprobs, fmt)
+            self._record(prep, loop.time() - started, first_token, body["usage"])
+            return JSONResponse(body)
 
         def on_close() -> None:
             job.cancel()
@@ -96,7 +143,17 @@ class Server:
 
         # past the time limit the stream ends with an error event; a client too stalled to take even that is
         # dropped a little later
-        return EventStream(self._events(prep, job, first, deadline), on_close, deadline=deadline + STALLED_GRACE_S)
+        return EventStream(
+            self._events(prep, job, first, deadline, started, first_token, fmt),
+            on_close,
+            deadline=deadline + STALLED_GRACE_S,
+        )
+
+    def _record(self, prep: Prepared, latency: float, first_token: float | None, usage: dict[str, int]) -> None:
+        if self.metrics is not None:
+            endpoint = "completions" if prep.kind == "text" else "chat"
+            self.metrics.finished(endpoint, latency, first_token, usage)
+            self.metrics.batch.observe(len(prep.prompts) * max(prep.config.num_return_sequences, prep.config.num_beams))
 
     async def _next_event(
         self, job: Job, deadline: float, request: Request | None
@@ -132,19 +189,28 @@ class Server:
                 raise ClientGone
 
     async def _events(
-        self, prep: Prepared, job: Job, first: TokenEvent | DoneEvent | ErrorEvent, deadline: float
+        self,
+        prep: Prepared,
+        job: Job,
+        first: TokenEvent | DoneEvent | ErrorEvent,
+        deadline: float,
+        started: float,
+        first_token: float,
+        fmt: LogprobFormat | None,
     ) -> AsyncIterator[str]:
-        chunks = ChunkStream(prep, self.tokenizer, self.options.model_name)
+        chunks = ChunkStream(prep, self.tokenizer, self.options.model_name, fmt)
         for chunk in chunks.opening():
             yield chunk
         event = first
+        loop = asyncio.get_running_loop()
         while True:
             if isinstance(event, TokenEvent):
-                for chunk in chunks.tokens(event.row, event.ids):
+                for chunk in chunks.tokens(event.row, event.ids, event.logprobs):
                     yield chunk
             elif isinstance(event, DoneEvent):
                 for chunk in chunks.done(event.output):
                     yield chunk
+                self._record(prep, loop.time() - started, first_token, prep.usage(event.output))
                 return
             else:
                 yield sse(engine_error(event.error).body())

@@ -2,9 +2,12 @@
 
 Requests are validated strictly: a JSON string is not a number, ``true`` is not an integer, ``NaN`` is not
 a temperature, unknown fields are refused (a typo such as ``max_token`` would otherwise be ignored silently).
-OpenAI parameters lmforge does not implement (``logprobs``, penalties, ``logit_bias``, tools) are accepted
-only at their neutral value, so a client that always sends them keeps working. ``num_beams`` and ``top_k``
-are lmforge extensions.
+OpenAI parameters lmforge does not implement (``suffix``, tools) are accepted only at their neutral value,
+so a client that always sends them keeps working. ``num_beams``, ``top_k`` and ``guided_choice`` are
+lmforge extensions.
+
+A field the request leaves out (or sends as ``null``) is not in ``model_fields_set``: the server then
+takes the model's ``generation_config.json`` default, else the default written here.
 
 Every error is the OpenAI error object ``{"error": {"message", "type", "param", "code"}}``.
 """
@@ -23,6 +26,10 @@ MAX_N = 16
 """Largest ``n`` (choices per prompt) and ``num_beams``."""
 MAX_STOP = 4
 MAX_STOP_CHARS = 256
+MAX_LOGPROBS = 20
+"""Largest ``logprobs`` (completions) / ``top_logprobs`` (chat)."""
+MAX_CHOICES = 256
+"""Labels in one ``guided_choice``."""
 
 
 class ApiError(LmforgeError):
@@ -73,6 +80,32 @@ class StreamOptions(_Strict):
     """Send a last chunk (before ``[DONE]``) with ``usage`` and no choices."""
 
 
+class JsonSchemaSpec(_Strict):
+    """``response_format.json_schema``: the schema a reply must validate against."""
+
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+
+class ResponseFormat(_Strict):
+    """``{"type": "text"}`` (free text), ``{"type": "json_object"}`` (any JSON object) or ``{"type":
+    "json_schema", "json_schema": {"schema": {...}}}``: constrained decoding makes the reply parse (and
+    validate) unless ``max_tokens`` ends it first (``finish_reason`` ``"length"``)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("response_format: give 'json_schema' exactly when type is 'json_schema'")
+        return self
+
+
 class _Sampling(_Strict):
     """Decoding parameters common to both endpoints. ``null`` means the default, as with OpenAI."""
 
@@ -92,21 +125,32 @@ class _Sampling(_Strict):
     stop: Stop = None
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
     presence_penalty: Penalty | None = 0.0
-    """Accepted only as 0 (not implemented)."""
+    """OpenAI's: subtract this from the score of every token already generated."""
     frequency_penalty: Penalty | None = 0.0
-    """Accepted only as 0 (not implemented)."""
-    logit_bias: dict[str, float] | None = None
-    """Accepted only empty (not implemented)."""
+    """OpenAI's: subtract this times the token's count so far in the completion."""
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = None
+    """Token id (as a string) -> bias added to its score, in [-100, 100]."""
+    response_format: ResponseFormat | None = None
+    guided_choice: (
+        Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_CHOICES)] | None
+    ) = None
+    """lmforge extension (as vLLM's): the reply is exactly one of these strings (classification labels)."""
     user: str | None = None
 
     @model_validator(mode="after")
     def _defaults(self) -> _Sampling:
-        # an explicit null means the default: fill it in so that the server never sees None here
+        # an explicit null means the default: fill it in so that the server never sees None here, and
+        # forget that it was sent, so that the model's own default applies
         fields = type(self).model_fields
         for name in _NULL_IS_DEFAULT:
             if name in fields and getattr(self, name) is None:
                 object.__setattr__(self, name, fields[name].default)
+                self.model_fields_set.discard(name)
         return self
+
+    def given(self, name: str) -> bool:
+        """Whether the request set ``name`` (not left out, not null)."""
+        return name in self.model_fields_set and getattr(self, name) is not None
 
 
 _NULL_IS_DEFAULT = (
@@ -135,8 +179,8 @@ class CompletionRequest(_Sampling):
     max_tokens: MaxTokens | None = 16
     echo: bool | None = False
     """Prepend the prompt to each completion."""
-    logprobs: Annotated[int, Field(ge=0)] | None = None
-    """Accepted only as null (not implemented)."""
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    """Return each token's log-probability and this many most likely alternatives."""
     best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
     """Accepted only as null or equal to ``n``."""
     suffix: str | None = None
@@ -157,10 +201,6 @@ class ChatMessage(_Strict):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class ResponseFormat(_Strict):
-    type: Literal["text"]
-
-
 class ChatCompletionRequest(_Sampling):
     """``POST /v1/chat/completions``."""
 
@@ -170,9 +210,9 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: MaxTokens | None = None
     """The newer name of ``max_tokens``; give one of the two."""
     logprobs: bool | None = None
-    """Accepted only as false/null (not implemented)."""
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    response_format: ResponseFormat | None = None
+    """Return each token's log-probability (``choices[i].logprobs.content``)."""
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    """With ``logprobs``: this many most likely alternatives per token."""
     tools: Annotated[list[dict[str, Any]], Field(max_length=0)] | None = None
     """Accepted only empty (not implemented)."""
     tool_choice: Literal["none"] | None = None
@@ -220,10 +260,20 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """``/v1/completions``' ``logprobs``: per token its text, log-probability, offset in ``text`` and the
+    most likely alternatives (text -> log-probability)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None
 
 
@@ -243,10 +293,24 @@ class ChatMessageOut(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -267,7 +331,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None
 
 
