@@ -520,7 +520,8 @@ class _TaskPipeline:
                 f"val completion loss {value:.4f} ({result.stop_reason})"
             )
         complete = sorted(
-            (t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: t.value
+            (t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE),
+            key=lambda t: math.inf if t.value is None else float(t.value),
         )
         if not complete:
             raise TaskPipelineError("search: no fine-tuning trial finished; give a larger --budget")
