@@ -68,12 +68,19 @@ def licence_of(package: str) -> str:
     except OSError:
         return "unknown (no copyright file)"
     names = Counter(m.group(1).strip() for m in re.finditer(r"^License:[ \t]*(\S[^\n]*)$", text, re.M))
-    if not names:
-        for pat, name in (("GNU General Public License", "GPL"), ("Lesser General", "LGPL"), ("BSD", "BSD")):
-            if pat in text:
-                return name + " (named in prose)"
-        return "unknown"
-    return ", ".join(n for n, _ in names.most_common(3))
+    names.pop("other", None)
+    if names:
+        return ", ".join(n for n, _ in names.most_common(3))
+    prose = [
+        ("Lesser General Public License", "LGPL"),
+        ("GNU General Public License", "GPL"),
+        ("Apache License", "Apache-2.0"),
+        ("Permission is hereby granted, free of charge", "MIT/X11"),
+        ("BSD", "BSD"),
+    ]
+    flat = " ".join(text.split())
+    found = [name for pat, name in prose if pat in flat]
+    return ", ".join(found) + " (named in prose)" if found else "unknown"
 
 
 def _sources(counts: Counter[str]) -> list[dict[str, Any]]:
@@ -369,14 +376,20 @@ def split(records: list[Record], n_train: int, n_test: int, seed: int) -> tuple[
 
 
 def build(
-    task: str, n_train: int | None = None, n_test: int | None = None, seed: int = 0, data_dir: Path = DATA_DIR
+    task: str,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    seed: int = 0,
+    data_dir: Path = DATA_DIR,
+    rebuild: bool = False,
 ) -> tuple[Path, Path, dict[str, Any]]:
-    """``(train.jsonl, test.jsonl, info)`` of ``task``, built once and cached under ``data_dir``."""
+    """``(train.jsonl, test.jsonl, info)`` of ``task``, built once and cached under ``data_dir``
+    (``rebuild``: build again; the same sources and seed give the same records)."""
     d_train, d_test = DEFAULT_SIZES[task]
     n_train, n_test = n_train or d_train, n_test or d_test
     out = data_dir / f"{task}-s{seed}-{n_train}-{n_test}"
     train_p, test_p, info_p = out / "train.jsonl", out / "test.jsonl", out / "info.json"
-    if info_p.is_file():
+    if info_p.is_file() and not rebuild:
         return train_p, test_p, json.loads(info_p.read_text(encoding="utf-8"))
     records, info = BUILDERS[task]()
     train, test = split(records, n_train, n_test, seed)
@@ -394,9 +407,10 @@ def main() -> None:
     ap.add_argument("--n-train", type=int)
     ap.add_argument("--n-test", type=int)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rebuild", action="store_true", help="build again even when cached")
     args = ap.parse_args()
     for task in args.task or TASKS:
-        train_p, test_p, info = build(task, args.n_train, args.n_test, args.seed)
+        train_p, test_p, info = build(task, args.n_train, args.n_test, args.seed, rebuild=args.rebuild)
         top = ", ".join(f"{s['package']} {s['records']} ({s['licence']})" for s in info["sources"][:5])
         print(f"{task}: {info['records']} records -> {info['train']} train / {info['test']} test in {train_p.parent}")
         print(f"  from {info['name']}; top sources: {top}")

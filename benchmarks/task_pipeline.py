@@ -168,7 +168,7 @@ def classification_baselines(train: list[Record], test: list[Record]) -> dict[st
     pipe = make_pipeline(
         TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1), LogisticRegression(max_iter=2000)
     )
-    grid = GridSearchCV(pipe, {"logisticregression__C": [1.0, 3.0, 10.0, 30.0]}, cv=3, n_jobs=1).fit(x, y)
+    grid = GridSearchCV(pipe, {"logisticregression__C": [3.0, 10.0, 30.0, 100.0]}, cv=3, n_jobs=1).fit(x, y)
     c = grid.best_params_["logisticregression__C"]
     preds = list(grid.predict([r["text"] for r in test]))
     return {
