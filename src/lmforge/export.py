@@ -34,6 +34,7 @@ from lmforge.models.base import LanguageModel
 from lmforge.models.hf import HFCausalLM
 from lmforge.models.hf_mapping import HFMappingError, to_hf_state_dict
 from lmforge.models.transformer import TransformerModel
+from lmforge.predict.generation_config import load_generation_defaults, save_generation_defaults
 from lmforge.predict.loading import load_pretrained
 from lmforge.runs import save_checkpoint
 
@@ -86,6 +87,9 @@ def export_model(
     staging = out.with_name(f".tmp-export-{out.name}-{uuid.uuid4().hex[:8]}")
     try:
         result = _write(model, tokenizer, cfg, staging, out, str(model_dir))
+        defaults = load_generation_defaults(model_dir)
+        if defaults:  # the model's decoding defaults (lmforge tune --task's decode step) travel with it
+            save_generation_defaults(staging, defaults)
         if out.exists():
             shutil.rmtree(out)
         os.rename(staging, out)

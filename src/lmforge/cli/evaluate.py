@@ -10,10 +10,13 @@ prediction and scores.
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmforge.cli import UserError, command
 from lmforge.config import TASK_NAMES
+
+if TYPE_CHECKING:  # the handler imports it when it runs: `lmforge --help` does not load torch
+    from lmforge.predict import GenerationConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -39,8 +42,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-field", default="text", help="lm: field of JSONL/dataset documents")
     p.add_argument("--block-size", type=int, default=None, help="lm: context window (default: the model's)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=None, help="generative tasks (default: per task)")
-    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="generative tasks (default: the model's generation_config.json, else per task)",
+    )
+    p.add_argument("--num-beams", type=int, default=None, help="default: the model's generation_config.json, else 1")
+    p.add_argument("--length-penalty", type=float, default=None, help="beam search (default: the model's, else 1.0)")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=None, help="default: the model's, else 0")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="default: the model's, else 1.0")
     p.add_argument("--device", default="auto")
     p.add_argument("--show", type=int, default=3, help="print this many example predictions")
 
@@ -56,7 +67,6 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     import torch
 
     from lmforge.evaluate import evaluate_lm, evaluate_task
-    from lmforge.predict import GenerationConfig
     from lmforge.predict.loading import load_pretrained
 
     if overrides:
@@ -88,11 +98,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
             if extra:
                 raise UserError(f"{args.data}: label(s) {extra} are not among the fine-tuned labels {labels}")
         # a bad value raises GenerationError, an LmforgeError: the CLI prints it as one line (exit status 2)
-        gen = (
-            None
-            if args.max_new_tokens is None and args.num_beams == 1
-            else GenerationConfig(max_new_tokens=args.max_new_tokens or 64, num_beams=args.num_beams)
-        )
+        gen = _generation_config(args, task)
         report = evaluate_task(model, tokenizer, task, records, labels=labels, config=gen, batch_size=args.batch_size)
     report.info["model"] = str(args.model)
     report.info["data"] = str(args.data)
@@ -109,6 +115,27 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         path = report.save(args.json)
         print(f"report written to {path}")
     return 0
+
+
+def _generation_config(args: argparse.Namespace, task: str) -> GenerationConfig | None:
+    """The model's decoding defaults (its ``generation_config.json``, e.g. chosen by ``lmforge tune --task``)
+    under the flags given; None (the task's own defaults) when there are neither."""
+    from lmforge.predict.generation_config import load_generation_defaults, with_defaults
+    from lmforge.predict.tasks import DEFAULT_MAX_NEW_TOKENS
+
+    defaults = load_generation_defaults(args.model)
+    flags = {
+        "max_new_tokens": args.max_new_tokens,
+        "num_beams": args.num_beams,
+        "length_penalty": args.length_penalty,
+        "no_repeat_ngram_size": args.no_repeat_ngram_size,
+        "repetition_penalty": args.repetition_penalty,
+    }
+    if not defaults and all(v is None for v in flags.values()):
+        return None
+    if flags["max_new_tokens"] is None and "max_new_tokens" not in defaults:
+        flags["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS.get(task, 64)
+    return with_defaults(defaults, flags)
 
 
 def _short(text: str, n: int = 160) -> str:

@@ -9,6 +9,10 @@ as for ``lmforge train``, and the run goes through the same training loop and ru
   JSONL/JSON/CSV; loss on the completion only (see :mod:`lmforge.data.tasks`). ``OUT/task.json`` records
   the task, its field mapping and (classification) the label set, for ``lmforge eval``.
 
+Optimizer and schedule start from the pretrained-start defaults of :mod:`lmforge.search.finetune` (AdamW,
+lr 5e-5, no weight decay, linear decay after a 6% warm-up), as a Hugging Face Trainer user expects; the
+config file and flags override them.
+
 When ``train.max_steps`` is null and ``train.max_epochs`` is set, the schedule's length
 (``schedule.total_steps``) is derived from the data: ``ceil(max_epochs * units / (batch_size * grad_accum))``
 with units = blocks (lm) or examples (tasks).
@@ -17,12 +21,11 @@ with units = blocks (lm) or examples (tasks).
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any
 
 from lmforge.cli import UserError, command
-from lmforge.config import TASK_NAMES, RunConfig, TrainConfig, apply_overrides, build_config, load_yaml
+from lmforge.config import TASK_NAMES, build_config
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -52,44 +55,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", default="\n", help="lm: prompt of the sample")
 
 
-def finetune_config(model_cfg: RunConfig, config_file: str | None, overrides: list[str], data: str) -> dict[str, Any]:
-    """The raw (unvalidated) config of a fine-tune: the model's own ``model``/``tokenizer`` sections and
-    ``data.block_size``; the user's ``data``/``optim``/``schedule``/``train``."""
-    base = model_cfg.to_dict()
-    raw: dict[str, Any] = {
-        "model": base["model"],
-        "tokenizer": base["tokenizer"],
-        "data": {"block_size": base["data"]["block_size"], "path": data},
-    }
-    if config_file:
-        for section, values in load_yaml(config_file).items():
-            raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
-    raw = apply_overrides(raw, ["--data.path", data, *overrides])
-    for section in ("model", "tokenizer"):
-        if raw.get(section) != base[section]:
-            changed = sorted(
-                k
-                for k in set(raw.get(section) or {}) | set(base[section])
-                if (raw.get(section) or {}).get(k) != base[section].get(k)
-            )
-            raise UserError(
-                f"finetune keeps the model's own {section} section; cannot change "
-                f"{', '.join(f'{section}.{k}' for k in changed)}"
-            )
-    return raw
-
-
-def _set_schedule_length(raw: dict[str, Any], units: int, what: str) -> None:
-    """With ``train.max_steps: null`` and ``train.max_epochs``: ``schedule.total_steps`` from the data."""
-    tr, sch = raw.setdefault("train", {}), raw.setdefault("schedule", {})
-    if "max_steps" not in tr or tr["max_steps"] is not None or sch.get("total_steps") or not tr.get("max_epochs"):
-        return
-    defaults = TrainConfig.model_validate({})
-    per_step = int(tr.get("batch_size", defaults.batch_size)) * int(tr.get("grad_accum", defaults.grad_accum))
-    sch["total_steps"] = max(1, math.ceil(float(tr["max_epochs"]) * units / per_step))
-    print(f"{units} {what} per epoch: {float(tr['max_epochs']):g} epochs = {sch['total_steps']} steps")
-
-
 @command("finetune")
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     from lmforge.runs import claim_run_dir
@@ -103,6 +68,7 @@ def _finetune(args: argparse.Namespace, overrides: list[str], out: Path) -> int:
     from lmforge.cli.sample import print_sample
     from lmforge.predict.loading import load_pretrained
     from lmforge.runs import write_task_file
+    from lmforge.search.finetune import describe_task_data, finetune_config, set_schedule_length, train_on_task
     from lmforge.train.loop import train
 
     # an absolute path: checkpoints of a Hugging Face model record it (model.path) and must load from anywhere
@@ -117,7 +83,8 @@ def _finetune(args: argparse.Namespace, overrides: list[str], out: Path) -> int:
         if args.fields or args.labels:
             raise UserError("--fields and --labels are for task data, not --task lm")
         data = prepare_data(data_cfg, tokenizer)
-        _set_schedule_length(raw, num_blocks(len(data.train), data_cfg.data.block_size), "blocks")
+        blocks = num_blocks(len(data.train), data_cfg.data.block_size)
+        _schedule_note(set_schedule_length(raw, blocks), raw, blocks, "blocks")
         cfg = build_config(raw)
         write_task_file(out, {"task": "lm"})
         result = train(cfg, out, data=data, model=model, tokenizer=tokenizer)
@@ -125,7 +92,7 @@ def _finetune(args: argparse.Namespace, overrides: list[str], out: Path) -> int:
             print_sample(out / "best", args.prompt, args.sample, cfg.train.seed)
         return 0 if result.step > 0 else 1
 
-    from lmforge.data.tasks import get_task, pad_id_of, parse_fields, prepare_task_data
+    from lmforge.data.tasks import get_task, parse_fields, prepare_task_data
 
     td = prepare_task_data(data_cfg, args.task, tokenizer, args.fields)
     labels = td.labels
@@ -135,30 +102,15 @@ def _finetune(args: argparse.Namespace, overrides: list[str], out: Path) -> int:
         if missing:
             raise UserError(f"--labels {args.labels}: the data also has the label(s) {missing}")
         labels = given
-    s = td.stats
-    print(
-        f"task {args.task}: {s['train_examples']} training / {s['val_examples']} validation examples"
-        + (" (validation = training; set data.val_fraction or data.val_path)" if s["val_is_train"] else "")
-        + (
-            f"; {s['truncated_prompts']} prompts and {s['truncated_completions']} completions truncated "
-            f"to data.block_size {data_cfg.data.block_size}"
-            if s["truncated_prompts"] or s["truncated_completions"]
-            else ""
-        )
-    )
-    _set_schedule_length(raw, len(td.train), "examples")
+    describe_task_data(td, data_cfg.data.block_size, print)
+    _schedule_note(set_schedule_length(raw, len(td.train)), raw, len(td.train), "examples")
     cfg = build_config(raw)
-    tc = cfg.train
-    pad = pad_id_of(tokenizer)
     fields = parse_fields(args.fields, get_task(args.task))
-    write_task_file(out, {"task": args.task, "fields": fields, "labels": labels})
-    result = train(
-        cfg,
-        out,
-        model=model,
-        tokenizer=tokenizer,
-        sampler=td.sampler(tc.batch_size, pad, tc.seed),
-        val_batches=td.val_batches(tc.batch_size, pad, tc.eval_batches),
-    )
+    info = {"task": args.task, "fields": fields, "labels": labels}
+    result = train_on_task(cfg, out, model, tokenizer, td, info)
     return 0 if result.step > 0 else 1
 
+
+def _schedule_note(steps: int | None, raw: dict[str, Any], units: int, what: str) -> None:
+    if steps is not None:
+        print(f"{units} {what} per epoch: {float(raw['train']['max_epochs']):g} epochs = {steps} steps")

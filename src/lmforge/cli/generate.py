@@ -39,15 +39,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--max-new-tokens", type=int, default=None, help="new tokens (default: 100, or what fits the model's context)"
     )
     g.add_argument("--max-length", type=int, default=None, help="prompt plus new tokens")
-    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams")
+    g.add_argument("--num-beams", type=int, default=None, help="beam search with this many beams (default 1)")
     g.add_argument("--num-return-sequences", type=int, default=1)
-    g.add_argument("--length-penalty", type=float, default=1.0)
-    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy/beam argmax")
-    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--length-penalty", type=float, default=None, help="beam search (default 1.0)")
+    g.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy/beam argmax")
+    g.add_argument("--temperature", type=float, default=None, help="default 1.0")
     g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=None, help="default 1.0")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="default 1.0")
+    g.add_argument("--no-repeat-ngram-size", type=int, default=None, help="default 0 (off)")
     g.add_argument("--seed", type=int, default=None, help="seed of the sampling generator")
     g.add_argument(
         "--stop",
@@ -90,7 +90,8 @@ class _Printer:
 
 @command("generate")
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    from lmforge.predict import GenerationConfig, GenerationError, generate
+    from lmforge.predict import GenerationError, generate
+    from lmforge.predict.generation_config import load_generation_defaults, with_defaults
     from lmforge.predict.loading import load_pretrained
     from lmforge.predict.streaming import IncrementalDetokenizer
 
@@ -104,31 +105,38 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     model, tokenizer, _ = load_pretrained(args.model, map_location=device, native=True)
     prompt = sys.stdin.read() if args.prompt == "-" else (args.prompt or "")
     ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
-    max_new = args.max_new_tokens
+    # the model's own decoding defaults (generation_config.json, e.g. chosen by lmforge tune --task) under the
+    # flags the user gave (None: not given)
+    defaults = load_generation_defaults(args.model)
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else defaults.get("max_new_tokens")
     if max_new is None and args.max_length is None:
         # a default that fits the model's context instead of an error about a limit the user never set
         room = (model.max_seq_len - len(ids)) if model.max_seq_len else DEFAULT_NEW_TOKENS
         max_new = max(1, min(DEFAULT_NEW_TOKENS, room))
+    flags = {
+        "max_new_tokens": max_new,
+        "max_length": args.max_length,
+        "do_sample": args.do_sample,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
+        "no_repeat_ngram_size": args.no_repeat_ngram_size,
+        "num_beams": args.num_beams,
+        "length_penalty": args.length_penalty,
+        "num_return_sequences": args.num_return_sequences,
+        "stop_strings": args.stop,
+        "seed": args.seed,
+        "truncate_prompt": args.truncate_prompt,
+    }
+    if args.max_length is not None and args.max_new_tokens is None:
+        flags["max_new_tokens"] = None  # --max-length alone bounds the output
+        defaults = {k: v for k, v in defaults.items() if k != "max_new_tokens"}
     try:
-        gen = GenerationConfig(
-            max_new_tokens=max_new,
-            max_length=args.max_length,
-            do_sample=args.do_sample,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            repetition_penalty=args.repetition_penalty,
-            no_repeat_ngram_size=args.no_repeat_ngram_size,
-            num_beams=args.num_beams,
-            length_penalty=args.length_penalty,
-            num_return_sequences=args.num_return_sequences,
-            stop_strings=args.stop,
-            seed=args.seed,
-            truncate_prompt=args.truncate_prompt,
-        )
+        gen = with_defaults(defaults, flags)
     except GenerationError as err:
         raise UserError(_flag_names(str(err))) from None
-    stream = args.num_beams == 1 and args.num_return_sequences == 1
+    stream = gen.num_beams == 1 and gen.num_return_sequences == 1
     printer = _Printer(IncrementalDetokenizer(tokenizer), "" if args.quiet else prompt) if stream else None
     t0 = time.perf_counter()
     try:

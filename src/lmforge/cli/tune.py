@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 
 from lmforge.cli import UserError, command
+from lmforge.config import TASK_NAMES
+
+TASK_CHOICES = list(TASK_NAMES)
 
 EPILOG = """\
 steps (resumable: rerun the same command to continue a killed run):
@@ -18,8 +21,15 @@ steps (resumable: rerun the same command to continue a killed run):
   3 decode    decoding settings (task data only)
   4 evaluate  held-out test loss, DIR/leaderboard.csv, DIR/summary.json (then DIR/report.html)
 
+with --task T (a task model from records; see lmforge.search.task_pipeline):
+  pretrain (unless --init) -> search (fine-tuning lr/epochs/batch, re-ranked by the task metric) -> final
+  -> decode (decoding settings into DIR/best/generation_config.json) -> evaluate (test records vs baselines)
+
 examples:
   lmforge tune --data demo --out runs/tune --budget 10m
+  lmforge tune --data news.jsonl --task summarization --fields document=article,summary=highlights \
+      --out runs/sum --budget 30m
+  lmforge tune --data reviews.csv --task classification --init gpt2_dir --out runs/cls --budget 10m
   lmforge tune --data corpus.txt --out runs/t2 --budget 5Mtok --space my_space.yaml --sampler random
   lmforge tune --data demo --out runs/pareto --budget 1h --objectives val_loss,params,latency
   lmforge tune --data demo --out runs/grid --budget 30m --space grid.yaml --sampler grid --cv 3
@@ -43,6 +53,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument("--data", help="text file, folder, glob, .jsonl, hf:NAME[:CONFIG] or demo")
     t.add_argument("--out", required=True, help="run directory (an existing one is resumed)")
+    t.add_argument(
+        "--task",
+        default="lm",
+        choices=TASK_CHOICES,
+        help="lm (default): a language model of the corpus; else a task model from records (.jsonl/.json/.csv, "
+        "hf:NAME), as lmforge finetune reads them",
+    )
+    t.add_argument("--fields", help="task: field names as ROLE=FIELD pairs, e.g. document=article,summary=highlights")
+    t.add_argument(
+        "--corpus", action="append", default=[], metavar="TEXT", help="task: more text for pretraining (repeatable)"
+    )
+    t.add_argument("--init", help="task: start from this model (lmforge run, Hugging Face dir or hf:NAME): no pretraining")
     t.add_argument("--budget", help="wall clock (90s, 10m, 2h) or tokens (500ktok, 5Mtok) for all steps (default 10m)")
     t.add_argument("--space", help="search space YAML (default: the shipped space, scaled to the budget)")
     t.add_argument(
@@ -102,6 +124,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     # the budget's clock starts with the process: its start-up (Python, torch, optuna) is spent time too
     started = time.monotonic() - _process_age_s()
+    if args.task != "lm":
+        return _run_task(args, overrides, started)
+    if args.fields or args.corpus or args.init:
+        raise UserError("--fields, --corpus and --init are for --task T (a task model), not --task lm")
     from lmforge.search.pipeline import NoFinishedTrial, TuneOptions, read_state, run_pipeline
 
     if args.sample_deprecated is not None:
@@ -158,6 +184,33 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     except NoFinishedTrial:
         _report(args.out, verbose=not args.quiet)  # the leaderboard's fail reasons, as a page
         raise
+    if args.quiet:
+        print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+def _run_task(args: argparse.Namespace, overrides: list[str], started: float) -> int:
+    """``lmforge tune --task T``: the task pipeline (:mod:`lmforge.search.task_pipeline`)."""
+    from lmforge.search.task_pipeline import TaskTuneOptions, run_task_pipeline
+
+    if overrides:
+        raise UserError(f"--task {args.task}: unexpected arguments {' '.join(overrides)} (the pipeline sets them)")
+    if args.data is None and not (Path(args.out) / "pipeline.json").is_file():
+        raise UserError("no data: pass --data RECORDS (.jsonl/.json/.csv or hf:NAME)")
+    opts = TaskTuneOptions(
+        out=args.out,
+        task=args.task,
+        data=args.data,
+        fields=args.fields,
+        corpus=list(args.corpus),
+        init=args.init,
+        budget=args.budget,
+        seed=args.seed,
+        n_trials=args.n_trials,
+        verbose=not args.quiet,
+        started=started,
+    )
+    summary = run_task_pipeline(opts, finish=lambda run_dir: _report(str(run_dir), verbose=not args.quiet))
     if args.quiet:
         print(json.dumps(summary, indent=1, default=str))
     return 0

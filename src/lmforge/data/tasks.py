@@ -327,11 +327,24 @@ def read_task_records(
     max_records: int | None = None,
 ) -> list[dict[str, Any]]:
     """Read and validate the records of ``path`` as role-keyed dicts (``{"document": .., "summary": ..}``)."""
+    return [rec for _, rec in read_located_records(path, task, fields, hf_split=hf_split, max_records=max_records)]
+
+
+def read_located_records(
+    path: str,
+    task: Task | str,
+    fields: str | dict[str, str] | None = None,
+    *,
+    hf_split: str = "train",
+    max_records: int | None = None,
+) -> list[tuple[str, dict[str, Any]]]:
+    """:func:`read_task_records` with each record's location (``file:line``, ``file[i]``, ``hf:NAME row i``)
+    for messages that name the record at fault."""
     task = get_task(task) if isinstance(task, str) else task
     fmap = parse_fields(fields, task)
     out = []
     for where, rec in _raw_records(path, hf_split):
-        out.append(_normalize(task, where, rec, fmap))
+        out.append((where, _normalize(task, where, rec, fmap)))
         if max_records is not None and len(out) >= max_records:
             break
     if not out:
@@ -520,8 +533,22 @@ def prepare_task_data(
         val_idx = set(perm[:n_val].tolist())
         train_recs = [r for i, r in enumerate(records) if i not in val_idx]
         val_recs = [r for i, r in enumerate(records) if i in val_idx] or train_recs
-    enc_train = [encode_example(task, r, tokenizer, dc.block_size) for r in train_recs]
-    enc_val = [encode_example(task, r, tokenizer, dc.block_size) for r in val_recs]
+    return task_data_from_records(task, train_recs, val_recs, tokenizer, dc.block_size, source=str(dc.path))
+
+
+def task_data_from_records(
+    task: Task | str,
+    train_recs: list[dict[str, Any]],
+    val_recs: list[dict[str, Any]],
+    tokenizer: TokenizerLike,
+    block_size: int,
+    *,
+    source: str = "the data",
+) -> TaskData:
+    """Encode given training and validation records (``val_recs is train_recs``: validation = training)."""
+    task = get_task(task) if isinstance(task, str) else task
+    enc_train = [encode_example(task, r, tokenizer, block_size) for r in train_recs]
+    enc_val = [encode_example(task, r, tokenizer, block_size) for r in val_recs]
     stats = {
         "train_examples": len(enc_train),
         "val_examples": len(enc_val),
@@ -533,10 +560,106 @@ def prepare_task_data(
     }
     for name, enc in (("training", enc_train), ("validation", enc_val)):
         if not any(e.trained[1:].any() for e in enc):
-            raise TaskDataError(f"the {name} examples of {dc.path} have no completion tokens to learn")
+            raise TaskDataError(f"the {name} examples of {source} have no completion tokens to learn")
     labels = (
         task_labels(train_recs + ([] if val_recs is train_recs else val_recs))
         if task.name == "classification"
         else None
     )
     return TaskData(task, enc_train, enc_val, train_recs, val_recs, labels, stats)
+
+
+# ------------------------------------------------------------------------------ checks and splits
+SPLITS = ("train", "val", "test")
+MIN_SPLIT_RECORDS = {"train": 4, "val": 2, "test": 2}
+"""The fewest records each split of :func:`split_records` may get (a smaller data set is refused)."""
+SPLIT_FRACTIONS = {"val": 0.1, "test": 0.1}
+
+
+def split_records(n: int, seed: int, fractions: dict[str, float] | None = None) -> dict[str, list[int]]:
+    """Indices of ``n`` records split into train/val/test, deterministic in ``seed``: a seeded permutation,
+    the first ``round(n * val)`` (at least :data:`MIN_SPLIT_RECORDS`) to validation, the next to test, the
+    rest to training (each list sorted). Raises :class:`TaskDataError` when ``n`` is too small."""
+    f = {**SPLIT_FRACTIONS, **(fractions or {})}
+    n_val = max(MIN_SPLIT_RECORDS["val"], round(n * f["val"]))
+    n_test = max(MIN_SPLIT_RECORDS["test"], round(n * f["test"]))
+    if n - n_val - n_test < MIN_SPLIT_RECORDS["train"]:
+        raise TaskDataError(f"{n} records are too few to split into train/validation/test (need {min_records()})")
+    perm = np.random.default_rng(seed).permutation(n).tolist()
+    return {
+        "train": sorted(perm[n_val + n_test :]),
+        "val": sorted(perm[:n_val]),
+        "test": sorted(perm[n_val : n_val + n_test]),
+    }
+
+
+def min_records() -> int:
+    return sum(MIN_SPLIT_RECORDS.values())
+
+
+def check_task_records(
+    path: str,
+    task: Task | str,
+    located: Sequence[tuple[str, dict[str, Any]]],
+    fields: str | dict[str, str] | None = None,
+    train_indices: Sequence[int] | None = None,
+) -> None:
+    """Refuse records a task cannot learn from, with a one-line message naming the file, record and field:
+    too few records to split into train/val/test, an empty target, and for classification a label set of
+    one or more labels than training records. (:func:`read_located_records` already refused a record
+    without a role's field.)"""
+    task = get_task(task) if isinstance(task, str) else task
+    fmap = parse_fields(fields, task)
+    if len(located) < min_records():
+        raise TaskDataError(
+            f"{path}: {len(located)} records are too few to split into train/validation/test "
+            f"(need at least {min_records()})"
+        )
+    for where, rec in located:
+        if task.name == "chat":
+            if not task.reference(rec).strip():
+                raise TaskDataError(f"{where}: field {fmap['messages']!r} has an empty last assistant message")
+            continue
+        if not str(rec[task.target]).strip():
+            raise TaskDataError(
+                f"{where}: field {fmap[task.target]!r} (role {task.target!r}) is empty: every record needs a target"
+            )
+    if task.name == "classification":
+        fld = fmap["label"]
+        labels = sorted({rec["label"] for _, rec in located})
+        if len(labels) < 2:
+            raise TaskDataError(
+                f"{path}: field {fld!r} (role 'label') has the single label {labels[0]!r} in all "
+                f"{len(located)} records (first {located[0][0]}): classification needs at least two labels"
+            )
+        n_train = len(train_indices) if train_indices is not None else len(located)
+        if len(labels) > n_train:
+            raise TaskDataError(
+                f"{path}: field {fld!r} (role 'label') has {len(labels)} different labels for {n_train} training "
+                f"records (e.g. {located[0][0]}: {located[0][1]['label']!r}): is --fields label= the right field?"
+            )
+
+
+def check_fits_context(
+    task: Task | str,
+    located: Sequence[tuple[str, dict[str, Any]]],
+    tokenizer: TokenizerLike,
+    context: int,
+    fields: str | dict[str, str] | None = None,
+) -> int:
+    """Refuse a record whose target (with ``<eot>`` and one prompt token) does not fit ``context`` tokens,
+    naming the record and field; return the longest target in tokens."""
+    task = get_task(task) if isinstance(task, str) else task
+    fmap = parse_fields(fields, task)
+    fld = fmap[task.target]
+    longest = 0
+    for where, rec in located:
+        n = len(tokenizer.encode(task.completion.format(**{task.target: task.reference(rec)}) if task.name != "chat"
+                                 else " " + task.reference(rec)))
+        longest = max(longest, n)
+        if n + 2 > context:
+            raise TaskDataError(
+                f"{where}: field {fld!r} (role {task.target!r}) is {n} tokens: with <eot> and one prompt token it "
+                f"does not fit the model's context of {context} tokens"
+            )
+    return longest

@@ -21,6 +21,7 @@ from lmforge.report.importance import importances
 from lmforge.report.run import ReportError, load_run
 from lmforge.report.sample import sample_text
 from lmforge.report.table import leaderboard_table
+from lmforge.report.task import build_task_report, is_task_run
 
 REPORT_FILE = "report.html"
 SAMPLE_TOKENS = 200
@@ -34,6 +35,8 @@ def build_report(
     root = Path(run_dir).expanduser().resolve()
     if not root.is_dir():
         raise ReportError(f"run directory {run_dir} does not exist")
+    if is_task_run(root):  # lmforge tune --task: its own page
+        return build_task_report(root)
     run = load_run(root)
     fig_dir = root / FIGURES_DIR
     fig_dir.mkdir(exist_ok=True)

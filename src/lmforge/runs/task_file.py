@@ -8,6 +8,7 @@ from typing import Any
 
 from lmforge.atomic import atomic_write_json
 from lmforge.config import LmforgeError
+from lmforge.data.chat_template import write_chat_template
 
 TASK_FILE = "task.json"
 
@@ -40,7 +41,10 @@ def read_task_file(model_dir: str | Path) -> dict[str, Any]:
 
 
 def write_task_file(out_dir: str | Path, info: dict[str, Any]) -> Path:
+    """Write ``OUT/task.json``; a ``chat`` run also gets its chat template (``OUT/tokenizer_config.json``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / TASK_FILE, info)
+    if info.get("task") == "chat":
+        write_chat_template(out)
     return out / TASK_FILE

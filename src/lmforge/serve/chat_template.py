@@ -1,7 +1,8 @@
 """Chat messages -> one prompt string: the model's Jinja chat template (as in Hugging Face) or the plain one.
 
-A model directory's template is ``chat_template.jinja`` or the ``chat_template`` of ``tokenizer_config.json``;
-without one the plain template (see :data:`PLAIN_CHAT_HELP`) is used, and its turn markers become stop
+A model directory's template is ``chat_template.jinja`` or the ``chat_template`` of ``tokenizer_config.json``
+(for a checkpoint of a fine-tuned run, also of its run directory: a ``--task chat`` fine-tune writes its
+trained format there, see :mod:`lmforge.data.chat_template`); without one the plain template (see :data:`PLAIN_CHAT_HELP`) is used, and its turn markers become stop
 strings so that a reply ends where the model starts the next turn. jinja2 is imported only when a template
 is given: the plain template needs nothing.
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.config import LmforgeError
+from lmforge.runs.task_file import task_file_path
 from lmforge.serve.schemas import ApiError
 
 PLAIN_CHAT_HELP = """\
@@ -171,22 +173,33 @@ class ChatTemplate:
 
 def find_chat_template(*folders: str | Path | None) -> str | None:
     """The chat template in the first folder that has one: ``chat_template.jinja`` or the ``chat_template``
-    of ``tokenizer_config.json`` (a string, or a list of named templates of which ``default`` is used)."""
+    of ``tokenizer_config.json`` (a string, or a list of named templates of which ``default`` is used).
+    A checkpoint of a fine-tuned run (``OUT/best``, ``OUT/checkpoints/step-N``) is followed by its run
+    directory ``OUT`` (the one holding ``task.json``), where ``--task chat`` writes the template it trained
+    (:func:`lmforge.data.chat_template.write_chat_template`)."""
     for folder in folders:
         if folder is None:
             continue
         d = Path(folder)
         d = d if d.is_dir() else d.parent
-        if (d / "chat_template.jinja").is_file():
-            return (d / "chat_template.jinja").read_text(encoding="utf-8")
-        try:
-            cfg = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        tpl = cfg.get("chat_template") if isinstance(cfg, dict) else None
-        if isinstance(tpl, list):
-            named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
-            tpl = named.get("default")
-        if isinstance(tpl, str) and tpl.strip():
-            return tpl
+        task_file = task_file_path(d)
+        places = [d] + ([task_file.parent] if task_file is not None and task_file.parent != d else [])
+        for place in places:
+            tpl = _template_in(place)
+            if tpl is not None:
+                return tpl
     return None
+
+
+def _template_in(d: Path) -> str | None:
+    if (d / "chat_template.jinja").is_file():
+        return (d / "chat_template.jinja").read_text(encoding="utf-8")
+    try:
+        cfg = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    tpl = cfg.get("chat_template") if isinstance(cfg, dict) else None
+    if isinstance(tpl, list):
+        named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
+        tpl = named.get("default")
+    return tpl if isinstance(tpl, str) and tpl.strip() else None

@@ -1,0 +1,111 @@
+"""Decoding-settings search (``lmforge tune --task``'s ``decode`` step): coordinate search over the settings
+of :class:`lmforge.predict.GenerationConfig` on validation records, scored by the task's metric.
+
+Stages, each trying variations of the best settings so far (greedy first, so a tiny budget still ends with a
+measured choice):
+
+1. ``max_new_tokens``: the length budget, from the training targets' length distribution (90th percentile
+   and the longest, in tokens, plus a margin);
+2. ``no_repeat_ngram_size`` in {0, 3} and ``repetition_penalty`` in {1.0, 1.2};
+3. ``num_beams`` in {1, 2, 4} with ``length_penalty`` in {0.6, 1.0, 1.4} (beam search only).
+
+Classification does not generate: it scores the label set (:func:`lmforge.predict.tasks.classify`), so
+there is nothing to search; its settings are the label scoring's (``max_new_tokens`` of the longest label).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from lmforge.data.tasks import Task, TokenizerLike
+from lmforge.evaluate import metrics as M
+from lmforge.evaluate.baselines import PRIMARY_METRIC
+from lmforge.models.base import DecodingModel
+from lmforge.predict.config import GenerationConfig
+from lmforge.predict.tasks import label_ids, predict_records
+
+LENGTH_MARGIN = 4
+"""Tokens added to the measured target lengths (the ``<eot>`` and a little slack)."""
+
+
+def primary(task: Task) -> str:
+    return PRIMARY_METRIC[task.metric]
+
+
+def settings_key(settings: dict[str, Any]) -> str:
+    return json.dumps(settings, sort_keys=True)
+
+
+def length_budgets(task: Task, records: Sequence[dict[str, Any]], tokenizer: TokenizerLike) -> list[int]:
+    """Candidate ``max_new_tokens`` from the targets of ``records``: the 90th percentile and the maximum
+    (each plus :data:`LENGTH_MARGIN`), distinct, ascending."""
+    lengths = np.array([len(tokenizer.encode(" " + task.reference(r))) for r in records], dtype=float)
+    p90 = int(math.ceil(float(np.percentile(lengths, 90)))) + LENGTH_MARGIN
+    top = int(lengths.max()) + LENGTH_MARGIN
+    return sorted({p90, top})
+
+
+def label_settings(labels: Sequence[str], tokenizer: TokenizerLike) -> dict[str, Any]:
+    """Classification: greedy, room for the longest label (used by ``generate``; ``eval`` scores labels)."""
+    return {"max_new_tokens": max(len(ids) for ids in label_ids(labels, tokenizer)), "num_beams": 1}
+
+
+def score_settings(
+    model: DecodingModel,
+    tokenizer: TokenizerLike,
+    task: Task,
+    records: Sequence[dict[str, Any]],
+    settings: dict[str, Any],
+) -> dict[str, float]:
+    """The task metric of ``records`` decoded with ``settings``."""
+    preds, _ = predict_records(model, tokenizer, task, records, config=GenerationConfig(**settings))
+    agg, _ = M.score(task.metric, preds, [task.reference(r).strip() for r in records])
+    return agg
+
+
+def _stages(budgets: list[int]) -> list[Callable[[dict[str, Any]], list[dict[str, Any]]]]:
+    def lengths(best: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{**best, "max_new_tokens": b} for b in budgets]
+
+    def repeats(best: dict[str, Any]) -> list[dict[str, Any]]:
+        return [
+            {**best, "no_repeat_ngram_size": n, "repetition_penalty": r} for n in (0, 3) for r in (1.0, 1.2)
+        ]
+
+    def beams(best: dict[str, Any]) -> list[dict[str, Any]]:
+        out = [{**best, "num_beams": 1, "length_penalty": 1.0}]
+        out += [{**best, "num_beams": b, "length_penalty": lp} for b in (2, 4) for lp in (1.0, 0.6, 1.4)]
+        return out
+
+    return [lengths, repeats, beams]
+
+
+def candidates(budgets: list[int], tried: dict[str, dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The next settings to try, stage by stage around the best of ``tried`` (key -> {settings, score}),
+    skipping settings already tried (a resumed search continues where it stopped)."""
+    start = {
+        "max_new_tokens": budgets[0],
+        "num_beams": 1,
+        "length_penalty": 1.0,
+        "no_repeat_ngram_size": 0,
+        "repetition_penalty": 1.0,
+    }
+    for stage in _stages(budgets):
+        best = best_settings(tried) or start
+        for s in stage(best):
+            if settings_key(s) not in tried:
+                yield s
+
+
+def best_settings(tried: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The settings with the highest score (the earliest tried on a tie: the simpler ones come first)."""
+    if not tried:
+        return None
+    order = list(tried.values())
+    best = max(range(len(order)), key=lambda i: (order[i]["score"], -i))
+    return dict(order[best]["settings"])

@@ -1,0 +1,70 @@
+"""The pieces of ``lmforge tune --task``: the record split, the fine-tune defaults, the decoding search."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmforge.config import RunConfig, build_config
+from lmforge.data.tasks import TaskDataError, get_task, split_records
+from lmforge.data.tokenizer import char_tokenizer
+from lmforge.search import decode_search as D
+from lmforge.search.finetune import PRETRAINED_START, WARMUP_FRACTION, finetune_config, set_schedule_length
+from lmforge.search.task_pipeline import plan_tokenizer
+
+
+def test_split_is_a_seeded_partition() -> None:
+    a, b, c = split_records(50, 0), split_records(50, 0), split_records(50, 1)
+    assert a == b and a != c
+    idx = a["train"] + a["val"] + a["test"]
+    assert sorted(idx) == list(range(50))
+    assert (len(a["val"]), len(a["test"])) == (5, 5)
+    with pytest.raises(TaskDataError, match="too few"):
+        split_records(7, 0)
+
+
+def test_finetune_config_has_pretrained_start_defaults_and_flags_win() -> None:
+    model_cfg = RunConfig()
+    raw = finetune_config(model_cfg, None, [], "x.jsonl")
+    raw["train"] = {"max_steps": None, "max_epochs": 2, "batch_size": 4}
+    assert set_schedule_length(raw, 100) == 50
+    cfg = build_config(raw)
+    assert cfg.optim.lr == PRETRAINED_START["optim"]["lr"] == 5e-5
+    assert cfg.optim.weight_decay == 0.0 and cfg.schedule.name == "linear"
+    assert cfg.schedule.warmup_steps == int(WARMUP_FRACTION * 50)
+    raw = finetune_config(model_cfg, None, ["--optim.lr", "1e-3", "--schedule.name", "cosine"], "x.jsonl")
+    assert build_config(raw).optim.lr == 1e-3 and build_config(raw).schedule.name == "cosine"
+    assert build_config(raw).optim.weight_decay == 0.0
+
+
+def test_plan_tokenizer_bpe_for_real_text_char_for_tiny() -> None:
+    assert plan_tokenizer(["tiny text"])["kind"] == "char"
+    big = plan_tokenizer(["word " * 100_000])
+    assert big["kind"] == "bpe" and 512 <= big["vocab_size"] <= 4096
+
+
+def test_length_budgets_from_target_lengths() -> None:
+    tok = char_tokenizer(["abcdefghij "])
+    task = get_task("summarization")
+    recs = [{"document": "x", "summary": "a" * n} for n in range(1, 11)]  # " " + n chars: 2..11 tokens
+    budgets = D.length_budgets(task, recs, tok)
+    assert budgets[-1] == 11 + D.LENGTH_MARGIN
+    assert budgets[0] <= budgets[-1]
+
+
+def test_decode_candidates_are_a_coordinate_search() -> None:
+    tried: dict = {}
+    gen = D.candidates([5, 9], tried)
+    first = next(gen)
+    assert first["num_beams"] == 1 and first["max_new_tokens"] == 5  # greedy first
+    scores = {5: 1.0, 9: 3.0}
+    tried[D.settings_key(first)] = {"settings": first, "score": scores[5]}
+    second = next(gen)
+    tried[D.settings_key(second)] = {"settings": second, "score": scores[second["max_new_tokens"]]}
+    third = next(gen)  # the next stage varies the best so far (max_new_tokens 9)
+    assert third["max_new_tokens"] == 9 and "no_repeat_ngram_size" in third
+    assert D.best_settings(tried)["max_new_tokens"] == 9
+    # everything generated later is new (a resumed search skips what it tried)
+    rest = list(gen)
+    keys = [D.settings_key(s) for s in rest]
+    assert len(keys) == len(set(keys)) and not set(keys) & set(tried)
+    assert any(s["num_beams"] == 4 for s in rest)
