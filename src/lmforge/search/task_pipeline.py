@@ -482,6 +482,7 @@ class _TaskPipeline:
         study = self._study()
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)  # killed last run
+            shutil.rmtree(_trial_dir(self.run_dir, t.number), ignore_errors=True)
             self.log(f"[search] trial {t.number} was interrupted by the last run: failed")
         lo, hi, first = self._lr_range()
         if not study.trials:
