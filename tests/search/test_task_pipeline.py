@@ -121,6 +121,7 @@ def test_tune_task_summarization_from_scratch_decode_settings(tmp_path: Path) ->
     assert chosen["max_new_tokens"] in state["steps"]["decode"]["length_budgets"]
 
 
+@pytest.mark.slow
 def test_tune_task_resumes_after_kill(tmp_path: Path, gpt2_dir: Path) -> None:
     """SIGKILL while the search step runs; the same command then finishes the run with the same split."""
     data = write_records(tmp_path / "cls.jsonl", classification_records(40))

@@ -93,6 +93,8 @@ VAL_METRIC_RECORDS = 32
 PLANNED_TRIALS = 4
 """The search's time is planned for this many trials (each gets its share as its clock)."""
 MIN_TRIAL_S = 3.0
+MAX_FAILED_TRIALS = 3
+"""Failed trials after which a search out of time stops (three times as many stop it in any case)."""
 MAX_BLOCK = 512
 """The longest context a model pretrained here gets (examples are truncated from the left to it)."""
 MIN_BLOCK = 64
@@ -253,6 +255,8 @@ def run_task_pipeline(opts: TaskTuneOptions, finish: Callable[[Path], None] | No
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / STATE_FILE, state)
     else:
+        if opts.task != state["task"]:
+            raise TaskPipelineError(f"--task {opts.task}: {run_dir} holds a --task {state['task']} run")
         log(f"resuming {run_dir} (steps done: {', '.join(s for s in TASK_STEPS if state['steps'][s]['status'] in ('done', 'skipped')) or 'none'})")
         if opts.budget and parse_budget(opts.budget).to_dict() != state["budget"]:
             new = parse_budget(opts.budget)
@@ -491,10 +495,12 @@ class _TaskPipeline:
         total = self.allowance("search")
         trial_s = max(MIN_TRIAL_S, total / PLANNED_TRIALS)
         n_max = self.opts.n_trials or self.state["options"].get("n_trials")
+        failed = 0
         while True:
             done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
             left = self.allowance("search") * 0.8  # the rest: re-ranking by the task metric
-            if done and (left < MIN_TRIAL_S or (n_max is not None and len(study.trials) >= n_max)):
+            out_of_time = left < MIN_TRIAL_S and (done or failed >= MAX_FAILED_TRIALS)
+            if out_of_time or (n_max is not None and len(study.trials) >= n_max) or failed >= MAX_FAILED_TRIALS * 3:
                 break
             trial = study.ask()
             lr = trial.suggest_float("lr", lo, hi, log=True)
@@ -510,10 +516,13 @@ class _TaskPipeline:
             except Exception as err:  # a diverged or failed trial: recorded, the search goes on
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 self.log(f"[search] trial {trial.number} failed: {type(err).__name__}: {err}")
+                failed += 1
                 continue
             value = result.best_val_loss
             if not math.isfinite(value) or not (out / "best" / "COMPLETE").is_file():
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                self.log(f"[search] trial {trial.number} failed: no finite validation loss ({result.stop_reason})")
+                failed += 1
                 continue
             study.tell(trial, value)
             self.log(
