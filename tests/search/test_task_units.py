@@ -54,17 +54,19 @@ def test_length_budgets_from_target_lengths() -> None:
 def test_decode_candidates_are_a_coordinate_search() -> None:
     tried: dict = {}
     gen = D.candidates([5, 9], tried)
+
+    def score(s: dict) -> float:  # a made-up metric: blocking repeats helps, so does the longer budget
+        return float(s["no_repeat_ngram_size"] == 3) + (s["max_new_tokens"] == 9) * 0.5 - (s["num_beams"] > 1)
+
     first = next(gen)
-    assert first["num_beams"] == 1 and first["max_new_tokens"] == 5  # greedy first
-    scores = {5: 1.0, 9: 3.0}
-    tried[D.settings_key(first)] = {"settings": first, "score": scores[5]}
-    second = next(gen)
-    tried[D.settings_key(second)] = {"settings": second, "score": scores[second["max_new_tokens"]]}
-    third = next(gen)  # the next stage varies the best so far (max_new_tokens 9)
-    assert third["max_new_tokens"] == 9 and "no_repeat_ngram_size" in third
-    assert D.best_settings(tried)["max_new_tokens"] == 9
-    # everything generated later is new (a resumed search skips what it tried)
-    rest = list(gen)
-    keys = [D.settings_key(s) for s in rest]
-    assert len(keys) == len(set(keys)) and not set(keys) & set(tried)
-    assert any(s["num_beams"] == 4 for s in rest)
+    assert first["num_beams"] == 1 and first["max_new_tokens"] == 5 and first["no_repeat_ngram_size"] == 0
+    tried[D.settings_key(first)] = {"settings": first, "score": score(first)}
+    for s in gen:
+        assert D.settings_key(s) not in tried  # nothing twice (a resumed search skips what it tried)
+        tried[D.settings_key(s)] = {"settings": s, "score": score(s)}
+    best = D.best_settings(tried)
+    assert best is not None
+    assert best["no_repeat_ngram_size"] == 3 and best["max_new_tokens"] == 9 and best["num_beams"] == 1
+    assert any(v["settings"]["num_beams"] == 4 for v in tried.values())
+    # each later stage varied the best of the earlier ones: every 9-token candidate blocks repeats
+    assert all(v["settings"]["no_repeat_ngram_size"] == 3 for v in tried.values() if v["settings"]["max_new_tokens"] == 9)
