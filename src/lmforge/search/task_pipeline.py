@@ -292,7 +292,9 @@ class _TaskPipeline:
         self.log = log
         self.task = get_task(state["task"])
         self._t = time.monotonic() if opts.started is None else min(opts.started, time.monotonic())
-        self._step = TASK_STEPS[0]
+        # the start-up (and a resumed run's) is charged to the first step still to run
+        pending = [s for s in TASK_STEPS if state["steps"][s]["status"] not in ("done", "skipped")]
+        self._step = pending[0] if pending else TASK_STEPS[-1]
         self._lock = threading.RLock()
         self._records: list[dict[str, Any]] | None = None
 
