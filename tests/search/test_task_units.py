@@ -9,7 +9,7 @@ from lmforge.data.tasks import TaskDataError, get_task, split_records
 from lmforge.data.tokenizer import char_tokenizer
 from lmforge.search import decode_search as D
 from lmforge.search.finetune import PRETRAINED_START, WARMUP_FRACTION, finetune_config, set_schedule_length
-from lmforge.search.task_pipeline import plan_tokenizer
+from lmforge.search.task_pipeline import plan_tokenizers
 
 
 def test_split_is_a_seeded_partition() -> None:
@@ -36,10 +36,11 @@ def test_finetune_config_has_pretrained_start_defaults_and_flags_win() -> None:
     assert build_config(raw).optim.weight_decay == 0.0
 
 
-def test_plan_tokenizer_bpe_for_real_text_char_for_tiny() -> None:
-    assert plan_tokenizer(["tiny text"])["kind"] == "char"
-    big = plan_tokenizer(["word " * 100_000])
-    assert big["kind"] == "bpe" and 512 <= big["vocab_size"] <= 4096
+def test_plan_tokenizers_bpe_and_char_for_real_text_char_for_tiny() -> None:
+    assert [c["kind"] for c in plan_tokenizers(["tiny text"])] == ["char"]
+    big = plan_tokenizers(["word " * 100_000])
+    assert [c["kind"] for c in big] == ["bpe", "char"]  # BPE first: the search's first trial starts from it
+    assert 512 <= big[0]["vocab_size"] <= 4096
 
 
 def test_length_budgets_from_target_lengths() -> None:
