@@ -96,10 +96,32 @@ def test_tune_task_classification_from_scratch(tmp_path: Path) -> None:
     _check_outputs(run, records, "classification")
     state = json.loads((run / "pipeline.json").read_text())
     assert state["steps"]["pretrain"]["status"] == "done"
-    assert Path(state["steps"]["pretrain"]["start"], "COMPLETE").is_file()
+    (start,) = state["steps"]["pretrain"]["candidates"].values()  # a tiny corpus: char only
+    assert Path(start["start"], "COMPLETE").is_file()
     # the pretraining corpus holds the training records' text only: no test record leaks into it
     corpus = (run / "pretrain_corpus.jsonl").read_text()
     assert corpus.count("\n") == len(state["split"]["train"])
+
+
+@pytest.mark.slow
+def test_tune_task_searches_the_tokenizer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Text above CHAR_BELOW: a BPE and a char model are pretrained; the fine-tuning search picks between them."""
+    import lmforge.search.task_pipeline as tp
+
+    monkeypatch.setattr(tp, "CHAR_BELOW", 100)
+    records = summarization_records(40)
+    data = write_records(tmp_path / "sum.jsonl", records)
+    run = tmp_path / "run"
+    _run(_opts(run, data, "summarization", "60s"))
+    _check_outputs(run, records, "summarization")
+    state = json.loads((run / "pipeline.json").read_text())
+    assert [c["kind"] for c in state["plan"]["candidates"]] == ["bpe", "char"]
+    starts = state["steps"]["pretrain"]["candidates"]
+    assert set(starts) == {"bpe", "char"} and all(Path(v["start"], "COMPLETE").is_file() for v in starts.values())
+    assert state["steps"]["search"]["winner_params"]["start"] in starts
+    assert state["steps"]["final"]["start"] == state["steps"]["search"]["winner_params"]["start"]
+    # DIR/best holds the winner's tokenizer
+    assert json.loads((run / "best" / "lmforge_tokenizer.json").read_text())["kind"] == state["steps"]["final"]["start"]
 
 
 @pytest.mark.slow
@@ -121,6 +143,7 @@ def test_tune_task_summarization_from_scratch_decode_settings(tmp_path: Path) ->
     assert chosen["max_new_tokens"] in state["steps"]["decode"]["length_budgets"]
 
 
+@pytest.mark.slow
 def test_tune_task_resumes_after_kill(tmp_path: Path, gpt2_dir: Path) -> None:
     """SIGKILL while the search step runs; the same command then finishes the run with the same split."""
     data = write_records(tmp_path / "cls.jsonl", classification_records(40))

@@ -9,7 +9,7 @@ from lmforge.data.tasks import TaskDataError, get_task, split_records
 from lmforge.data.tokenizer import char_tokenizer
 from lmforge.search import decode_search as D
 from lmforge.search.finetune import PRETRAINED_START, WARMUP_FRACTION, finetune_config, set_schedule_length
-from lmforge.search.task_pipeline import plan_tokenizer
+from lmforge.search.task_pipeline import plan_tokenizers
 
 
 def test_split_is_a_seeded_partition() -> None:
@@ -36,10 +36,11 @@ def test_finetune_config_has_pretrained_start_defaults_and_flags_win() -> None:
     assert build_config(raw).optim.weight_decay == 0.0
 
 
-def test_plan_tokenizer_bpe_for_real_text_char_for_tiny() -> None:
-    assert plan_tokenizer(["tiny text"])["kind"] == "char"
-    big = plan_tokenizer(["word " * 100_000])
-    assert big["kind"] == "bpe" and 512 <= big["vocab_size"] <= 4096
+def test_plan_tokenizers_bpe_and_char_for_real_text_char_for_tiny() -> None:
+    assert [c["kind"] for c in plan_tokenizers(["tiny text"])] == ["char"]
+    big = plan_tokenizers(["word " * 100_000])
+    assert [c["kind"] for c in big] == ["bpe", "char"]  # BPE first: the search's first trial starts from it
+    assert 512 <= big[0]["vocab_size"] <= 4096
 
 
 def test_length_budgets_from_target_lengths() -> None:
@@ -54,17 +55,19 @@ def test_length_budgets_from_target_lengths() -> None:
 def test_decode_candidates_are_a_coordinate_search() -> None:
     tried: dict = {}
     gen = D.candidates([5, 9], tried)
+
+    def score(s: dict) -> float:  # a made-up metric: blocking repeats helps, so does the longer budget
+        return float(s["no_repeat_ngram_size"] == 3) + (s["max_new_tokens"] == 9) * 0.5 - (s["num_beams"] > 1)
+
     first = next(gen)
-    assert first["num_beams"] == 1 and first["max_new_tokens"] == 5  # greedy first
-    scores = {5: 1.0, 9: 3.0}
-    tried[D.settings_key(first)] = {"settings": first, "score": scores[5]}
-    second = next(gen)
-    tried[D.settings_key(second)] = {"settings": second, "score": scores[second["max_new_tokens"]]}
-    third = next(gen)  # the next stage varies the best so far (max_new_tokens 9)
-    assert third["max_new_tokens"] == 9 and "no_repeat_ngram_size" in third
-    assert D.best_settings(tried)["max_new_tokens"] == 9
-    # everything generated later is new (a resumed search skips what it tried)
-    rest = list(gen)
-    keys = [D.settings_key(s) for s in rest]
-    assert len(keys) == len(set(keys)) and not set(keys) & set(tried)
-    assert any(s["num_beams"] == 4 for s in rest)
+    assert first["num_beams"] == 1 and first["max_new_tokens"] == 5 and first["no_repeat_ngram_size"] == 0
+    tried[D.settings_key(first)] = {"settings": first, "score": score(first)}
+    for s in gen:
+        assert D.settings_key(s) not in tried  # nothing twice (a resumed search skips what it tried)
+        tried[D.settings_key(s)] = {"settings": s, "score": score(s)}
+    best = D.best_settings(tried)
+    assert best is not None
+    assert best["no_repeat_ngram_size"] == 3 and best["max_new_tokens"] == 9 and best["num_beams"] == 1
+    assert any(v["settings"]["num_beams"] == 4 for v in tried.values())
+    # each later stage varied the best of the earlier ones: every 9-token candidate blocks repeats
+    assert all(v["settings"]["no_repeat_ngram_size"] == 3 for v in tried.values() if v["settings"]["max_new_tokens"] == 9)

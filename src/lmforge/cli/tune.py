@@ -124,6 +124,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     # the budget's clock starts with the process: its start-up (Python, torch, optuna) is spent time too
     started = time.monotonic() - _process_age_s()
+    if args.task == "lm" and _stored_task(args.out):  # a task run resumed without its --task
+        args.task = _stored_task(args.out)
     if args.task != "lm":
         return _run_task(args, overrides, started)
     if args.fields or args.corpus or args.init:
@@ -187,6 +189,15 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.quiet:
         print(json.dumps(summary, indent=1, default=str))
     return 0
+
+
+def _stored_task(out: str) -> str | None:
+    """The task of the ``lmforge tune --task`` run in ``out`` (None: no run there, or a plain one)."""
+    try:
+        state = json.loads((Path(out) / "pipeline.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return str(state["task"]) if isinstance(state, dict) and state.get("kind") == "task" else None
 
 
 def _run_task(args: argparse.Namespace, overrides: list[str], started: float) -> int:

@@ -574,15 +574,17 @@ SPLITS = ("train", "val", "test")
 MIN_SPLIT_RECORDS = {"train": 4, "val": 2, "test": 2}
 """The fewest records each split of :func:`split_records` may get (a smaller data set is refused)."""
 SPLIT_FRACTIONS = {"val": 0.1, "test": 0.1}
+SPLIT_CAPS = {"val": 200, "test": 1000}
+"""The most records validation (scored at every evaluation of every trial) and test get from a large set."""
 
 
 def split_records(n: int, seed: int, fractions: dict[str, float] | None = None) -> dict[str, list[int]]:
     """Indices of ``n`` records split into train/val/test, deterministic in ``seed``: a seeded permutation,
-    the first ``round(n * val)`` (at least :data:`MIN_SPLIT_RECORDS`) to validation, the next to test, the
+    the first ``round(n * val)`` (at least :data:`MIN_SPLIT_RECORDS`, at most :data:`SPLIT_CAPS`) to validation, the next to test, the
     rest to training (each list sorted). Raises :class:`TaskDataError` when ``n`` is too small."""
     f = {**SPLIT_FRACTIONS, **(fractions or {})}
-    n_val = max(MIN_SPLIT_RECORDS["val"], round(n * f["val"]))
-    n_test = max(MIN_SPLIT_RECORDS["test"], round(n * f["test"]))
+    n_val = max(MIN_SPLIT_RECORDS["val"], min(SPLIT_CAPS["val"], round(n * f["val"])))
+    n_test = max(MIN_SPLIT_RECORDS["test"], min(SPLIT_CAPS["test"], round(n * f["test"])))
     if n - n_val - n_test < MIN_SPLIT_RECORDS["train"]:
         raise TaskDataError(f"{n} records are too few to split into train/validation/test (need {min_records()})")
     perm = np.random.default_rng(seed).permutation(n).tolist()

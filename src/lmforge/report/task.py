@@ -86,7 +86,7 @@ def build_task_report(run_dir: str | Path) -> Path:
             [
                 {"step": s, "status": (v or {}).get("status"), "spent_s": spent.get(s),
                  "detail": ", ".join(f"{k}={_brief(x)}" for k, x in (v or {}).items()
-                                     if k not in ("status", "tried", "rerank"))}
+                                     if k not in ("status", "tried", "rerank", "candidates"))}
                 for s, v in steps.items()
             ],
             text_cols=("detail",),
@@ -98,8 +98,10 @@ def build_task_report(run_dir: str | Path) -> Path:
         f"{len(split.get('test') or [])} test (split seed {_esc(split.get('seed'))}); "
         f"data {_esc((state.get('plan') or {}).get('data'))}</p>"
     )
-    if (root / "pretrain" / "report.html").is_file():
-        parts.append("<p>pretraining search: <a href='pretrain/report.html'>pretrain/report.html</a></p>")
+    pretrained = ((steps.get("pretrain") or {}).get("candidates")) or {}
+    if pretrained:
+        parts.append("<h2>Pretrained starts (one per tokenizer candidate)</h2>")
+        parts.append(_table([{"tokenizer": n, **{k: _brief(x) for k, x in v.items()}} for n, v in pretrained.items()]))
     rerank = (steps.get("search") or {}).get("rerank") or {}
     if rerank:
         parts.append("<h2>Fine-tuning search: re-ranked by the task metric on validation records</h2>")

@@ -4,9 +4,10 @@ of :class:`lmforge.predict.GenerationConfig` on validation records, scored by th
 Stages, each trying variations of the best settings so far (greedy first, so a tiny budget still ends with a
 measured choice):
 
-1. ``max_new_tokens``: the length budget, from the training targets' length distribution (90th percentile
+1. ``no_repeat_ngram_size`` in {0, 3} and ``repetition_penalty`` in {1.0, 1.2} (a small model's usual
+   failure is a repeated word, so this comes first);
+2. ``max_new_tokens``: the length budget, from the training targets' length distribution (90th percentile
    and the longest, in tokens, plus a margin);
-2. ``no_repeat_ngram_size`` in {0, 3} and ``repetition_penalty`` in {1.0, 1.2};
 3. ``num_beams`` in {1, 2, 4} with ``length_penalty`` in {0.6, 1.0, 1.4} (beam search only).
 
 Classification does not generate: it scores the label set (:func:`lmforge.predict.tasks.classify`), so
@@ -82,7 +83,7 @@ def _stages(budgets: list[int]) -> list[Callable[[dict[str, Any]], list[dict[str
         out += [{**best, "num_beams": b, "length_penalty": lp} for b in (2, 4) for lp in (1.0, 0.6, 1.4)]
         return out
 
-    return [lengths, repeats, beams]
+    return [repeats, lengths, beams]
 
 
 def candidates(budgets: list[int], tried: dict[str, dict[str, Any]]) -> Iterator[dict[str, Any]]:

@@ -5,11 +5,13 @@ records' train/val/test split, deterministic in ``--seed``, is recorded there to
 
 1. ``pretrain`` (no ``--init``): a language model on the task's own text (every field of the training
    records, one document per record) plus any ``--corpus``, searched and trained by the plain ``lmforge tune``
-   pipeline in ``DIR/pretrain`` (its own resumable run) with a byte-level BPE tokenizer (see
-   :func:`plan_tokenizer`). With ``--init``: skipped, the fine-tuning starts from that checkpoint.
-2. ``search``: fine-tuning hyperparameters (lr, epochs, batch size) by an Optuna TPE study
-   (``DIR/finetune.journal``), each trial a fine-tune in ``DIR/ft/NNNN`` scored by its best validation
-   completion loss; the :data:`RERANK_TOP` best are re-ranked by the task metric on validation records.
+   pipeline in ``DIR/pretrain-NAME`` (its own resumable run) for each tokenizer candidate NAME (byte-level BPE
+   and char, see :func:`plan_tokenizers`), the step's share split between them. With ``--init``: skipped,
+   the fine-tuning starts from that checkpoint.
+2. ``search``: fine-tuning hyperparameters (the pretrained start, i.e. the tokenizer; lr, epochs, batch size)
+   by an Optuna TPE study (``DIR/finetune.journal``), each trial a fine-tune in ``DIR/ft/NNNN`` scored by its
+   best validation completion loss in nats per byte (comparable across tokenizers); the :data:`RERANK_TOP`
+   best are re-ranked by the task metric on validation records.
 3. ``final``: the winner's settings fine-tuned again from the start model with the rest of the budget's
    fine-tuning share (``DIR/final``); ``DIR/best`` is the better (validation loss) of that and the winner's
    trial checkpoint.
@@ -75,6 +77,7 @@ from lmforge.search.finetune import (
     train_on_task,
 )
 from lmforge.search.study import SearchError, open_storage, quiet_optuna
+from lmforge.train.callbacks import TrainResult
 
 STATE_FILE = "pipeline.json"
 SUMMARY_FILE = "summary.json"
@@ -93,6 +96,8 @@ VAL_METRIC_RECORDS = 32
 PLANNED_TRIALS = 4
 """The search's time is planned for this many trials (each gets its share as its clock)."""
 MIN_TRIAL_S = 3.0
+MAX_FAILED_TRIALS = 3
+"""Failed trials after which a search out of time stops (three times as many stop it in any case)."""
 MAX_BLOCK = 512
 """The longest context a model pretrained here gets (examples are truncated from the left to it)."""
 MIN_BLOCK = 64
@@ -138,17 +143,22 @@ class TaskTuneOptions:
 
 
 # ------------------------------------------------------------------------------------------ plan
-def plan_tokenizer(texts: list[str]) -> dict[str, Any]:
-    """The tokenizer of a model pretrained here. Byte-level BPE (char-level models score badly on
-    summarization: every token of context buys one character) with a vocabulary sized to the text (one token
-    per :data:`BPE_CHARS_PER_TOKEN` characters, within :data:`BPE_VOCAB`); below :data:`CHAR_BELOW`
-    characters a BPE vocabulary's embeddings alone would outweigh what the text can train, so ``char``
-    (unseen characters of later records map to its unknown token)."""
+def plan_tokenizers(texts: list[str]) -> list[dict[str, Any]]:
+    """The tokenizer candidates of a model pretrained here, each pretrained in turn and chosen between by
+    the fine-tuning search: byte-level BPE (char-level models score badly on summarization: every token of
+    context buys one character) with a vocabulary sized to the text (one token per
+    :data:`BPE_CHARS_PER_TOKEN` characters, within :data:`BPE_VOCAB`), and ``char``. Below
+    :data:`CHAR_BELOW` characters a BPE vocabulary's embeddings alone would outweigh what the text can
+    train, so ``char`` alone (unseen characters of later records map to its unknown token)."""
     chars = sum(len(t) for t in texts)
+    char = {"name": "char", "kind": "char", "vocab_size": 1024}
     if chars < CHAR_BELOW:
-        return {"kind": "char", "vocab_size": 1024, "why": f"{chars} characters < {CHAR_BELOW}: char"}
+        return [{**char, "why": f"{chars} characters < {CHAR_BELOW}: char only"}]
     vocab = int(min(BPE_VOCAB[1], max(BPE_VOCAB[0], chars // BPE_CHARS_PER_TOKEN)))
-    return {"kind": "bpe", "vocab_size": vocab, "why": f"{chars} characters: bpe {vocab}"}
+    return [
+        {"name": "bpe", "kind": "bpe", "vocab_size": vocab, "why": f"{chars} characters: bpe {vocab}"},
+        {**char, "why": "the character-level alternative"},
+    ]
 
 
 def _block_size(lengths: list[int]) -> int:
@@ -195,16 +205,22 @@ def validate_and_plan(opts: TaskTuneOptions, log: Callable[[str], None]) -> dict
         model, tokenizer, cfg = load_pretrained(init)
         context = int(getattr(model, "max_seq_len", None) or cfg.data.block_size + 1)
         check_fits_context(task, located, tokenizer, context, opts.fields)
-        plan.update(init=init, block_size=min(int(cfg.data.block_size), context))
+        plan.update(init=init)
+        plan["candidates"] = [{"name": "init", "block_size": min(int(cfg.data.block_size), context)}]
         plan["lr"] = PRETRAINED_START["optim"]["lr"]
         plan["lr_range"] = [1e-5, 5e-4]
     else:
-        tok_cfg = plan_tokenizer([_record_text(task, r) for r in train_recs] + corpus_docs)
-        tok = build_tokenizer(TokenizerConfig(kind=tok_cfg["kind"], vocab_size=tok_cfg["vocab_size"]), [_record_text(task, r) for r in train_recs] + corpus_docs)
-        check_fits_context(task, located, tok, MAX_BLOCK + 1, opts.fields)
-        lengths = [len(tok.encode(task.format_prompt(r))) + len(tok.encode(" " + task.reference(r))) + 1
-                   for r in train_recs]
-        plan.update(tokenizer=tok_cfg, block_size=_block_size(lengths))
+        texts = [_record_text(task, r) for r in train_recs] + corpus_docs
+        candidates = []
+        for cand in plan_tokenizers(texts):
+            tok = build_tokenizer(TokenizerConfig(kind=cand["kind"], vocab_size=cand["vocab_size"]), texts)
+            check_fits_context(task, located, tok, MAX_BLOCK + 1, opts.fields)
+            lengths = [
+                len(tok.encode(task.format_prompt(r))) + len(tok.encode(" " + task.reference(r))) + 1
+                for r in train_recs
+            ]
+            candidates.append({**cand, "block_size": _block_size(lengths)})
+        plan["candidates"] = candidates
     labels = task_labels([rec for _, rec in located]) if task.name == "classification" else None
     shares = SHARES_INIT if opts.init else SHARES
     log(
@@ -253,6 +269,8 @@ def run_task_pipeline(opts: TaskTuneOptions, finish: Callable[[Path], None] | No
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / STATE_FILE, state)
     else:
+        if opts.task != state["task"]:
+            raise TaskPipelineError(f"--task {opts.task}: {run_dir} holds a --task {state['task']} run")
         log(f"resuming {run_dir} (steps done: {', '.join(s for s in TASK_STEPS if state['steps'][s]['status'] in ('done', 'skipped')) or 'none'})")
         if opts.budget and parse_budget(opts.budget).to_dict() != state["budget"]:
             new = parse_budget(opts.budget)
@@ -288,7 +306,9 @@ class _TaskPipeline:
         self.log = log
         self.task = get_task(state["task"])
         self._t = time.monotonic() if opts.started is None else min(opts.started, time.monotonic())
-        self._step = TASK_STEPS[0]
+        # the start-up (and a resumed run's) is charged to the first step still to run
+        pending = [s for s in TASK_STEPS if state["steps"][s]["status"] not in ("done", "skipped")]
+        self._step = pending[0] if pending else TASK_STEPS[-1]
         self._lock = threading.RLock()
         self._records: list[dict[str, Any]] | None = None
 
@@ -379,75 +399,91 @@ class _TaskPipeline:
         return json.loads((self.run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
 
     # -- step 1: pretrain ------------------------------------------------------------------------------
-    def start_model(self) -> str:
+    def candidates(self) -> dict[str, dict[str, Any]]:
+        return {c["name"]: c for c in self.state["plan"]["candidates"]}
+
+    def start_model(self, name: str | None = None) -> str:
+        """The checkpoint fine-tuning starts from: ``--init``, or the pretrained model of candidate ``name``
+        (default: the search's winner)."""
         plan = self.state["plan"]
         if plan.get("init"):
             return str(plan["init"])
-        return str(self.state["steps"]["pretrain"].get("start") or self.run_dir / "pretrain" / "best")
+        if name is None:
+            name = str(self.state["steps"]["final"].get("start") or self.state["plan"]["candidates"][0]["name"])
+        return str(self.state["steps"]["pretrain"]["candidates"][name]["start"])
 
     def _step_pretrain(self) -> None:
         plan = self.state["plan"]
         if plan.get("init"):
             self.set_step("pretrain", status="skipped", reason=f"--init {plan['init']}")
             return
-        from lmforge.search.pipeline import NoFinishedTrial, TuneOptions, run_pipeline
-
-        pre = self.run_dir / "pretrain"
         corpus = self.run_dir / "pretrain_corpus.jsonl"
         if not corpus.is_file():
             docs = [_record_text(self.task, r) for r in self.records("train")]
             for c in plan["corpus"]:
                 docs += read_documents(c).texts
             atomic_write_text(corpus, "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))
-        step = self.state["steps"]["pretrain"]
-        if "budget_s" not in step:
-            share = self.allowance("pretrain")
-            if share < PRETRAIN_MIN_S:
-                self.log(f"[pretrain] its share ({share:.0f}s) is raised to {PRETRAIN_MIN_S:.0f}s: the budget "
-                         "will be overrun (give a larger --budget, or --init a pretrained model)")
-            self.set_step("pretrain", status="running", budget_s=round(max(share, PRETRAIN_MIN_S), 1))
-        tok = plan["tokenizer"]
+        self.set_step("pretrain", status="running")
+        done: dict[str, dict[str, Any]] = dict(self.state["steps"]["pretrain"].get("candidates") or {})
+        todo = [c for c in plan["candidates"] if "start" not in done.get(c["name"], {})]
+        for i, cand in enumerate(todo):
+            entry = done.setdefault(cand["name"], {})
+            if "budget_s" not in entry:
+                share = self.allowance("pretrain") / (len(todo) - i)
+                if share < PRETRAIN_MIN_S:
+                    self.log(f"[pretrain] {cand['name']}: its share ({share:.0f}s) is raised to {PRETRAIN_MIN_S:.0f}s: "
+                             "the budget will be overrun (give a larger --budget, or --init a pretrained model)")
+                entry["budget_s"] = round(max(share, PRETRAIN_MIN_S), 1)
+                self.set_step("pretrain", candidates=done)
+            entry.update(self._pretrain_one(cand, corpus, entry))
+            self.set_step("pretrain", candidates=done)
+        self.set_step("pretrain", status="done")
+
+    def _pretrain_one(self, cand: dict[str, Any], corpus: Path, entry: dict[str, Any]) -> dict[str, Any]:
+        """Pretrain the candidate ``cand`` (the plain ``lmforge tune`` search in ``DIR/pretrain-NAME``) -> what
+        to record (``start``: its best checkpoint)."""
+        from lmforge.search.pipeline import NoFinishedTrial, TuneOptions, run_pipeline
+
+        pre = self.run_dir / f"pretrain-{cand['name']}"
         inner = TuneOptions(
             out=str(pre),
             data=str(corpus),
-            budget=f"{max(1.0, step['budget_s']):.1f}s",
+            budget=f"{max(1.0, entry['budget_s']):.1f}s",
             seed=self.opts.seed,
             overrides=[
-                "--tokenizer.kind", tok["kind"],
-                "--tokenizer.vocab_size", str(tok["vocab_size"]),
-                "--data.block_size", str(plan["block_size"]),
+                "--tokenizer.kind", cand["kind"],
+                "--tokenizer.vocab_size", str(cand["vocab_size"]),
+                "--data.block_size", str(cand["block_size"]),
             ],
             verbose=self.opts.verbose,
             progress_interval=30.0,
         )
         inner.started = time.monotonic()
-        self.log(f"[pretrain] a language model on the task's text ({tok['kind']} {tok['vocab_size']}, "
-                 f"context {plan['block_size']}), {format_amount(step['budget_s'], 'time')}")
-        if not step.get("fallback"):
+        self.log(f"[pretrain] a language model on the task's text ({cand['kind']} {cand['vocab_size']}, "
+                 f"context {cand['block_size']}), {format_amount(entry['budget_s'], 'time')}")
+        if not entry.get("fallback"):
             try:
                 summary = run_pipeline(inner)
             except NoFinishedTrial:
-                self.set_step("pretrain", fallback=True)
+                entry["fallback"] = True
+                self.save()
             else:
                 best = summary.get("best") or {}
-                self.set_step(
-                    "pretrain",
-                    status="done",
-                    start=str(pre / "best"),
-                    test_loss=best.get("test_loss"),
-                    config=best.get("values"),
-                    params=best.get("params"),
-                )
-                return
+                return {
+                    "start": str(pre / "best"),
+                    "test_loss": best.get("test_loss"),
+                    "config": best.get("values"),
+                    "params": best.get("params"),
+                }
         # the search finished no trial in its time (a tiny budget on a loaded machine): one small transformer,
-        # trained for what is left of the pretraining share
-        seconds = max(MIN_TRIAL_S * 2, self.allowance("pretrain"))
+        # trained for what is left of the candidate's share
+        seconds = max(MIN_TRIAL_S * 2, entry["budget_s"] - (time.monotonic() - inner.started))
         self.log(f"[pretrain] the search finished no trial: a {FALLBACK_MODEL} transformer for {seconds:.0f}s instead")
-        out = self.run_dir / "pretrain_fallback"
+        out = self.run_dir / f"pretrain-{cand['name']}-fallback"
         cfg = build_config(
             {
-                "data": {"path": str(corpus), "block_size": plan["block_size"]},
-                "tokenizer": {"kind": tok["kind"], "vocab_size": tok["vocab_size"]},
+                "data": {"path": str(corpus), "block_size": cand["block_size"]},
+                "tokenizer": {"kind": cand["kind"], "vocab_size": cand["vocab_size"]},
                 "model": {"family": "transformer", **FALLBACK_MODEL},
                 "optim": {"lr": 3e-3},
                 "train": {"max_steps": None, "max_time": seconds, "batch_size": 8, "eval_interval": 25,
@@ -458,18 +494,18 @@ class _TaskPipeline:
         pretrain_lm(cfg, out)
         if not (out / "best" / "COMPLETE").is_file():
             raise TaskPipelineError("pretrain: no model trained; give a larger --budget, or --init a pretrained model")
-        self.set_step("pretrain", status="done", start=str(out / "best"), config={"model": FALLBACK_MODEL})
+        return {"start": str(out / "best"), "config": {"model": FALLBACK_MODEL}}
 
     # -- step 2: search --------------------------------------------------------------------------------
-    def _lr_range(self) -> tuple[float, float, float]:
-        """(low, high, first): the learning rates the search tries, around the start's own."""
+    def _settings(self, params: dict[str, Any]) -> tuple[str, float]:
+        """A trial's parameters -> (start candidate, learning rate). From ``--init`` the lr is searched as
+        is; from a model pretrained here as a factor of that model's own pretraining lr."""
         plan = self.state["plan"]
+        name = str(params.get("start", plan["candidates"][0]["name"]))
         if plan.get("init"):
-            lo, hi = plan["lr_range"]
-            return float(lo), float(hi), float(plan["lr"])
-        cfg = build_config(_read_config(Path(self.start_model())))
-        lr = float(cfg.optim.lr)
-        return lr / 30, lr, lr / 3
+            return name, float(params["lr"])
+        cfg = build_config(_read_config(Path(self.start_model(name))))
+        return name, float(cfg.optim.lr) * float(params["lr_factor"])
 
     def _study(self) -> optuna.Study:
         storage = open_storage(str(self.run_dir / "finetune.journal"))
@@ -482,42 +518,54 @@ class _TaskPipeline:
         study = self._study()
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)  # killed last run
+            shutil.rmtree(_trial_dir(self.run_dir, t.number), ignore_errors=True)
             self.log(f"[search] trial {t.number} was interrupted by the last run: failed")
-        lo, hi, first = self._lr_range()
+        plan = self.state["plan"]
+        names = [c["name"] for c in plan["candidates"]]
+        # (parameter, low, high, first try): an absolute lr from --init, else a factor of the start's own
+        lr_param = ("lr", *plan["lr_range"], plan["lr"]) if plan.get("init") else ("lr_factor", 1 / 30, 1.0, 1 / 3)
         if not study.trials:
-            study.enqueue_trial({"lr": first, "epochs": 3, "batch_size": 8})
-        self.set_step("search", status="running", lr_range=[lo, hi])
+            first = {lr_param[0]: lr_param[3], "epochs": 3, "batch_size": 8}
+            study.enqueue_trial({**first, "start": names[0]} if len(names) > 1 else first)
+        self.set_step("search", status="running", lr_range=[lr_param[1], lr_param[2]], lr_param=lr_param[0])
         total = self.allowance("search")
         trial_s = max(MIN_TRIAL_S, total / PLANNED_TRIALS)
         n_max = self.opts.n_trials or self.state["options"].get("n_trials")
+        failed = 0
         while True:
             done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
             left = self.allowance("search") * 0.8  # the rest: re-ranking by the task metric
-            if done and (left < MIN_TRIAL_S or (n_max is not None and len(study.trials) >= n_max)):
+            out_of_time = left < MIN_TRIAL_S and (done or failed >= MAX_FAILED_TRIALS)
+            if out_of_time or (n_max is not None and len(study.trials) >= n_max) or failed >= MAX_FAILED_TRIALS * 3:
                 break
             trial = study.ask()
-            lr = trial.suggest_float("lr", lo, hi, log=True)
+            if len(names) > 1:
+                trial.suggest_categorical("start", names)
+            trial.suggest_float(lr_param[0], lr_param[1], lr_param[2], log=True)
             epochs = trial.suggest_int("epochs", 1, 6)
             batch = trial.suggest_categorical("batch_size", [4, 8, 16])
+            start, lr = self._settings(trial.params)
             out = _trial_dir(self.run_dir, trial.number)
             shutil.rmtree(out, ignore_errors=True)  # a trial never resumes: it starts over
             clock = max(MIN_TRIAL_S, min(trial_s, left))
             try:
-                result = self._finetune(out, lr=lr, epochs=epochs, batch=batch, max_time=clock)
+                result, value = self._finetune(out, start, lr=lr, epochs=epochs, batch=batch, max_time=clock)
             except TaskDataError:
                 raise
             except Exception as err:  # a diverged or failed trial: recorded, the search goes on
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 self.log(f"[search] trial {trial.number} failed: {type(err).__name__}: {err}")
+                failed += 1
                 continue
-            value = result.best_val_loss
             if not math.isfinite(value) or not (out / "best" / "COMPLETE").is_file():
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                self.log(f"[search] trial {trial.number} failed: no finite validation loss ({result.stop_reason})")
+                failed += 1
                 continue
             study.tell(trial, value)
             self.log(
-                f"[search] trial {trial.number}: lr {lr:.2e}, {epochs} epochs, batch {batch}: "
-                f"val completion loss {value:.4f} ({result.stop_reason})"
+                f"[search] trial {trial.number}: {start}, lr {lr:.2e}, {epochs} epochs, batch {batch}: "
+                f"val completion loss {value:.4f} nats/byte ({result.stop_reason})"
             )
         complete = sorted(
             (t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE),
@@ -555,11 +603,14 @@ class _TaskPipeline:
         budgets = D.length_budgets(self.task, self.records("train"), tok)
         return D.score_settings(model, tok, self.task, recs, {"max_new_tokens": budgets[0]})
 
-    def _finetune(self, out: Path, *, lr: float, epochs: int, batch: int, max_time: float, patience: int | None = None) -> Any:
-        start = self.start_model()
-        model, tokenizer, model_cfg = load_pretrained(start)
+    def _finetune(
+        self, out: Path, start: str, *, lr: float, epochs: int, batch: int, max_time: float, patience: int | None = None
+    ) -> tuple[TrainResult, float]:
+        """Fine-tune the start model of candidate ``start`` -> (the training result, its best validation
+        completion loss in nats per byte of the references: comparable across tokenizers)."""
+        model, tokenizer, model_cfg = load_pretrained(self.start_model(start))
         raw = finetune_config(model_cfg, None, [], self.state["plan"]["data"])
-        block = int(self.state["plan"]["block_size"])
+        block = int(self.candidates()[start]["block_size"])
         ctx = getattr(model, "max_seq_len", None)
         if ctx is not None:
             block = min(block, int(ctx))
@@ -586,7 +637,10 @@ class _TaskPipeline:
         }
         set_schedule_length(raw, n_train)
         cfg = build_config(raw)
-        return train_on_task(cfg, out, model, tokenizer, td, self.task_info(), verbose=False)
+        result = train_on_task(cfg, out, model, tokenizer, td, self.task_info(), verbose=False)
+        tokens = sum(int(e.trained[1:].sum()) for e in td.val)
+        n_bytes = sum(len((" " + self.task.reference(r)).encode("utf-8")) + 1 for r in self.records("val"))
+        return result, result.best_val_loss * tokens / max(1, n_bytes)
 
     # -- step 3: final -----------------------------------------------------------------------------------
     def _step_final(self) -> None:
@@ -597,13 +651,14 @@ class _TaskPipeline:
         trial_best = self.run_dir / s["winner_dir"] / "best"
         trial_loss = float(self.state["steps"]["search"]["rerank"][str(s["winner"])]["val_loss"])
         chosen, final_loss = trial_best, None
+        start, lr = self._settings(p)
+        self.set_step("final", start=start)
         if allowance >= MIN_TRIAL_S:
             self.set_step("final", status="running", max_time=round(allowance, 1))
-            self.log(f"[final] trial {s['winner']}'s settings from the start model, {allowance:.0f}s")
-            result = self._finetune(
-                final, lr=p["lr"], epochs=p["epochs"], batch=p["batch_size"], max_time=allowance * 0.9, patience=4
+            self.log(f"[final] trial {s['winner']}'s settings from the start model ({start}), {allowance:.0f}s")
+            result, final_loss = self._finetune(
+                final, start, lr=lr, epochs=p["epochs"], batch=p["batch_size"], max_time=allowance * 0.9, patience=4
             )
-            final_loss = result.best_val_loss
             if (final / "best" / "COMPLETE").is_file() and math.isfinite(final_loss) and final_loss <= trial_loss:
                 chosen = final / "best"
         install_dir(chosen, self.run_dir / "best")
