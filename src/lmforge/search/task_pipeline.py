@@ -662,9 +662,7 @@ class _TaskPipeline:
             if (final / "best" / "COMPLETE").is_file() and math.isfinite(final_loss) and final_loss <= trial_loss:
                 chosen = final / "best"
         install_dir(chosen, self.run_dir / "best")
-        write_task_file(self.run_dir, self.task_info())
-        # TASK2-MERGE: for --task chat, call lmforge.data.chat_template.write_chat_template(self.run_dir / "best")
-        # here (writes tokenizer_config.json's chat_template matching data/tasks.py's training format).
+        write_task_file(self.run_dir, self.task_info())  # --task chat: also the trained chat template
         self.set_step(
             "final",
             status="done",
