@@ -25,7 +25,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import optuna
-import torch
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
@@ -46,6 +45,7 @@ from lmforge.search.study import (
     sampler_seed,
     trials_run,
 )
+from lmforge.train.threads import set_threads
 
 __all__ = ["load_context", "open_study", "failed_for_good", "over_cap", "run_worker", "search_done", "spawn"]
 
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = p.parse_args(argv)
     if args.threads > 0:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)  # threads per process = cores / processes, set once
     parent = os.getppid()
 
     def orphan_check() -> None:
