@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from lmforge.config import IGNORE_INDEX
+from lmforge.train.device import to_device
 from lmforge.train.distributed import Distributed
 from lmforge.train.errors import TrainingError
 
@@ -36,7 +37,7 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, 
         n = int((y != IGNORE_INDEX).sum())  # the batches are host tensors: no device sync
         if n == 0:  # nothing to score (an empty shard, all targets masked): the mean loss would be NaN
             continue
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = to_device(x, device), to_device(y, device)
         with autocast or contextlib.nullcontext():
             _, loss = model(x, y)
         part = loss.detach().double() * n

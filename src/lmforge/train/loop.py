@@ -54,7 +54,7 @@ from lmforge.train.compile import (
     remaining_steps,
 )
 from lmforge.train.data_source import BatchSampler, DataSource, open_data_source
-from lmforge.train.device import autocast_context, grad_scaler, resolve_device, seed_everything
+from lmforge.train.device import autocast_context, grad_scaler, resolve_device, seed_everything, to_device
 from lmforge.train.distributed import Distributed, ModelCalls, RankSlice
 from lmforge.train.errors import TrainingError, write_errors
 from lmforge.train.evaluation import evaluate_loss
@@ -321,7 +321,7 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         step_loss, n_micro, finite = 0.0, 0, True
         for i, (xb, yb) in enumerate(self.micro_batches()):
-            x, y = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
+            x, y = to_device(xb, self.device), to_device(yb, self.device)
             last = gd or i == tc.grad_accum - 1
             with dist.no_sync(self.calls.wrapped, last):
                 with self.autocast:
