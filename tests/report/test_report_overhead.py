@@ -35,7 +35,7 @@ def test_single_process_rows_add_up_to_the_search_time(tmp_path: Path) -> None:
     assert rows["evaluation"] == 2.0
     assert rows["trial set-up and study writes (duration less phases)"] == pytest.approx(20.0 - 2 * 9.8)
     # between trials: the search step less every trial's duration (the untimed one included)
-    assert rows["between trials (sampler, study, disk cap)"] == pytest.approx(25.0 - 23.0)
+    assert rows["search step outside trials (data, plan, study, sampler)"] == pytest.approx(25.0 - 23.0)
     assert rows["pipeline step: final"] == 4.0
     assert ov.train_share == pytest.approx(0.8)
     assert "80.0% of the wall time of 2 trials" in overhead_text(ov)
@@ -49,7 +49,7 @@ def test_worker_processes_add_their_start_up(tmp_path: Path) -> None:
     assert ov is not None
     rows = dict(ov.rows)
     assert rows["worker process start and imports"] == 5.0 and rows["worker data preparation"] == 3.0
-    assert "between trials (sampler, study, disk cap)" not in rows  # not defined with several processes
+    assert "search step outside trials (data, plan, study, sampler)" not in rows  # not defined with several processes
 
 
 def test_no_phases_no_table_and_the_page_says_so(tmp_path: Path) -> None:

@@ -63,7 +63,7 @@ def overhead(run: ReportRun) -> Overhead | None:
             if step == "search":
                 if not startups:  # one process: the search step is the trials and the time between them
                     all_trials = sum(_num(t.user_attrs.get("duration_s")) for t in run.trials)
-                    rows.append(("between trials (sampler, study, disk cap)", max(0.0, _num(seconds) - all_trials)))
+                    rows.append(("search step outside trials (data, plan, study, sampler)", max(0.0, _num(seconds) - all_trials)))
             else:
                 rows.append((f"pipeline step: {step}", _num(seconds)))
     return Overhead(rows=rows, trial_s=trial_s, train_s=sums["train_s"], trials=len(timed))
