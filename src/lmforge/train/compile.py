@@ -43,6 +43,8 @@ from lmforge.atomic import atomic_write_text
 CACHE_ENV = "LMFORGE_CACHE_DIR"
 """Environment variable naming lmforge's cache folder (default ``~/.cache/lmforge``)."""
 LEDGER_FILE = "compile-ledger.json"
+MAX_RECORDS = 1000
+"""The ledger keeps the newest this many keys (every trial shape adds one)."""
 PROBE_STEPS = 5
 """Eager steps timed (after one warm-up step) before ``auto`` decides."""
 
@@ -128,7 +130,10 @@ class CompileLedger:
         for name, value in values.items():
             if value is not None and math.isfinite(value):
                 setattr(rec, name, float(value))
-        records[key] = rec
+        records.pop(key, None)
+        records[key] = rec  # newest last
+        for old in list(records)[: max(0, len(records) - MAX_RECORDS)]:
+            del records[old]
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.path, json.dumps({k: vars(r) for k, r in records.items()}, indent=1) + "\n")
