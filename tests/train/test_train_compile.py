@@ -176,4 +176,4 @@ def test_fused_adamw_step_equals_foreach_step() -> None:
             opt.step()
     for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.allclose(pa, pb, rtol=1e-5, atol=1e-6), (name, (pa - pb).abs().max())
-    assert math.isfinite(float(loss))
+    assert math.isfinite(float(loss.detach()))
