@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,10 @@ from lmforge.config import TransformerConfig, build_config
 from lmforge.data.tokenizer import char_tokenizer
 from lmforge.models import build_model
 from lmforge.runs import save_checkpoint
+
+# train.compile auto reads and writes measurements under LMFORGE_CACHE_DIR: tests keep theirs (and any
+# compiled artefacts) apart from the user's cache, so a recorded measurement never changes what a test runs
+os.environ.setdefault("LMFORGE_CACHE_DIR", tempfile.mkdtemp(prefix="lmforge-test-cache-"))
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 .,:;!?()\n"
 

@@ -242,7 +242,10 @@ class TrainConfig(_Section):
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """``auto``: bf16 autocast on CUDA, fp32 on CPU."""
-    compile: bool = False
+    compile: bool | Literal["auto"] = "auto"
+    """``torch.compile`` the model: ``true``, ``false``, or ``auto`` (the default): eager, switching to compiled
+    after a few measured steps only when recorded measurements on this machine say the remaining planned steps
+    repay the compile time (see :mod:`lmforge.train.compile`); never slower than eager by that estimate."""
     max_bad_steps: int = Field(3, ge=1)
     """Consecutive NaN/inf losses tolerated (each skipped) before ``on_bad_steps`` acts."""
     on_bad_steps: Literal["rollback", "stop"] = "rollback"

@@ -84,7 +84,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument("--max-params", help="constraint on the chosen model, e.g. 2M")
     t.add_argument("--cv", type=int, default=0, help="k-fold cross-validation over documents (k >= 2)")
-    t.add_argument("--n-jobs", type=int, default=1, help="trials in parallel (worker processes)")
+    t.add_argument("--n-jobs", default="1",
+                   help="trials in parallel (worker processes), or auto: the fastest layout, measured at start-up")
     t.add_argument("--n-trials", type=int, help="stop the search after this many trials")
     t.add_argument("--trial-tokens", help="longest trial in tokens (default: from the budget), e.g. 200k")
     t.add_argument(
@@ -147,6 +148,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
             raise UserError("--backend ray needs Ray: pip install 'lmforge[ray]' (or pip install 'ray[tune]')")
     if not args.data and read_state(args.out) is None and not args.resume:
         raise UserError("no data: pass --data PATH|demo|hf:NAME")
+    n_jobs = _n_jobs(args.n_jobs, args.config, overrides, verbose=not args.quiet)
     opts = TuneOptions(
         out=args.out,
         data=args.data,
@@ -157,7 +159,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         objectives=args.objectives.split(","),
         max_params=args.max_params,
         cv=args.cv,
-        n_jobs=args.n_jobs,
+        n_jobs=n_jobs,
         storage=args.storage,
         study_name=args.study_name,
         disk_cap=args.disk_cap,
@@ -252,3 +254,29 @@ def _report(out: str, *, verbose: bool) -> None:
         return
     if verbose:
         print(f"report: {path}", file=sys.stderr, flush=True)
+
+
+def _n_jobs(value: str, config: str | None, overrides: list[str], *, verbose: bool) -> int:
+    """``--n-jobs N``, or ``auto``: the processes x threads layout with the highest measured throughput for the
+    base config's model (:func:`lmforge.train.threads.fastest_layout`, cached per machine and shape). With
+    one process, its threads are set here, once (several worker processes set theirs)."""
+    from lmforge.train.threads import ProbeSpec, fastest_layout, set_threads, threads_per_process
+
+    if value != "auto":
+        try:
+            n = int(value)
+        except ValueError:
+            raise UserError(f"--n-jobs {value!r}: a whole number or auto") from None
+    else:
+        from lmforge.config import load_config
+
+        cfg = load_config(config, overrides)
+        spec = ProbeSpec(model=cfg.model.model_dump(mode="json"), vocab=cfg.model.vocab_size or 256,
+                         block=cfg.data.block_size, batch=cfg.train.batch_size)
+        n, threads, rates = fastest_layout(spec)
+        if verbose:
+            table = ", ".join(f"{k}: {v:,.0f} tok/s" for k, v in rates.items())
+            print(f"--n-jobs auto: {n} process(es) x {threads} thread(s) ({table})", file=sys.stderr)
+    if n == 1:
+        set_threads(threads_per_process(1))
+    return n

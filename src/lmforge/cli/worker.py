@@ -59,9 +59,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.max_trials is not None and args.max_trials < 1:
         raise UserError(f"--max-trials {args.max_trials}: must be at least 1")
     if args.threads > 0:
-        import torch
+        from lmforge.train.threads import set_threads
 
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     storage = open_storage(args.storage)
     ctx = load_context(load(storage, args.study))
     run_dir = os.path.abspath(args.run_dir) if args.run_dir else ctx.run_dir

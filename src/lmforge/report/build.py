@@ -18,6 +18,7 @@ from lmforge.report.figures import (
 )
 from lmforge.report.html import render_html
 from lmforge.report.importance import importances
+from lmforge.report.overhead import overhead
 from lmforge.report.run import ReportError, load_run
 from lmforge.report.sample import sample_text
 from lmforge.report.table import leaderboard_table
@@ -83,6 +84,11 @@ def build_report(
             text = (None, f"sampling failed: {type(err).__name__}: {err}")
     else:
         text = (None, "sampling skipped")
+    try:
+        ov = overhead(run)
+    except Exception as err:  # the time table is an extra: the rest of the report stands without it
+        ov = None
+        run.notes.append(f"time table failed: {type(err).__name__}: {err}")
     out = root / REPORT_FILE
-    atomic_write_text(out, render_html(run, figures, columns, table, text))
+    atomic_write_text(out, render_html(run, figures, columns, table, text, ov))
     return out

@@ -9,6 +9,7 @@ from collections import Counter
 from typing import Any
 
 from lmforge.report.figures import FIGURES_DIR
+from lmforge.report.overhead import Overhead
 from lmforge.report.run import ReportRun
 
 _CSS = """
@@ -76,6 +77,7 @@ def render_html(
     columns: list[str],
     table: list[dict[str, Any]],
     sample: tuple[str | None, str],
+    overhead: Overhead | None = None,
 ) -> str:
     best = run.best()
     parts = [
@@ -110,6 +112,7 @@ def render_html(
         parts.append("</table></div>")
     else:
         parts.append("<p class='note'>no trials yet</p>")
+    parts += _overhead_section(overhead)
     text, where = sample
     parts.append("<h2>Sample from the best model</h2>")
     parts.append(f"<p class='note'>{_esc(where)}</p>")
@@ -117,3 +120,18 @@ def render_html(
         parts.append(f"<pre>{_esc(text)}</pre>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
+
+
+def _overhead_section(ov: Overhead | None) -> list[str]:
+    """"Where the time went": the trials' wall time by phase, as the trials recorded it."""
+    parts = ["<h2>Where the time went</h2>"]
+    if ov is None:
+        return parts + ["<p class='note'>no trial recorded its phase timings</p>"]
+    total = sum(s for _, s in ov.rows) or 1.0
+    parts.append("<table class='overhead'><tr><th>phase</th><th>seconds</th><th>share</th></tr>")
+    parts += [f"<tr><td style='text-align:left'>{_esc(name)}</td><td>{s:.2f}</td><td>{100 * s / total:.1f}%</td></tr>"
+              for name, s in ov.rows]
+    parts.append("</table>")
+    parts.append(f"<p>optimizer steps: {100 * ov.train_share:.1f}% of the wall time of {ov.trials} trials "
+                 f"({ov.trial_s:.1f} s)</p>")
+    return parts

@@ -270,6 +270,9 @@ def _train_once(
         val_batches=fixed_val_batches(val, cfg, ctx.eval_blocks),
     )
     reporter.tokens = result.tokens
+    # the trial's wall time by phase (summed over folds), for the report's overhead table
+    phases = dict(trial.user_attrs.get("phases") or {})
+    trial.set_user_attr("phases", {k: round(phases.get(k, 0.0) + v, 4) for k, v in result.phases.items()})
     trial.set_user_attr("tokens", int(result.tokens))
     trial.set_user_attr("tokens_trained", reporter.trained)
     if result.stop_reason == "sigterm":

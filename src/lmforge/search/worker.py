@@ -25,7 +25,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import optuna
-import torch
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
@@ -46,6 +45,7 @@ from lmforge.search.study import (
     sampler_seed,
     trials_run,
 )
+from lmforge.train.threads import set_threads
 
 __all__ = ["load_context", "open_study", "failed_for_good", "over_cap", "run_worker", "search_done", "spawn"]
 
@@ -145,11 +145,17 @@ def run_worker(
     elsewhere). ``wait``: when the search is done but other workers' trials still run, stay (failing the
     stale ones and running their retries) until none runs. KeyboardInterrupt (and SIGTERM during
     training) re-enqueues the current trial and propagates."""
+    # a worker process of its own: its start-up (process, imports, study) and data preparation are overhead
+    # of the trials it runs; recorded on its first trial for the report's overhead table
+    startup: dict[str, float] | None = {"process_s": round(process_age_s(), 3)} if data is None else None
     study, ctx = open_study(study_name, storage, worker_id)
     if run_dir is not None:
         ctx.run_dir = run_dir
     if data is None:
+        t_data = time.monotonic()
         data = prepare_search_data(ctx.base_config, ctx.cv, ctx.seed)
+        if startup is not None:
+            startup["data_s"] = round(time.monotonic() - t_data, 3)
     watch = StaleWatch()
 
     def tick() -> None:
@@ -173,6 +179,9 @@ def run_worker(
             trial.set_user_attr("discarded", True)
             study.tell(trial, state=TrialState.FAIL)
             continue
+        if startup is not None:
+            trial.set_user_attr("worker_startup", startup)
+            startup = None
         try:
             run_trial(study, trial, ctx, data, hook=tick, verbose=verbose)
         except UpdateFinishedTrialError:
@@ -184,6 +193,18 @@ def run_worker(
         if hook is not None:
             hook()
     return n
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (Linux ``/proc``: start-up and imports included); 0.0 elsewhere."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        # the fields after the command name (which may hold spaces): the start time is field 22, in clock ticks
+        start_ticks = int(stat[stat.rindex(")") + 2 :].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _die_with_parent() -> None:
@@ -227,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = p.parse_args(argv)
     if args.threads > 0:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)  # threads per process = cores / processes, set once
     parent = os.getppid()
 
     def orphan_check() -> None:

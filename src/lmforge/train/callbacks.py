@@ -59,3 +59,9 @@ class TrainResult:
     stop_reason: str
     num_params: int
     history: list[dict[str, Any]]
+    phases: dict[str, float] = field(default_factory=dict)
+    """Wall seconds by phase: ``build_s`` (model, optimizer, data views), ``train_s`` (optimizer steps),
+    ``compile_s`` (the first compiled step beyond a normal one), ``eval_s``, ``checkpoint_s`` (checkpoints
+    and best/)."""
+    compiled: bool = False
+    """Whether the model trained compiled (``train.compile`` true, or ``auto`` decided so)."""

@@ -44,9 +44,18 @@ from lmforge.runs import (
     write_config,
 )
 from lmforge.train.callbacks import Callback, LoopState, TrainResult
+from lmforge.train.compile import (
+    PROBE_STEPS,
+    CompileLedger,
+    StepTimes,
+    compile_key,
+    decide,
+    enable_disk_cache,
+    remaining_steps,
+)
 from lmforge.train.data_source import BatchSampler, DataSource, open_data_source
-from lmforge.train.device import autocast_context, grad_scaler, resolve_device, seed_everything
-from lmforge.train.distributed import Distributed, RankSlice
+from lmforge.train.device import autocast_context, grad_scaler, resolve_device, seed_everything, to_device
+from lmforge.train.distributed import Distributed, ModelCalls, RankSlice
 from lmforge.train.errors import TrainingError, write_errors
 from lmforge.train.evaluation import evaluate_loss
 from lmforge.train.memory import check_fits_in_memory
@@ -153,8 +162,11 @@ class _Trainer:
         verbose: bool,
         clock: Callable[[], float],
     ) -> None:
+        t_build = time.perf_counter()
         self.out = out
         self.clock = clock
+        self.phases: dict[str, float] = {"build_s": 0.0, "train_s": 0.0, "compile_s": 0.0, "eval_s": 0.0,
+                                         "checkpoint_s": 0.0}
         self.source = source
         self.callbacks = callbacks
         self.dist = dist
@@ -188,7 +200,15 @@ class _Trainer:
         self.autocast = autocast_context(device, tc.dtype)
         self.scaler = grad_scaler(device, tc.dtype)
         self.gd = cfg.optim.name == "gd"
-        self.calls = dist.model_calls(model, tc.compile, self.gd)
+        # train.compile: true compiles now; auto runs eager and decides after PROBE_STEPS measured steps
+        # (single process, minibatch steps only: a switch under data-parallel would re-wrap the model)
+        self.compiled = tc.compile is True
+        self.probing = tc.compile == "auto" and not dist.enabled and not self.gd
+        if self.compiled or self.probing:
+            enable_disk_cache()
+        self.calls = dist.model_calls(model, self.compiled, self.gd)
+        self.step_times = StepTimes()
+        self.compile_note = "compiled (train.compile true)" if self.compiled else "eager"
 
         # -- counters ---------------------------------------------------------------------------------
         self.state = LoopState(config=cfg, out_dir=out, model=model, rank=dist.rank, world_size=dist.world_size)
@@ -209,6 +229,8 @@ class _Trainer:
         self.gd_blocks = source.full_batch_blocks(block) if self.gd else 0
         self.tokens_per_step = (self.gd_blocks * block if self.gd
                                 else self.global_batch * block * tc.grad_accum)
+        self.compile_key = compile_key(model, self.global_batch * tc.grad_accum, block, tc.dtype, device)
+        self.phases["build_s"] = time.perf_counter() - t_build
 
     def log(self, message: str) -> None:
         if self.verbose and self.dist.is_main:
@@ -256,6 +278,7 @@ class _Trainer:
         }
 
     def checkpoint(self, val_loss: float | None) -> Path:
+        t0 = time.perf_counter()
         state, dist = self.state, self.dist
         meta = {"step": state.step, "tokens": state.tokens, "val_loss": val_loss, "elapsed_s": state.elapsed_s}
         path = self.out / "checkpoints" / f"step-{state.step:07d}"
@@ -269,6 +292,7 @@ class _Trainer:
                                 trainer_state=ts, meta=meta)
                 prune_checkpoints(self.out, self.tc.keep_last)
         dist.barrier()  # data-parallel: nobody reads (rolls back to) a half-written checkpoint
+        self.phases["checkpoint_s"] += time.perf_counter() - t0
         return path
 
     def rollback(self) -> None:
@@ -297,22 +321,25 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         step_loss, n_micro, finite = 0.0, 0, True
         for i, (xb, yb) in enumerate(self.micro_batches()):
-            x, y = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
+            x, y = to_device(xb, self.device), to_device(yb, self.device)
             last = gd or i == tc.grad_accum - 1
             with dist.no_sync(self.calls.wrapped, last):
                 with self.autocast:
                     _, loss = self.calls.train(x, y)
-                if not torch.isfinite(loss):
-                    finite = False
-                    if not dist.enabled:
-                        break
-                    # data-parallel: go on, so every rank makes the same collective calls; skipped later
                 # full-batch GD: weight each chunk by its share of all blocks, so the gradient is the full mean
                 scale = x.size(0) / self.gd_blocks if gd else 1.0 / tc.grad_accum
                 (self.scaler.scale(loss * scale) if self.scaler else loss * scale).backward()
+            # the one host sync of a micro-batch, after its backward is queued; a non-finite loss leaves
+            # non-finite gradients, and the step is skipped (the gradients are zeroed) either way
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                finite = False
+                if not dist.enabled:
+                    break
+                # data-parallel: go on, so every rank makes the same collective calls; skipped later
             # full-batch GD reports the loss of the whole pass: chunks weighted by their rows
             weight = x.size(0) if gd else 1
-            step_loss += float(loss.detach()) * weight
+            step_loss += value * weight
             n_micro += weight
         return dist.reduce_step(self.model, gd, step_loss, n_micro, finite)
 
@@ -392,6 +419,7 @@ class _Trainer:
         """Evaluate, record, track the best model, early-stop and ask the callbacks -> the stop reason."""
         tc, state, dist = self.tc, self.state, self.dist
         t_eval = self.clock()
+        t_phase = time.perf_counter()
         # data-parallel: every rank holds as many step losses; their mean over ranks is the global one
         rec = self.eval_record(dist.mean(float(np.mean(self.losses))) if self.losses else math.nan)
         self.losses = []
@@ -417,12 +445,48 @@ class _Trainer:
         if dist.any_true(cb_stop) and reason is None:  # any rank's callback stops every rank
             reason = "callback"
         state.elapsed_s += self.clock() - t_eval
+        t_best = time.perf_counter()
+        self.phases["eval_s"] += t_best - t_phase
         if improved and dist.is_main:
             with write_errors(self.out / BEST_DIR):
                 save_best(self.out, model=self.model, config_yaml=self.config_yaml, tokenizer=self.tokenizer,
                           meta={"step": state.step, "tokens": state.tokens, "val_loss": rec["val_loss"],
                                 "elapsed_s": state.elapsed_s})
+            self.phases["checkpoint_s"] += time.perf_counter() - t_best
         return reason
+
+    # ---------------------------------------------------------------------------------- compile
+    def maybe_compile(self) -> None:
+        """``train.compile: auto``: after PROBE_STEPS timed eager steps, compile when the measured numbers say
+        the remaining planned steps repay it (:func:`~lmforge.train.compile.decide`); decided once."""
+        eager = self.step_times.eager_median()
+        if not self.probing or eager is None or len(self.step_times.eager) < PROBE_STEPS + 1:
+            return
+        self.probing = False
+        tc, state = self.tc, self.state
+        left = remaining_steps(step=state.step, max_steps=tc.max_steps, max_tokens=tc.max_tokens, tokens=state.tokens,
+                               tokens_per_step=self.tokens_per_step, max_time=tc.max_time,
+                               elapsed_s=state.elapsed_s, eager_step_s=eager)
+        verdict = decide(CompileLedger().load(), self.compile_key, self.device.type, eager, left)
+        self.compile_note = ("compiled" if verdict.compile else "eager") + f" (train.compile auto: {verdict.why})"
+        if verdict.compile:
+            # evaluation stays eager: compiling its eval-mode graph too would cost a second compile
+            compiled = self.dist.model_calls(self.model, True, False)
+            self.calls = ModelCalls(wrapped=compiled.wrapped, train=compiled.train, eval=self.model)
+            self.compiled = True
+
+    def record_step_times(self) -> None:
+        """Write this run's measured step times and compile cost to the ledger the ``auto`` decision reads."""
+        st = self.step_times
+        if not self.dist.is_main or (not st.eager[1:] and not st.compiled):
+            return
+        ledger = CompileLedger()
+        before = ledger.get(self.compile_key)
+        warm = before is not None and (before.compile_cold_s is not None or before.compile_warm_s is not None)
+        cost = st.compile_cost()
+        ledger.update(self.compile_key, self.device.type, eager_step_s=st.eager_median(),
+                      compiled_step_s=st.compiled_median(),
+                      compile_warm_s=cost if warm else None, compile_cold_s=None if warm else cost)
 
     # ---------------------------------------------------------------------------------- the loop
     def run(self) -> TrainResult:
@@ -437,8 +501,15 @@ class _Trainer:
         with TerminateRequest() as term:
             while reason is None:
                 t0 = self.clock()
+                t_step = time.perf_counter()
                 if not self.step():
                     continue
+                step_s = time.perf_counter() - t_step
+                if self.compiled and self.step_times.first_compiled is None:
+                    self.phases["compile_s"] += max(0.0, step_s - (self.step_times.eager_median() or 0.0))
+                self.phases["train_s"] += step_s
+                self.step_times.add(step_s, self.compiled)
+                self.maybe_compile()
                 state.step += 1
                 state.tokens += self.tokens_per_step
                 tok_window += self.tokens_per_step
@@ -463,11 +534,16 @@ class _Trainer:
                 if state.step % ckpt_every == 0 or reason is not None:
                     self.checkpoint(self.last_val if is_eval else None)
         bar.close()
+        self.phases["train_s"] -= self.phases["compile_s"]
+        self.record_step_times()
+        if self.compile_note != "eager":
+            self.log(self.compile_note)
 
         result = TrainResult(
             out_dir=self.out, step=state.step, tokens=state.tokens, elapsed_s=state.elapsed_s,
             best_val_loss=state.best_val_loss, best_step=state.best_step, final_val_loss=self.last_val,
             stop_reason=reason or "max_steps", num_params=self.n_params, history=self.history,
+            phases={k: round(v, 4) for k, v in self.phases.items()}, compiled=self.compiled,
         )
         for cb in self.callbacks:
             cb.on_train_end(state, result)
