@@ -32,6 +32,7 @@ import dataclasses
 import itertools
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -353,6 +354,7 @@ class Batcher:
                     sch.fail_all(err)
                 finally:
                     self._flush()
+                time.sleep(0)  # let the event loop take the GIL between two steps
 
     # --------------------------------------------------------------------------------------- loop
     def _drain(self) -> list[Job]:
