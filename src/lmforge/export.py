@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from lmforge.config import HFModelConfig, LmforgeError, RunConfig
+from lmforge.data.chat_template import write_chat_template
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.models.base import LanguageModel
 from lmforge.models.hf import HFCausalLM
@@ -36,7 +37,7 @@ from lmforge.models.hf_mapping import HFMappingError, to_hf_state_dict
 from lmforge.models.transformer import TransformerModel
 from lmforge.predict.generation_config import load_generation_defaults, save_generation_defaults
 from lmforge.predict.loading import load_pretrained
-from lmforge.runs import save_checkpoint
+from lmforge.runs import read_task_file, save_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TOKENIZER_SIDE_FILES = (
@@ -90,6 +91,8 @@ def export_model(
         defaults = load_generation_defaults(model_dir)
         if defaults:  # the model's decoding defaults (lmforge tune --task's decode step) travel with it
             save_generation_defaults(staging, defaults)
+        if read_task_file(model_dir).get("task") == "chat" and (staging / "tokenizer_config.json").is_file():
+            write_chat_template(staging)  # the trained chat format, for apply_chat_template and servers
         if out.exists():
             shutil.rmtree(out)
         os.rename(staging, out)

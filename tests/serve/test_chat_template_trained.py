@@ -94,3 +94,18 @@ def test_served_chat_model_answers_in_its_trained_format(chat_run):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_export_carries_the_trained_chat_template(chat_run, tmp_path):
+    """``lmforge export`` of a chat run writes the trained template into the exported tokenizer_config.json,
+    and transformers' own ``apply_chat_template`` renders the training format from it."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "hf"
+    assert main(["export", str(chat_run), "--out", str(out)]) == 0
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    msgs = CHATS[2][0]
+    rendered = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert rendered == "".join(s for s, _ in chat_segments(msgs, add_generation_prompt=True))

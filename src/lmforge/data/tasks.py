@@ -118,7 +118,8 @@ CHAT_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 def chat_segments(messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = False) -> list[Segment]:
     """lmforge's plain chat template: ``System: ..\\n``, ``User: ..\\n``, ``Assistant: ..<eot>\\n``;
     only the assistant contents and their ``<eot>`` are trained. ``add_generation_prompt`` ends with
-    ``Assistant:`` for the model to continue. (Hugging Face Jinja chat templates are not used.)"""
+    ``Assistant:`` for the model to continue. :mod:`lmforge.data.chat_template` writes the same format as the
+    run's Jinja ``chat_template`` (serve and export use it)."""
     segs: list[Segment] = []
     for m in messages:
         head = CHAT_ROLES[m["role"]]
