@@ -109,7 +109,9 @@ def predict(tokens: Sequence[float], losses: Sequence[float], target: float) -> 
         lin = float(max(0.0, g @ cov @ g))
     except np.linalg.LinAlgError:
         lin = s2
-    return Prediction(target, max(0.0, float(pred_best)), math.sqrt(spread + lin), True, float(a), float(b), float(c_best))
+    return Prediction(
+        target, max(0.0, float(pred_best)), math.sqrt(spread + lin), True, float(a), float(b), float(c_best)
+    )
 
 
 def _fit_linear(phi: np.ndarray, y: np.ndarray) -> tuple[float, float]:
