@@ -34,6 +34,7 @@ from lmforge.search.budget import Fidelity, budget_spent, tokens_used
 from lmforge.search.context import SearchContext, SearchData, fixed_val_batches, trial_config, trial_dir
 from lmforge.search.evaluation import measure_latency
 from lmforge.search.failure import failure_reason
+from lmforge.search.freeze_thaw import maybe_thaw
 from lmforge.search.sizing import count_params
 from lmforge.search.space import SearchSpace
 from lmforge.search.study import fail_and_retry, heartbeat, process_identity
@@ -142,6 +143,7 @@ def run_trial(
                 if stop.reason:
                     trial.set_user_attr("stopped", stop.reason)
                 study.tell(trial, state=TrialState.PRUNED)
+                _thaw(study, ctx)
                 return "pruned"
             trial.set_user_attr("fail_reason", stop.reason)
             study.tell(trial, state=TrialState.FAIL)
@@ -161,7 +163,14 @@ def run_trial(
             return "fail"
     trial.set_user_attr("duration_s", round(time.time() - t0, 2))
     study.tell(trial, values if ctx.multi_objective else values[0])
+    _thaw(study, ctx)
     return "complete"
+
+
+def _thaw(study: optuna.Study, ctx: SearchContext) -> None:
+    """Freeze-thaw (:mod:`lmforge.search.freeze_thaw`): after a trial, a stopped one may be enqueued again."""
+    if ctx.pruner in ("asha", "curve") and not ctx.multi_objective and ctx.cv < 2 and ctx.sampler != "grid":
+        maybe_thaw(study, Path(ctx.run_dir), ctx.fid.max_tokens)
 
 
 class _Interrupted(Exception):
@@ -333,5 +342,3 @@ def _elapsed_at_checkpoint(run_dir: Path) -> float:
         return float(json.loads((ckpts[-1] / META_FILE).read_text(encoding="utf-8")).get("elapsed_s") or 0.0)
     except (OSError, ValueError):
         return 0.0
-
-
