@@ -38,6 +38,7 @@ from lmforge.search.freeze_thaw import maybe_thaw
 from lmforge.search.sizing import count_params
 from lmforge.search.space import SearchSpace
 from lmforge.search.study import fail_and_retry, heartbeat, process_identity
+from lmforge.train.callbacks import LiveCurves
 from lmforge.train.loop import Callback, LoopState, train
 
 OBJECTIVES = ("val_loss", "params", "latency")
@@ -270,11 +271,15 @@ def _train_once(
         if cfg.train.max_time is None or cap < cfg.train.max_time:
             cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_time": cap})})
     reporter = _Reporter(trial, ctx, prune, used_before, hook, offset)
+    live: list[Callback] = []
+    if ctx.report_to:  # --report-to: the trial's curve to TensorBoard / MLflow as it trains
+        name = out.relative_to(ctx.run_dir).as_posix().replace("/", "-")
+        live.append(LiveCurves(ctx.report_to, Path(ctx.run_dir) / "tensorboard", name, dict(trial.params)))
     result = train(
         cfg,
         out,
         data=prepared,
-        callbacks=[reporter],
+        callbacks=[reporter, *live],
         verbose=verbose,
         val_batches=fixed_val_batches(val, cfg, ctx.eval_blocks),
     )
