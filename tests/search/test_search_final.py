@@ -104,4 +104,14 @@ def test_choice_prefers_the_late_winner(tmp_path):
     ctx = SearchContext(run_dir=str(tmp_path), base_config={}, space={}, fidelity={})
     cands = candidates(study, ctx, allowance=270_000, budget_kind="tokens", ref_tps=1.0)
     assert sorted(cands, key=lambda c: c.score)[0].trial.user_attrs["name"] == "slow"
+    # the slow model ran over its time share (FAIL, curve and checkpoint kept): still a candidate; a
+    # trial that failed otherwise is not
+    for reason, kept in (("exceeded its time share of 9s at 90,000 of 120,000 tokens", True), ("diverged", False)):
+        study2 = optuna.create_study()
+        tr = study2.ask()
+        tr.set_user_attr("run_dir", "trials/0001")
+        tr.set_user_attr("fail_reason", reason)
+        study2.tell(tr, state=optuna.trial.TrialState.FAIL)
+        got = candidates(study2, ctx, allowance=270_000, budget_kind="tokens", ref_tps=1.0)
+        assert len(got) == int(kept)
     assert min(cands, key=lambda c: c.trial.values[0]).trial.user_attrs["name"] == "fast"  # raw loss disagrees

@@ -50,6 +50,8 @@ FINAL_STEP_CAP = 3
 (the clock, and its learning-rate decay, end it)."""
 DECAY_SHARE = 0.4
 """The final training of a warmup-stable trial decays its learning rate over this share of its own length."""
+SLOW_FAIL = "exceeded its time share"
+"""How :mod:`lmforge.search.objective` words a trial stopped for running over its time share."""
 RESCORE_TOP = 3
 """Candidates re-scored on the whole validation split before the choice."""
 RESCORE_MAX_TOKENS = 131_072
@@ -107,9 +109,12 @@ def final_tokens(trial: FrozenTrial, tokens: int, *, allowance: float, budget_ki
 def candidates(
     study: optuna.Study, ctx: SearchContext, *, allowance: float, budget_kind: str, ref_tps: float
 ) -> list[Candidate]:
-    """Finished trials and stopped ones with a checkpoint left, each with its predicted final loss."""
+    """Finished trials and stopped ones with a checkpoint left, each with its predicted final loss. A trial
+    that only ran over its time share (slow, not broken: it has a curve and a checkpoint) counts as stopped."""
     out = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
+        if t.state == TrialState.FAIL and not str(t.user_attrs.get("fail_reason", "")).startswith(SLOW_FAIL):
+            continue
         rel = t.user_attrs.get("run_dir")
         if not rel or t.user_attrs.get("discarded"):
             continue

@@ -34,6 +34,7 @@ from lmforge.search.budget import Fidelity, budget_spent, tokens_used
 from lmforge.search.context import SearchContext, SearchData, fixed_val_batches, trial_config, trial_dir
 from lmforge.search.evaluation import measure_latency
 from lmforge.search.failure import failure_reason
+from lmforge.search.final import SLOW_FAIL
 from lmforge.search.freeze_thaw import maybe_thaw
 from lmforge.search.sizing import count_params
 from lmforge.search.space import SearchSpace
@@ -296,7 +297,7 @@ def _train_once(
     if result.stop_reason == "max_time" and result.tokens < fid.max_tokens:
         raise TrialStop(
             "fail",
-            f"exceeded its time share of {cfg.train.max_time:.0f}s at {result.tokens:,} of {fid.max_tokens:,} tokens",
+            f"{SLOW_FAIL} of {cfg.train.max_time:.0f}s at {result.tokens:,} of {fid.max_tokens:,} tokens",
         )
     if not math.isfinite(result.best_val_loss):
         raise TrialStop("fail", "no finite validation loss")
