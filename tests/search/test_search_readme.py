@@ -32,7 +32,7 @@ def test_readme_grid_cv_line_runs_as_printed(tmp_path, monkeypatch):
     out = tmp_path / "run"
     # the README's command: lmforge tune --data PATH --out DIR --budget ..., plus the grid / CV flags;
     # tiny models (fixed on the command line: they leave the space) and trials of 8 steps keep it short
-    argv = ["tune", "--data", str(docs), "--out", str(out), "--budget", "20ktok", *flags, "--trial-tokens", "512"]
+    argv = ["tune", "--data", str(docs), "--out", str(out), "--budget", "200ktok", *flags, "--trial-tokens", "512"]
     assert main([*argv, *BASE]) == 0
     state = json.loads((out / "pipeline.json").read_text())
     assert all(state["steps"][s]["status"] in ("done", "skipped") for s in state["steps"])
