@@ -1,22 +1,29 @@
-"""Search strategies at equal wall-clock budget on Tiny Shakespeare (character level, 90/10 split).
+"""Search strategies at equal wall-clock budget, each followed by the same final training and scored by the
+same evaluator on the same held-out test split (issue #13).
 
-In one run, on one machine, with the same search space (``benchmarks/search_space.yaml``) and the same
-budget per run, for several seeds each:
+For every corpus, budget and seed, in one process, one after the other:
 
-- ``lmforge``: ``lmforge tune`` with its defaults (TPE + ASHA on trained tokens, promoted trials continue
-  from their own checkpoints, then the best continues to convergence);
-- ``grid``: Optuna's GridSampler over the space's grid values, every trial trained from scratch;
-- ``random``: Optuna's RandomSampler, every trial trained from scratch;
-- ``tpe_median``: Optuna's TPESampler with its MedianPruner, every trial trained from scratch.
+- ``lmforge``: ``lmforge tune`` (curve-predicting ASHA, warmup-stable trials that continue when promoted, the
+  final choice by predicted final loss re-scored on the whole validation split);
+- ``random``: Optuna's RandomSampler, every trial trained to the trial length from scratch;
+- ``tpe_hyperband``: Optuna's TPESampler with its HyperbandPruner on trained tokens;
+- ``topk_1epoch``: the one-pass top-K baseline (arXiv 2307.15422): random configurations trained briefly
+  for half the search time, then the best K=3 continue for the other half, the best of those is chosen;
+- ``default``: one default configuration (no search) trained alone for the whole budget.
 
-Every run's best model is scored on the same whole validation split. Reported: best validation loss at the
-budget (mean and spread over seeds) and the time each strategy needed to reach the loss that ``tpe_median``
-reaches at the end. Then the recipe check: with a budget equal to the wall time of nanoGPT's CPU recipe
-(``benchmarks/recipe_nanogpt.py``) measured in this run, ``lmforge tune`` should reach val loss <= 1.70.
+Same rules for all: the same search space (``benchmarks/search_space.yaml``), the same trial setup
+(:func:`lmforge.search.context.trial_config`: warmup-stable trials, validation on the search's fixed
+blocks), the search's share of the budget (the ledger's split, :class:`lmforge.search.budget.Ledger`), and
+then THE SAME final step: :func:`lmforge.search.final.plan_final` + :func:`~lmforge.search.final.train_final`
+continue the strategy's chosen trial for the final share and decay once. ``lmforge`` runs its own pipeline,
+whose final step is those same functions (its start-up, data preparation and throughput measurement count
+against its budget; the baselines' do not). Every strategy's final model is scored by
+:func:`lmforge.search.evaluation.evaluate_best` on the test half of the validation documents, which no
+strategy reads (the search and the final training read the other half).
 
-    python benchmarks/search_vs_baselines.py [--budget 120] [--seeds 3] [--skip-recipe]
+    python benchmarks/search_vs_baselines.py --corpora ts,demo --budget 90 --seeds 3
 
-Prints tables, then one machine-readable line starting with ``RESULT``.
+Prints one table per corpus and budget (mean, spread, per-seed test losses) and a ``RESULT`` JSON line.
 """
 
 from __future__ import annotations
@@ -34,198 +41,281 @@ from typing import Any
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-BASE = [
-    "--tokenizer.kind", "char", "--data.block_size", "64", "--data.val_fraction", "0.1",
-    "--train.batch_size", "12", "--train.eval_batches", "10",
-    "--optim.name", "adamw", "--optim.beta2", "0.99", "--schedule.name", "cosine",
-]
+SPACE = HERE / "search_space.yaml"
+CORPORA = {"ts": str(HERE.parent.parent / "shared" / "data" / "tinyshakespeare.txt"), "demo": "demo"}
+BASE = ["--tokenizer.kind", "char", "--data.block_size", "64", "--data.val_fraction", "0.1", "--train.batch_size", "12"]
+STRATEGIES = ("lmforge", "random", "tpe_hyperband", "topk_1epoch", "default")
+TOPK = 3
 
 
-def full_val_loss(model_dir: Path, data_path: str) -> float:
-    """Loss of a checkpoint over the whole 10% validation split (the same for every strategy)."""
-    from lmforge.data import eval_batches, prepare_data
-    from lmforge.runs import load_model
-    from lmforge.train.loop import evaluate_loss
+# ------------------------------------------------------------------------------------------- setup
+class Setup:
+    """Data, base config and budget split shared by every strategy of one (corpus, budget, seed)."""
 
-    model, tok, cfg = load_model(model_dir)
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": data_path, "val_fraction": 0.1})})
-    data = prepare_data(cfg, tok)
-    block = cfg.data.block_size
-    n_blocks = max(1, (len(data.val) - 1) // block)
-    batches = eval_batches(data.val, block, 64, math.ceil(n_blocks / 64))
-    return evaluate_loss(model, batches, torch.device("cpu"))[0]
+    def __init__(self, data_path: str, budget_s: float, seed: int, root: Path) -> None:
+        from lmforge.config import apply_overrides, build_config
+        from lmforge.search.budget import Budget, Ledger
+        from lmforge.search.context import prepare_search_data
+
+        base = apply_overrides({}, ["--data.path", data_path, *BASE, "--train.seed", str(seed)])
+        cfg = build_config(base)
+        if Path(cfg.data.path).exists():
+            base["data"]["path"] = str(Path(cfg.data.path).resolve())
+        self.base = base
+        self.seed = seed
+        self.data = prepare_search_data(base, 0, seed)
+        led = Ledger(Budget(seconds=budget_s))
+        self.budget_s = budget_s
+        self.search_s = budget_s * led.shares["search"]
+        self.final_s = budget_s * led.shares["final"]
+        self.root = root
+        tps = cfg.train.batch_size * cfg.data.block_size
+        # trial lengths for the baselines: about what lmforge's plan gives its longest trial on this machine
+        self.trial_tokens = 48 * tps
+        self.min_tokens = 6 * tps
 
 
-# ------------------------------------------------------------------------------------ baselines
-def run_baseline(kind: str, seed: int, budget_s: float, data_path: str, out: Path, trial_steps: int) -> dict[str, Any]:
-    """Optuna + lmforge's training loop, every trial trained from scratch, until the budget is spent."""
+def trial_cfg(setup: Setup, values: dict[str, Any], max_tokens: int, max_time: float) -> Any:
+    from lmforge.search.budget import Fidelity
+    from lmforge.search.context import trial_config
+
+    tps = 12 * 64
+    fid = Fidelity(min_tokens=setup.min_tokens, max_tokens=max_tokens, eta=3, rungs=2, tokens_per_step=tps)
+    cfg, _ = trial_config(setup.base, values, fid, max(1.0, max_time))
+    return cfg
+
+
+def train_trial(setup: Setup, cfg: Any, out: Path, callbacks: list[Any] | None = None) -> Any:
+    from lmforge.search.context import EVAL_BLOCKS, fixed_val_batches
+    from lmforge.train.loop import train
+
+    return train(
+        cfg,
+        out,
+        data=setup.data.prepared,
+        callbacks=callbacks or [],
+        verbose=False,
+        val_batches=fixed_val_batches(setup.data.prepared.val, cfg, EVAL_BLOCKS),
+    )
+
+
+def common_final(setup: Setup, src: Path, out: Path, allowance: float) -> Path:
+    """The same final step for every baseline: continue ``src``'s last checkpoint for ``allowance`` s."""
+    from lmforge.search.context import SearchContext
+    from lmforge.search.final import plan_final, train_final
+
+    plan = plan_final(src, 0, cv=0, allowance=allowance, budget_kind="time", reference_tokens_per_s=1e4)
+    ctx = SearchContext(run_dir=str(out), base_config=setup.base, space={}, fidelity={})
+    if plan["max_steps"] > plan["start_step"]:
+        train_final(plan, src, out / "final", ctx, setup.data, False)
+    best = out / "final" / "best"
+    return best if (best / "COMPLETE").is_file() else src / "best"
+
+
+def test_loss(setup: Setup, best: Path) -> float:
+    from lmforge.search.evaluation import evaluate_best
+
+    return float(evaluate_best(best, setup.data)["test_loss"])
+
+
+# -------------------------------------------------------------------------------------- strategies
+def optuna_search(setup: Setup, kind: str, out: Path) -> tuple[Path | None, int]:
+    """random / tpe_hyperband: trials until the search share is spent; the lowest validation loss wins."""
     import optuna
 
-    from lmforge.config import load_config
-    from lmforge.data import prepare_data
-    from lmforge.search.space import apply_values, load_space, repair_config
-    from lmforge.train.loop import Callback, TrainingError, train
+    from lmforge.search.space import load_space
+    from lmforge.train.loop import Callback
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    space = load_space(str(HERE / "search_space.yaml"))
-    if kind == "tpe_median":
-        sampler = optuna.samplers.TPESampler(seed=seed)
-        pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
-    else:  # grid: the space's grid points in a seeded order, enqueued; random: RandomSampler
-        sampler, pruner = optuna.samplers.RandomSampler(seed=seed), optuna.pruners.NopPruner()
-    study = optuna.create_study(direction="minimize", sampler=sampler, pruner=pruner)
-    grid = space.grid() if kind == "grid" else []
-    if grid:
-        import random
-
-        random.Random(seed).shuffle(grid)
-        for params in grid:
-            study.enqueue_trial(params)
-    base_cfg = load_config(overrides=["--data.path", data_path, *BASE, "--train.progress", "false", "--train.max_steps", str(trial_steps),
-                                      "--train.eval_interval", str(max(1, trial_steps // 5))])
-    data = prepare_data(base_cfg)
-    t0, t_start = time.perf_counter(), time.time()
-    best: tuple[float, Path | None] = (math.inf, None)
+    space = load_space(str(SPACE))
+    if kind == "random":
+        sampler, pruner = optuna.samplers.RandomSampler(seed=setup.seed), optuna.pruners.NopPruner()
+    else:
+        sampler = optuna.samplers.TPESampler(seed=setup.seed, multivariate=True, group=True)
+        pruner = optuna.pruners.HyperbandPruner(
+            min_resource=setup.min_tokens, max_resource=setup.trial_tokens, reduction_factor=3
+        )
+    study = optuna.create_study(sampler=sampler, pruner=pruner)
+    t0 = time.perf_counter()
 
     class Report(Callback):
         def __init__(self, trial: Any) -> None:
-            self.trial = trial
+            self.trial, self.pruned = trial, False
 
         def on_eval(self, state: Any, record: dict[str, Any]) -> bool:
-            self.trial.report(record["val_loss"], state.step)
-            return bool(self.trial.should_prune()) or time.perf_counter() - t0 > budget_s
+            if math.isfinite(record["val_loss"]):
+                self.trial.report(record["val_loss"], int(state.tokens))
+            self.pruned = state.tokens < setup.trial_tokens and self.trial.should_prune()
+            return self.pruned
 
+    best: tuple[float, Path | None] = (math.inf, None)
     n = 0
-    while time.perf_counter() - t0 < budget_s:
+    while (left := setup.search_s - (time.perf_counter() - t0)) > 1.0:
         trial = study.ask()
         values = space.suggest(trial)
-        raw = apply_values(base_cfg.to_dict(), values)
-        repair_config(raw)
-        raw["train"]["max_time"] = max(1.0, budget_s - (time.perf_counter() - t0))
         tdir = out / f"trial-{n:04d}"
         n += 1
         try:
-            from lmforge.config import build_config
-
-            cfg = build_config(raw)
-            res = train(cfg, tdir, data=data, callbacks=[Report(trial)], verbose=False)
-        except (TrainingError, ValueError) as err:
+            cfg = trial_cfg(setup, values, setup.trial_tokens, left)
+            rep = Report(trial)
+            res = train_trial(setup, cfg, tdir, [rep])
+        except Exception as err:  # a failed configuration (NaN, invalid) costs its time, like in lmforge
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            print(f"  {kind} trial {n} failed: {err}", file=sys.stderr)
+            print(f"  {kind} trial {n} failed: {str(err)[:120]}", file=sys.stderr)
             continue
-        if res.stop_reason == "callback" and trial.should_prune():
+        if rep.pruned:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        else:
+        elif math.isfinite(res.best_val_loss):
             study.tell(trial, res.best_val_loss)
-        if res.best_val_loss < best[0] and (tdir / "best").exists():
-            best = (res.best_val_loss, tdir / "best")
-        if kind == "grid" and n >= len(grid):
+        else:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        if not rep.pruned and res.final_val_loss < best[0]:
+            best = (res.final_val_loss, tdir)
+    return best[1], n
+
+
+def topk_search(setup: Setup, out: Path) -> tuple[Path | None, int]:
+    """One short pass over many random configurations (half the search time), then the best K continue
+    from their checkpoints with the other half shared equally; the lowest last validation loss wins."""
+    import optuna
+
+    from lmforge.search.space import load_space
+
+    space = load_space(str(SPACE))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=setup.seed))
+    t0 = time.perf_counter()
+    short: list[tuple[float, Path, dict[str, Any]]] = []
+    n = 0
+    while (left := setup.search_s / 2 - (time.perf_counter() - t0)) > 1.0:
+        trial = study.ask()
+        values = space.suggest(trial)
+        tdir = out / f"trial-{n:04d}"
+        n += 1
+        try:
+            res = train_trial(setup, trial_cfg(setup, values, setup.trial_tokens // 4, left), tdir)
+        except Exception as err:
+            print(f"  topk trial {n} failed: {str(err)[:120]}", file=sys.stderr)
+            continue
+        if math.isfinite(res.final_val_loss):
+            short.append((res.final_val_loss, tdir, values))
+    top = sorted(short, key=lambda r: r[0])[:TOPK]
+    best: tuple[float, Path | None] = (math.inf, None)
+    for i, (_, tdir, values) in enumerate(top):
+        share = (setup.search_s - (time.perf_counter() - t0)) / (len(top) - i)
+        if share <= 1.0:
             break
-    return {"best_dir": best[1], "trials": n, "history": best_so_far(out, t_start), "elapsed": time.perf_counter() - t0}
+        # the same trial setup at the full trial length, resumed from its short run's checkpoint
+        cfg = trial_cfg(setup, values, setup.trial_tokens, _elapsed(tdir) + share)
+        try:
+            res = train_trial(setup, cfg, tdir)
+        except Exception as err:
+            print(f"  topk continuation failed: {str(err)[:120]}", file=sys.stderr)
+            continue
+        if res.final_val_loss < best[0]:
+            best = (res.final_val_loss, tdir)
+    return best[1], n
 
 
-# --------------------------------------------------------------------------------------- lmforge
-def run_lmforge(seed: int, budget_s: float, data_path: str, out: Path, space: str | None) -> dict[str, Any]:
+def _elapsed(run: Path) -> float:
+    from lmforge.runs import list_checkpoints, load_checkpoint
+
+    ck = list_checkpoints(run)
+    return float(load_checkpoint(ck[-1], load_trainer_state=False).meta.get("elapsed_s", 0.0)) if ck else 0.0
+
+
+def default_run(setup: Setup, out: Path) -> Path:
+    """The default configuration alone: lmforge's defaults with the benchmark's base options, trained for
+    the whole budget (search and final shares) with one warmup-stable-decay over its clock."""
+    from lmforge.config import apply_overrides, build_config
+    from lmforge.search.context import EVAL_BLOCKS, fixed_val_batches
+    from lmforge.train.loop import train
+
+    seconds = setup.search_s + setup.final_s
+    raw = apply_overrides(
+        setup.base,
+        [
+            "--schedule.name", "wsd", "--schedule.horizon", "time", "--schedule.warmup_steps", "16",
+            "--train.max_time", str(seconds), "--train.max_steps", "1000000", "--train.eval_interval", "50",
+            "--train.progress", "false",
+        ],
+    )  # fmt: skip
+    cfg = build_config(raw)
+    train(cfg, out, data=setup.data.prepared, verbose=False,
+          val_batches=fixed_val_batches(setup.data.prepared.val, cfg, EVAL_BLOCKS))  # fmt: skip
+    return out / "best"
+
+
+def run_lmforge(setup: Setup, out: Path) -> tuple[Path, int]:
     from lmforge.search.pipeline import TuneOptions, run_pipeline
 
+    data_path = setup.base["data"]["path"]
+    overrides = [*BASE, "--train.seed", str(setup.seed)]
+    opts = TuneOptions(out=str(out), data=data_path, budget=f"{int(setup.budget_s)}s", space=str(SPACE),
+                       seed=setup.seed, overrides=overrides, verbose=False)  # fmt: skip
+    run_pipeline(opts)
+    return out / "best", len(list(out.glob("trials/*")))
+
+
+def run_strategy(kind: str, setup: Setup) -> dict[str, Any]:
+    out = setup.root / kind
     shutil.rmtree(out, ignore_errors=True)
-    t0, t_start = time.perf_counter(), time.time()
-    opts = TuneOptions(out=str(out), data=data_path, budget=f"{int(budget_s)}s", space=space, seed=seed,
-                       overrides=list(BASE), verbose=False)
-    summary = run_pipeline(opts)
-    elapsed = time.perf_counter() - t0
-    n_trials = len(list(out.glob("trials/*")))
-    return {"best_dir": out / "best", "trials": n_trials, "history": best_so_far(out, t_start),
-            "elapsed": elapsed, "summary": summary}
+    out.mkdir(parents=True)
+    t0 = time.perf_counter()
+    if kind == "lmforge":
+        best, n = run_lmforge(setup, out)
+    elif kind == "default":
+        best, n = default_run(setup, out), 1
+    else:
+        src, n = optuna_search(setup, kind, out) if kind != "topk_1epoch" else topk_search(setup, out)
+        if src is None:
+            return {"test_loss": math.inf, "trials": n, "wall_s": time.perf_counter() - t0}
+        allowance = setup.budget_s - (time.perf_counter() - t0) - setup.budget_s * 0.05
+        best = common_final(setup, src, out, max(0.0, allowance))
+    wall = time.perf_counter() - t0
+    return {"test_loss": test_loss(setup, best), "trials": n, "wall_s": round(wall, 1)}
 
 
-def best_so_far(out: Path, t_start: float) -> list[tuple[float, float]]:
-    """(seconds since the run started, best validation loss so far) over every evaluation of the run (each
-    metrics.jsonl record carries its wall-clock time)."""
-    recs = []
-    for m in out.rglob("metrics.jsonl"):
-        for line in m.read_text().splitlines():
-            r = json.loads(line)
-            recs.append((r["time"] - t_start, r["val_loss"]))
-    best, hist = math.inf, []
-    for t, v in sorted(recs):
-        if v < best:
-            best = v
-            hist.append((t, v))
-    return hist
-
-
-# ------------------------------------------------------------------------------------------ main
+# ------------------------------------------------------------------------------------------- main
 def main() -> None:
-    from recipe_nanogpt import default_data, run_recipe
-
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=default_data())
-    ap.add_argument("--budget", type=float, default=120.0, help="seconds per run")
+    ap.add_argument("--corpora", default="ts,demo", help="names (ts, demo) or paths, comma-separated")
+    ap.add_argument("--budget", type=float, default=90.0, help="seconds per run")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--trial-steps", type=int, default=300, help="steps of a baseline trial")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="runs/bench-search")
-    ap.add_argument("--skip-recipe", action="store_true")
-    ap.add_argument("--recipe-seeds", type=int, default=3, help="seeds of lmforge tune at the recipe's wall time")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from lmforge.search.study import quiet_optuna
+
+    quiet_optuna()
     root = Path(args.out)
-    shutil.rmtree(root, ignore_errors=True)
-    space = str(HERE / "search_space.yaml")
-
-    results: dict[str, list[dict[str, Any]]] = {k: [] for k in ("lmforge", "grid", "random", "tpe_median")}
-    for seed in range(args.seeds):
-        for kind in results:
-            out = root / f"{kind}-{seed}"
-            print(f"[{time.strftime('%H:%M:%S')}] {kind} seed {seed} ({args.budget:.0f}s)", file=sys.stderr)
-            if kind == "lmforge":
-                r = run_lmforge(seed, args.budget, args.data, out, space)
-            else:
-                r = run_baseline(kind, seed, args.budget, args.data, out, args.trial_steps)
-            r["val_loss"] = full_val_loss(r["best_dir"], args.data) if r["best_dir"] else math.inf
-            results[kind].append(r)
-
-    target = statistics.mean(r["val_loss"] for r in results["tpe_median"])
-
-    def time_to(r: dict[str, Any]) -> float | None:
-        return next((t for t, v in r["history"] if v <= target), None)
-
-    print(f"\nsame space, {args.budget:.0f}s per run, {args.seeds} seeds; val loss over the whole 10% split")
-    print(f"{'strategy':<12} {'mean':>8} {'std':>7} {'min':>8} {'max':>8} {'trials':>7}  time to reach {target:.4f}")
-    table = {}
-    for kind, rs in results.items():
-        losses = [r["val_loss"] for r in rs]
-        times = [time_to(r) for r in rs]
-        reached = [t for t in times if t is not None]
-        ttr = f"{statistics.mean(reached):.0f}s ({len(reached)}/{len(rs)} runs)" if reached else "not reached"
-        sd = statistics.stdev(losses) if len(losses) > 1 else 0.0
-        print(f"{kind:<12} {statistics.mean(losses):>8.4f} {sd:>7.4f} {min(losses):>8.4f} {max(losses):>8.4f} "
-              f"{statistics.mean([r['trials'] or 0 for r in rs]):>7.1f}  {ttr}")
-        table[kind] = {"mean": round(statistics.mean(losses), 4), "std": round(sd, 4), "losses": losses,
-                       "time_to_target": times}
-
-    recipe = tune = None
-    if not args.skip_recipe:
-        print(f"[{time.strftime('%H:%M:%S')}] nanoGPT recipe", file=sys.stderr)
-        recipe = run_recipe(args.data, str(root / "recipe"), verbose=False)
-        print(f"[{time.strftime('%H:%M:%S')}] lmforge tune with the recipe's wall time "
-              f"({recipe['wall_s']:.0f}s)", file=sys.stderr)
-        runs = []
-        for seed in range(args.recipe_seeds):
-            t = run_lmforge(seed, recipe["wall_s"], args.data, root / f"tune-recipe-budget-{seed}", None)
-            runs.append({"seed": seed, "val_loss": full_val_loss(t["best_dir"], args.data), "wall_s": t["elapsed"],
-                         "best": t["summary"].get("best", {}).get("values")})
-        losses = [r["val_loss"] for r in runs]
-        tune = {"runs": runs, "mean": statistics.mean(losses), "max": max(losses), "pass": max(losses) <= 1.70}
-        print(f"\n{'run':<40} {'val loss':>9} {'wall s':>8}")
-        print(f"{'nanoGPT recipe (lmforge train)':<40} {recipe['val_loss_full']:>9.4f} {recipe['wall_s']:>8.1f}")
-        for r in runs:
-            print(f"{'lmforge tune, same wall time, seed ' + str(r['seed']):<40} {r['val_loss']:>9.4f} {r['wall_s']:>8.1f}")
-        print(f"goal <= 1.70 in every seed: {'PASS' if tune['pass'] else 'FAIL'} (mean {tune['mean']:.4f})")
+    kinds = args.strategies.split(",")
+    report: dict[str, Any] = {}
+    for corpus in args.corpora.split(","):
+        path = CORPORA.get(corpus, corpus)
+        rows: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
+        for seed in range(args.seeds):
+            setup = Setup(path, args.budget, seed, root / f"{Path(corpus).name}-{int(args.budget)}s-{seed}")
+            for kind in kinds:
+                print(f"[{time.strftime('%H:%M:%S')}] {corpus} {args.budget:.0f}s seed {seed}: {kind}", file=sys.stderr)
+                r = run_strategy(kind, setup)
+                print(f"    test loss {r['test_loss']:.4f}, {r['trials']} trials, {r['wall_s']}s", file=sys.stderr)
+                rows[kind].append(r)
+        print(f"\n{corpus}: {args.budget:.0f}s per run, {args.seeds} seed(s); test loss (nats/char), same final step")
+        print(f"{'strategy':<15} {'mean':>8} {'std':>7} {'trials':>7} {'wall s':>7}  per seed")
+        table = {}
+        for kind, rs in rows.items():
+            losses = [r["test_loss"] for r in rs]
+            sd = statistics.stdev(losses) if len(losses) > 1 else 0.0
+            mean = statistics.mean(losses)
+            print(
+                f"{kind:<15} {mean:>8.4f} {sd:>7.4f} {statistics.mean(r['trials'] for r in rs):>7.1f} "
+                f"{statistics.mean(r['wall_s'] for r in rs):>7.1f}  {' '.join(f'{v:.4f}' for v in losses)}"
+            )
+            table[kind] = {"mean": round(mean, 4), "std": round(sd, 4), "losses": losses}
+        report[f"{corpus}@{int(args.budget)}s"] = table
     print("RESULT " + json.dumps({"bench": "search_vs_baselines", "budget_s": args.budget, "seeds": args.seeds,
-                                  "target_loss": round(target, 4), "strategies": table,
-                                  "recipe": recipe, "tune_at_recipe_time": tune}, default=str))
+                                  "results": report}))  # fmt: skip
 
 
 if __name__ == "__main__":

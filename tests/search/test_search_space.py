@@ -251,3 +251,34 @@ def test_short_runs_do_not_search_dropout():
     assert "model.dropout" not in {d.path for d in short.dists} and "0.7 passes" in notes[0]
     values = short.suggest(_study().ask())
     assert values["model.dropout"] == 0.0 and short.starts == space.starts
+
+
+def test_default_space_has_no_start_points_and_searches_what_matters():
+    """No start points picked on a benchmark corpus; the step shape, context, warm-up and optimizer are
+    searched; trials train warmup-stable (constant after the warm-up) so the final training decays once."""
+    space = load_space()
+    assert space.starts == [] and space.start_params() == []
+    paths = {d.path for d in space.dists}
+    assert {"train.batch_size", "data.block_size", "schedule.warmup_steps", "optim.name", "optim.muon_lr"} <= paths
+    assert space.blocks[0].fixed["schedule.name"] == "constant"
+
+
+def test_default_space_has_a_default_grid_of_valid_configs():
+    from lmforge.search.budget import Fidelity
+    from lmforge.search.context import trial_config
+
+    space = load_space()
+    grid = space.grid()
+    assert 1 < len(grid) <= 64
+    assert {p["model.family"] for p in grid} == {"transformer", "gru", "lstm", "rcnn"}
+    fid = Fidelity(min_tokens=2048, max_tokens=18432, eta=3, rungs=2, tokens_per_step=1536)
+    study = _study()
+    for params in grid:
+        study.enqueue_trial(params)
+        values = space.suggest(study.ask())
+        assert {k: values[k] for k in ("model.family", "optim.lr")} == {
+            "model.family": params["model.family"],
+            "optim.lr": params["optim.lr"],
+        }
+        cfg, _ = trial_config({}, values, fid, None)
+        assert cfg.schedule.name == "constant" and cfg.optim.name == "adamw"

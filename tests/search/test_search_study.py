@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 
 from lmforge.search import splits
 from lmforge.search.disk import MARKER, enforce_disk_cap
+from lmforge.search.pruning import CurvePruner
 from lmforge.search.study import (
     SearchError,
     create_or_load,
@@ -99,7 +100,9 @@ def test_unknown_sampler_and_pruner():
 
 
 def test_pruners_use_token_resources():
-    sha = make_pruner("asha", min_tokens=100, max_tokens=900, eta=3)
+    asha = make_pruner("asha", min_tokens=100, max_tokens=900, eta=3)
+    assert isinstance(asha, CurvePruner) and asha.rungs() == [100, 300]
+    sha = make_pruner("sha", min_tokens=100, max_tokens=900, eta=3)
     assert isinstance(sha, optuna.pruners.SuccessiveHalvingPruner)
     hb = make_pruner("hyperband", min_tokens=100, max_tokens=900, eta=3)
     assert isinstance(hb, optuna.pruners.HyperbandPruner)

@@ -222,3 +222,32 @@ def test_time_horizon_needs_a_clock_and_a_decay() -> None:
         build_config({"schedule": {"name": "cosine", "horizon": "time"}, "train": {"max_steps": 10}})
     cfg = build_config({"schedule": {"name": "cosine", "horizon": "time"}, "train": {"max_steps": None, "max_time": "1m"}})
     assert cfg.schedule.horizon == "time" and cfg.train.max_time == 60
+
+
+def test_wsd_continues_a_constant_run_and_decays_once() -> None:
+    """Warmup-stable-decay split over two runs (a tune trial, then its final training): the constant run's
+    state loads into a wsd one, whose lr starts where the constant one stopped and only goes down."""
+    warm = 5
+    opt = _optimizer()
+    stable = build_scheduler(opt, ScheduleConfig(name="constant", warmup_steps=warm), None, LR)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        stable.step()
+    state = json.loads(json.dumps(stable.state_dict()))
+    opt2 = _optimizer()
+    wsd = build_scheduler(opt2, ScheduleConfig(name="wsd", warmup_steps=warm, decay_fraction=0.25, min_lr=MIN_LR), 60, LR)
+    wsd.load_state_dict(state)
+    for _ in range(20, 60):
+        lrs.append(opt2.param_groups[0]["lr"])
+        opt2.step()
+        wsd.step()
+    # reference: nanoGPT-style warmup, then LR until step 45, then linear to MIN_LR at 60
+    ref = [LR * (i + 1) / (warm + 1) if i < warm else LR if i < 45 else LR - (i - 45) / 15 * (LR - MIN_LR)
+           for i in range(60)]
+    assert lrs == pytest.approx(ref)
+    after_peak = lrs[warm:]
+    assert all(b <= a for a, b in zip(after_peak, after_peak[1:], strict=False))  # never up after the warm-up
+    with pytest.raises(ScheduleError, match="cosine"):  # only the stable phase continues
+        build_scheduler(_optimizer(), ScheduleConfig(name="cosine"), 60, LR).load_state_dict(state)

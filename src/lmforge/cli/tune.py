@@ -115,6 +115,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--tournament", type=int, help="evolution: tournament size (default 3)")
     t.add_argument("--sample", type=int, dest="sample_deprecated", help=argparse.SUPPRESS)
     t.add_argument("--disk-cap", default="2GB", help="delete checkpoints of stopped trials above this (default 2GB)")
+    t.add_argument("--report-to", default="", help="live trial curves: tensorboard, mlflow (comma-separated)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--config", help="base config YAML (the space's values are set on top)")
     t.add_argument("--progress-interval", type=float, default=15.0, help="seconds between progress tables")
@@ -175,6 +176,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         trial_resources=args.trial_resources,
         resume=args.resume,
         strategy=args.strategy,
+        report_to=[t for t in args.report_to.split(",") if t],
         **evolution,
     )
     from lmforge.models import native

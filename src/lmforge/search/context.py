@@ -54,6 +54,8 @@ class SearchContext:
     disk_cap: int | None = None
     keep_best: int = 3
     eval_blocks: int = EVAL_BLOCKS
+    report_to: list[str] = field(default_factory=list)
+    """Live trial curves (``--report-to``): tensorboard, mlflow."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -2,7 +2,7 @@
 
 Real et al. 2019, "Regularized Evolution for Image Classifier Architecture Search": keep a population of
 the ``population`` most recent members; each cycle samples ``sample`` of them at random, mutates the best of
-the sample into a child, adds the child and retires the OLDEST member (not the worst: ageing regularizes).
+the sample (compared at matched training tokens: :func:`matched_best`) into a child, adds the child and retires the OLDEST member (not the worst: ageing regularizes).
 
 Here a child does not start from scratch: it starts from its parent's trained weights (``best/`` of the
 parent's trial directory), mutated by :mod:`lmforge.models.mutate` (function-preserving where possible:
@@ -56,6 +56,7 @@ from lmforge.search.context import (
     prepare_search_data,
     trial_dir,
 )
+from lmforge.search.curves import predict_curve
 from lmforge.search.disk import enforce_disk_cap
 from lmforge.search.evaluation import measure_latency
 from lmforge.search.failure import failure_reason
@@ -164,6 +165,30 @@ def population_of(study: optuna.Study, size: int) -> list[FrozenTrial]:
     return done[-size:]
 
 
+def matched_loss(t: FrozenTrial, tokens: int) -> float:
+    """``t``'s validation loss at ``tokens`` lineage tokens: the last report at or below ``tokens`` when its
+    curve reaches that far, else its curve extrapolated there (:func:`lmforge.search.curves.predict_curve`);
+    its final value without a curve."""
+    curve = {int(k): float(v) for k, v in t.intermediate_values.items() if math.isfinite(v)}
+    if not curve:
+        return float(t.values[0])
+    if max(curve) >= tokens:
+        return curve[max(k for k in curve if k <= tokens)] if min(curve) <= tokens else curve[min(curve)]
+    return predict_curve(curve, tokens).mean
+
+
+def matched_best(drawn: list[FrozenTrial]) -> FrozenTrial | None:
+    """The tournament's winner, compared at matched training tokens: a child continues its parent's
+    weights, so it has seen more tokens than a fresh member; every drawn member is scored at the most
+    tokens any of them has seen (the less trained ones by their extrapolated curves)."""
+    if not drawn:
+        return None
+    reach = max(max(t.intermediate_values, default=0) for t in drawn)
+    if reach <= 0:
+        return min(drawn, key=lambda t: (t.values[0], t.number))
+    return min(drawn, key=lambda t: (matched_loss(t, reach), t.number))
+
+
 def _has_weights(run_dir: Path, t: FrozenTrial) -> bool:
     rel = t.user_attrs.get("run_dir")
     return rel is not None and bool(rel) and (run_dir / rel / "best" / "COMPLETE").is_file()
@@ -221,7 +246,7 @@ class _Evolution:
         rng = random.Random(f"{self.ctx.seed}:tournament:{birth}")
         drawn = rng.sample(pop, self.sample)
         alive = [t for t in drawn if _has_weights(self.run_dir, t)]
-        return min(alive, key=lambda t: (t.values[0], t.number)) if alive else None
+        return matched_best(alive)
 
     def _make_child(
         self, parent: FrozenTrial, birth: int

@@ -1,5 +1,20 @@
-"""The final training: the best trial continues from its own last checkpoint with the budget left, to
-convergence (early stopping); ``DIR/best`` then gets the best validation checkpoint.
+"""The final step: choose the configuration, continue it from its own last checkpoint with the budget left,
+decay its learning rate once; ``DIR/best`` then gets the best validation checkpoint.
+
+Choice (:func:`choose_final`): every finished trial, and every stopped one whose checkpoint remains, is
+scored by the loss its validation curve predicts at the length the final training would reach *for that
+trial* (its tokens so far plus what its own speed trains in the final step's allowance;
+:mod:`lmforge.search.curves`), plus one standard deviation (a pick the curve is sure of). The best
+``RESCORE_TOP`` are then re-scored on the whole search validation split (up to ``RESCORE_MAX_TOKENS``
+tokens) at the checkpoint the final training continues from, and their predictions shifted by the
+difference between that loss and the curve's last point (scored on the trials' fixed sample of blocks).
+Multi-objective and cross-validated searches keep the plain rule (lowest finished loss).
+
+One decay, at the end: trials of the default space train warmup-stable (``schedule.name constant`` after the
+warm-up: the stable phase of warmup-stable-decay), so their last checkpoint is a stable one; the final
+training continues it as ``wsd`` (a constant schedule's state loads into a ``wsd`` one) and decays once,
+linearly to ``schedule.min_lr`` over the last ``DECAY_SHARE`` of its own time (or steps), with no early
+stopping before the decay. Trials of another schedule (a user's ``cosine``) continue with it as before.
 
 The plan is computed once and stored in ``pipeline.json`` (``steps.final.plan``), so a killed final
 training resumes toward the same target instead of re-planning from a budget it partly spent; a time budget's
@@ -9,30 +24,173 @@ time and the resumed run's start-up are spent budget.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
 from lmforge.config import DECAYING_SCHEDULES, build_config, load_yaml
-from lmforge.runs import list_checkpoints, load_checkpoint
+from lmforge.data import eval_batches
+from lmforge.runs import list_checkpoints, load_checkpoint, load_model, read_metrics
 from lmforge.search.context import SearchContext, SearchData, fixed_val_batches
-from lmforge.train.loop import TrainResult, train
+from lmforge.search.curves import Prediction, predict
+from lmforge.search.disk import MARKER
+from lmforge.train.loop import TrainResult, evaluate_loss, resolve_device, train
 
 FINAL_PATIENCE = 6
 """Evaluations without improvement before the final training stops."""
 FINAL_STEP_CAP = 3
 """A time-budgeted final training may run up to this many times the steps estimated from the trial's speed
 (the clock, and its learning-rate decay, end it)."""
+DECAY_SHARE = 0.4
+"""The final training of a warmup-stable trial decays its learning rate over this share of its own length."""
+SLOW_FAIL = "exceeded its time share"
+"""How :mod:`lmforge.search.objective` words a trial stopped for running over its time share."""
+RESCORE_TOP = 3
+"""Candidates re-scored on the whole validation split before the choice."""
+RESCORE_MAX_TOKENS = 131_072
+"""Most validation tokens a re-score reads (the whole split of the benchmark corpora; evenly spread blocks of
+a larger one)."""
 
 
+# ----------------------------------------------------------------------------------------- choice
+@dataclass
+class Candidate:
+    """A trial the final step may continue, with its predicted loss at the final length."""
+
+    trial: FrozenTrial
+    src: Path
+    tokens: int
+    target_tokens: float
+    prediction: Prediction
+    shift: float = 0.0
+    """Whole-split loss minus the sample loss at the continued checkpoint (0 until re-scored)."""
+    full_loss: float | None = None
+
+    @property
+    def score(self) -> float:
+        return self.prediction.mean + self.shift + self.prediction.std
+
+    def record(self) -> dict[str, Any]:
+        p = self.prediction
+        return {
+            "trial": self.trial.number,
+            "tokens": self.tokens,
+            "target_tokens": int(self.target_tokens),
+            "predicted_loss": round(p.mean, 5),
+            "predicted_std": round(p.std, 5),
+            "fitted": p.fitted,
+            "full_val_loss": None if self.full_loss is None else round(self.full_loss, 5),
+            "score": round(self.score, 5),
+        }
+
+
+def trial_curve(src: Path) -> tuple[list[int], list[float]]:
+    """The validation curve ``(tokens, losses)`` a trial's run directory recorded."""
+    recs = [r for r in read_metrics(src, lenient=True) if r.get("val_loss") is not None and r.get("tokens")]
+    return [int(r["tokens"]) for r in recs], [float(r["val_loss"]) for r in recs]
+
+
+def final_tokens(trial: FrozenTrial, tokens: int, *, allowance: float, budget_kind: str, ref_tps: float) -> float:
+    """Tokens the final step would train for ``trial``: the allowance, or its seconds at the trial's speed."""
+    if budget_kind == "tokens":
+        return float(allowance)
+    duration = float(trial.user_attrs.get("duration_s") or 0.0)
+    rate = tokens / duration if tokens > 0 and duration > 0 else ref_tps
+    return training_seconds(allowance) * rate
+
+
+def candidates(
+    study: optuna.Study, ctx: SearchContext, *, allowance: float, budget_kind: str, ref_tps: float
+) -> list[Candidate]:
+    """Finished trials and stopped ones with a checkpoint left, each with its predicted final loss. A trial
+    that only ran over its time share (slow, not broken: it has a curve and a checkpoint) counts as stopped."""
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
+        if t.state == TrialState.FAIL and not str(t.user_attrs.get("fail_reason", "")).startswith(SLOW_FAIL):
+            continue
+        rel = t.user_attrs.get("run_dir")
+        if not rel or t.user_attrs.get("discarded"):
+            continue
+        src = Path(ctx.run_dir) / rel
+        if (src / MARKER).exists() or not list_checkpoints(src):
+            continue
+        if ctx.max_params is not None and int(t.user_attrs.get("params") or 0) > ctx.max_params:
+            continue
+        xs, ys = trial_curve(src)
+        if not ys or not all(math.isfinite(y) for y in ys[-1:]):
+            continue
+        tokens = xs[-1]
+        target = tokens + final_tokens(t, tokens, allowance=allowance, budget_kind=budget_kind, ref_tps=ref_tps)
+        out.append(Candidate(t, src, tokens, target, predict(xs, ys, target)))
+    return out
+
+
+def rescore(cand: Candidate, val: Any, max_tokens: int = RESCORE_MAX_TOKENS) -> None:
+    """Score the checkpoint ``cand`` would continue from on the whole validation split (up to
+    ``max_tokens``) and shift its prediction by the difference to the curve's last point."""
+    ckpt = list_checkpoints(cand.src)[-1]
+    model, _, cfg = load_model(ckpt)
+    device = resolve_device(cfg.train.device)
+    model.to(device)
+    block = cfg.data.block_size
+    batches = eval_batches(val, block, 16, max(1, max_tokens // block // 16))
+    if not batches:
+        return
+    full, _ = evaluate_loss(model, batches, device)
+    step = int(load_checkpoint(ckpt, load_trainer_state=False).meta.get("step", -1))
+    sample = [r["val_loss"] for r in read_metrics(cand.src, lenient=True) if r.get("step") == step]
+    if sample and math.isfinite(full) and math.isfinite(float(sample[-1])):
+        cand.full_loss = float(full)
+        cand.shift = float(full) - float(sample[-1])
+
+
+def choose_final(
+    study: optuna.Study,
+    ctx: SearchContext,
+    data: SearchData,
+    *,
+    allowance: float,
+    budget_kind: str,
+    ref_tps: float,
+    top: int = RESCORE_TOP,
+) -> tuple[FrozenTrial | None, list[dict[str, Any]]]:
+    """The trial the final step continues (see the module doc) and the ranked candidates' records; (None,
+    []) when no trial qualifies or the search is multi-objective or cross-validated (the caller's plain
+    rule applies)."""
+    if ctx.multi_objective or ctx.cv >= 2:
+        return None, []
+    cands = candidates(study, ctx, allowance=allowance, budget_kind=budget_kind, ref_tps=ref_tps)
+    if not cands:
+        return None, []
+    cands.sort(key=lambda c: c.score)
+    for c in cands[:top]:
+        rescore(c, data.prepared.val)
+    best = sorted(cands[:top], key=lambda c: c.score)
+    ranked = best + cands[top:]
+    return best[0].trial, [c.record() for c in ranked[: 2 * top]]
+
+
+# ------------------------------------------------------------------------------------------ plan
 def plan_final(
-    src: Path, trial_number: int, *, cv: int, allowance: float, budget_kind: str, reference_tokens_per_s: float
+    src: Path,
+    trial_number: int,
+    *,
+    cv: int,
+    allowance: float,
+    budget_kind: str,
+    reference_tokens_per_s: float,
+    choice: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The final training of the trial in ``src`` (its run directory, or fold 0 of a cross-validated one)
     within ``allowance`` (seconds or tokens, as ``budget_kind``): where it starts, up to which step, its
-    clock and its evaluation and checkpoint intervals."""
+    clock, its evaluation and checkpoint intervals, and the schedule of its one decay."""
     cfg_raw = load_yaml(src / "config.yaml")
     ckpts = [] if cv >= 2 else list_checkpoints(src)
     start = load_checkpoint(ckpts[-1], load_trainer_state=False).meta if ckpts else {}
@@ -52,7 +210,14 @@ def plan_final(
     if not ckpts:  # from scratch (cross-validation folds trained on part of the data)
         extra += int(tc["max_steps"])
     timed = budget_kind == "time"
-    decaying = (cfg_raw.get("schedule") or {}).get("name") in DECAYING_SCHEDULES
+    sched_name = (cfg_raw.get("schedule") or {}).get("name")
+    schedule: dict[str, Any] = {}
+    if sched_name == "constant" and ckpts:  # warmup-stable trial: the final decays once, over its last part
+        own = train_s if timed else float(extra)
+        total = (elapsed0 if timed else float(step0)) + own
+        if own > 0 and total > 0:
+            schedule = {"name": "wsd", "decay_fraction": min(1.0, max(1e-3, DECAY_SHARE * own / total))}
+    decaying = schedule.get("name", sched_name) in DECAYING_SCHEDULES
     return {
         "trial": trial_number,
         "from": str(ckpts[-1]) if ckpts else None,
@@ -66,6 +231,8 @@ def plan_final(
         # about 20 evaluations for early stopping, but not more often than the trials evaluated
         "eval_interval": max(1, int(tc["eval_interval"]), extra // 20),
         "checkpoint_interval": max(1, extra // 5),
+        "schedule": schedule,
+        "choice": choice or [],
     }
 
 
@@ -107,13 +274,18 @@ def train_final(
         max_tokens=None,
         max_epochs=None,
         max_time=plan["max_time"],
-        patience=FINAL_PATIENCE,
+        # a warmup-stable-decay final ends with its decay: stopping early would skip it
+        patience=None if plan.get("schedule") else FINAL_PATIENCE,
         eval_interval=plan["eval_interval"],
         checkpoint_interval=plan["checkpoint_interval"],
         keep_last=2,
         progress=verbose,
     )
-    cfg_raw.setdefault("schedule", {})["horizon"] = plan.get("horizon", "steps")
+    sched = cfg_raw.setdefault("schedule", {})
+    sched.update(plan.get("schedule") or {})
+    sched["horizon"] = plan.get("horizon", "steps")
+    if sched.get("name") == "wsd":
+        sched["total_steps"] = None  # the decay follows the final's own length (train.max_steps or the clock)
     cfg = build_config(cfg_raw)
     return train(
         cfg,

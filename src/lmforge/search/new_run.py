@@ -84,6 +84,7 @@ def start_run(opts: TuneOptions, run_dir: Path, log: Callable[[str], None]) -> t
         search_tokens=int(budget.amount * led.shares["search"]) if budget.kind == "tokens" else None,
         n_trials=o.n_trials,
         disk_cap=o.disk_cap_bytes,
+        report_to=list(o.report_to),
     )
     study = create_or_load(open_storage(url), name, len(objectives))
     if study.user_attrs.get(CONTEXT_ATTR) and study.get_trials(deepcopy=False):

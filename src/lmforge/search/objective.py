@@ -34,9 +34,12 @@ from lmforge.search.budget import Fidelity, budget_spent, tokens_used
 from lmforge.search.context import SearchContext, SearchData, fixed_val_batches, trial_config, trial_dir
 from lmforge.search.evaluation import measure_latency
 from lmforge.search.failure import failure_reason
+from lmforge.search.final import SLOW_FAIL
+from lmforge.search.freeze_thaw import maybe_thaw
 from lmforge.search.sizing import count_params
 from lmforge.search.space import SearchSpace
 from lmforge.search.study import fail_and_retry, heartbeat, process_identity
+from lmforge.train.callbacks import LiveCurves
 from lmforge.train.loop import Callback, LoopState, train
 
 OBJECTIVES = ("val_loss", "params", "latency")
@@ -142,6 +145,7 @@ def run_trial(
                 if stop.reason:
                     trial.set_user_attr("stopped", stop.reason)
                 study.tell(trial, state=TrialState.PRUNED)
+                _thaw(study, ctx)
                 return "pruned"
             trial.set_user_attr("fail_reason", stop.reason)
             study.tell(trial, state=TrialState.FAIL)
@@ -161,7 +165,14 @@ def run_trial(
             return "fail"
     trial.set_user_attr("duration_s", round(time.time() - t0, 2))
     study.tell(trial, values if ctx.multi_objective else values[0])
+    _thaw(study, ctx)
     return "complete"
+
+
+def _thaw(study: optuna.Study, ctx: SearchContext) -> None:
+    """Freeze-thaw (:mod:`lmforge.search.freeze_thaw`): after a trial, a stopped one may be enqueued again."""
+    if ctx.pruner in ("asha", "curve") and not ctx.multi_objective and ctx.cv < 2 and ctx.sampler != "grid":
+        maybe_thaw(study, Path(ctx.run_dir), ctx.fid.max_tokens)
 
 
 class _Interrupted(Exception):
@@ -261,11 +272,15 @@ def _train_once(
         if cfg.train.max_time is None or cap < cfg.train.max_time:
             cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_time": cap})})
     reporter = _Reporter(trial, ctx, prune, used_before, hook, offset)
+    live: list[Callback] = []
+    if ctx.report_to:  # --report-to: the trial's curve to TensorBoard / MLflow as it trains
+        name = out.relative_to(ctx.run_dir).as_posix().replace("/", "-")
+        live.append(LiveCurves(ctx.report_to, Path(ctx.run_dir) / "tensorboard", name, dict(trial.params)))
     result = train(
         cfg,
         out,
         data=prepared,
-        callbacks=[reporter],
+        callbacks=[reporter, *live],
         verbose=verbose,
         val_batches=fixed_val_batches(val, cfg, ctx.eval_blocks),
     )
@@ -285,7 +300,7 @@ def _train_once(
     if result.stop_reason == "max_time" and result.tokens < fid.max_tokens:
         raise TrialStop(
             "fail",
-            f"exceeded its time share of {cfg.train.max_time:.0f}s at {result.tokens:,} of {fid.max_tokens:,} tokens",
+            f"{SLOW_FAIL} of {cfg.train.max_time:.0f}s at {result.tokens:,} of {fid.max_tokens:,} tokens",
         )
     if not math.isfinite(result.best_val_loss):
         raise TrialStop("fail", "no finite validation loss")
@@ -336,5 +351,3 @@ def _elapsed_at_checkpoint(run_dir: Path) -> float:
         return float(json.loads((ckpts[-1] / META_FILE).read_text(encoding="utf-8")).get("elapsed_s") or 0.0)
     except (OSError, ValueError):
         return 0.0
-
-

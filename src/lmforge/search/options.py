@@ -15,6 +15,7 @@ from lmforge.search.budget import Budget, parse_budget, parse_bytes, parse_count
 from lmforge.search.evolution import DEFAULT_POPULATION, DEFAULT_TOURNAMENT
 from lmforge.search.objective import OBJECTIVES
 from lmforge.search.study import PRUNERS, SAMPLERS, SearchError
+from lmforge.train.callbacks import REPORT_TARGETS
 
 DEFAULT_BUDGET = "10m"
 BACKENDS = ("embedded", "ray")
@@ -57,6 +58,9 @@ class TuneOptions:
     strategy: str = "optuna"
     """``optuna`` (the sampler proposes every trial) or ``evolution`` (regularized evolution: children are
     mutated copies of trained parents that continue from the parent's weights; see ``search.evolution``)."""
+    report_to: list[str] = field(default_factory=list)
+    """Live trial curves: ``tensorboard`` (event files in ``DIR/tensorboard``) and/or ``mlflow``
+    (``DIR/mlruns``), when installed (``--report-to tensorboard,mlflow``)."""
     population: int = DEFAULT_POPULATION
     """Evolution: members kept."""
     sample: int = DEFAULT_TOURNAMENT
@@ -95,6 +99,9 @@ class TuneOptions:
             raise SearchError(f"--pruner {self.pruner!r}: unknown; known: {', '.join(PRUNERS)}")
         if self.cv == 1 or self.cv < 0:
             raise SearchError(f"--cv {self.cv}: use 0 (no cross-validation) or k >= 2 folds")
+        bad_targets = [t for t in self.report_to if t not in REPORT_TARGETS]
+        if bad_targets:
+            raise SearchError(f"--report-to: unknown {bad_targets}; known: {', '.join(REPORT_TARGETS)}")
         if self.n_jobs < 1:
             raise SearchError(f"--n-jobs {self.n_jobs}: must be at least 1")
         self.max_params_count = parse_count(self.max_params) if self.max_params is not None else None

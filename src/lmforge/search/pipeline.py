@@ -45,6 +45,7 @@ from lmforge.search.evaluation import EVAL_BLOCKS, evaluate_best
 from lmforge.search.final import (
     FINAL_PATIENCE,
     FINAL_STEP_CAP,
+    choose_final,
     fit_plan_to_time_left,
     install_dir,
     plan_final,
@@ -339,7 +340,18 @@ class _Pipeline:
     # -- step 2: final training -------------------------------------------------------------------
     def _step_final(self) -> None:
         study, ctx = self._study()
-        best = select_best(study, ctx)
+        allowance = self.ledger().allowance("final")
+        plan = self.state["steps"]["final"].get("plan")
+        ref_tps = self.state["plan"].get("reference_tokens_per_s", 1e4)
+        if plan is None:  # predicted final losses, re-scored on the whole validation split (search/final.py)
+            best, choice = choose_final(
+                study, ctx, self._search_data(ctx), allowance=allowance, budget_kind=self.budget.kind, ref_tps=ref_tps
+            )
+        else:
+            best, choice = next((t for t in study.get_trials(deepcopy=False) if t.number == plan["trial"]), None), []
+        best = best or select_best(study, ctx)
+        self.tick("final")  # the re-scoring's time is spent: the training gets what is left
+        allowance = self.ledger().allowance("final")
         if best is None:
             write_outputs(self.run_dir, self.state, study, ctx)
             raise NoFinishedTrial(
@@ -349,8 +361,6 @@ class _Pipeline:
         trial_dir = self.run_dir / best.user_attrs["run_dir"]
         src = trial_dir / "fold-0" if ctx.cv >= 2 else trial_dir
         final_dir = self.run_dir / "final"
-        allowance = self.ledger().allowance("final")
-        plan = self.state["steps"]["final"].get("plan")
         if plan is None:
             plan = plan_final(
                 src,
@@ -358,7 +368,8 @@ class _Pipeline:
                 cv=ctx.cv,
                 allowance=allowance,
                 budget_kind=self.budget.kind,
-                reference_tokens_per_s=self.state["plan"].get("reference_tokens_per_s", 1e4),
+                reference_tokens_per_s=ref_tps,
+                choice=choice,
             )
             self.set_step("final", plan=plan, status="running")
         else:  # resumed: the first run's time counts, so its clock may only get shorter

@@ -42,9 +42,11 @@ from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from lmforge.config import LmforgeError
+from lmforge.search.curves import FINAL_HORIZON
+from lmforge.search.pruning import CurvePruner
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp", "nsga2")
-PRUNERS = ("asha", "sha", "successive_halving", "hyperband", "median", "none")
+PRUNERS = ("asha", "curve", "sha", "successive_halving", "hyperband", "median", "none")
 MAX_RETRY = 2
 """Retries of an interrupted trial (a trial that keeps killing its worker is not retried forever)."""
 HEARTBEAT_S = 30
@@ -270,11 +272,15 @@ def make_sampler(
 
 
 def make_pruner(name: str, *, min_tokens: int, max_tokens: int, eta: int) -> Any:
-    """A pruner by name, with trained tokens as the fidelity (trials report at ``step = tokens``)."""
-
+    """A pruner by name, with trained tokens as the fidelity (trials report at ``step = tokens``). ``asha``
+    (the default; also ``curve``) is asynchronous successive halving on the losses the trials' learning
+    curves predict at ``FINAL_HORIZON`` times the trial length (:class:`~lmforge.search.pruning.CurvePruner`);
+    ``sha`` / ``successive_halving`` is Optuna's, on the losses reported at the rung."""
     if name == "none":
         return optuna.pruners.NopPruner()
-    if name in ("asha", "sha", "successive_halving"):
+    if name in ("asha", "curve"):
+        return CurvePruner(min_tokens, max_tokens, eta, horizon=FINAL_HORIZON * max(max_tokens, min_tokens))
+    if name in ("sha", "successive_halving"):
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_tokens, reduction_factor=eta)
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(

@@ -65,3 +65,73 @@ class TrainResult:
     and best/)."""
     compiled: bool = False
     """Whether the model trained compiled (``train.compile`` true, or ``auto`` decided so)."""
+
+
+# ------------------------------------------------------------------------------------- live curves
+REPORT_TARGETS = ("tensorboard", "mlflow")
+"""Where :class:`LiveCurves` can send a run's evaluations (``lmforge tune --report-to``)."""
+
+
+class LiveCurves(Callback):
+    """Every evaluation's losses and learning rate, at ``step = trained tokens``, to TensorBoard
+    (``torch.utils.tensorboard``, event files under ``log_dir``) and/or MLflow (a run named ``name`` in the
+    tracking store ``mlflow_uri``, default ``file:LOG_DIR/../mlruns``), as ``targets`` says. A target whose
+    package is not installed is skipped with a one-line warning (MLflow is optional). Rank 0 only."""
+
+    def __init__(self, targets: list[str], log_dir: Path, name: str, params: dict[str, Any] | None = None,
+                 mlflow_uri: str | None = None) -> None:  # fmt: skip
+        unknown = [t for t in targets if t not in REPORT_TARGETS]
+        if unknown:
+            raise ValueError(f"--report-to: unknown {unknown}; known: {', '.join(REPORT_TARGETS)}")
+        self.targets = list(targets)
+        self.log_dir = Path(log_dir)
+        self.name = name
+        self.params = dict(params or {})
+        self.mlflow_uri = mlflow_uri or (self.log_dir.parent / "mlruns").resolve().as_uri()
+        self._tb: Any = None
+        self._mlflow: Any = None
+
+    def on_train_start(self, state: LoopState) -> None:
+        if state.rank != 0:
+            return
+        import importlib
+        import importlib.util
+        import warnings
+
+        if "tensorboard" in self.targets:
+            if importlib.util.find_spec("tensorboard") is None:
+                warnings.warn("--report-to tensorboard: the tensorboard package is not installed", stacklevel=2)
+            else:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(self.log_dir / self.name))
+        if "mlflow" in self.targets:
+            if importlib.util.find_spec("mlflow") is None:
+                warnings.warn("--report-to mlflow: the mlflow package is not installed", stacklevel=2)
+            else:
+                mlflow = importlib.import_module("mlflow")  # optional: no stubs, no hard dependency
+                mlflow.set_tracking_uri(self.mlflow_uri)
+                mlflow.start_run(run_name=self.name)
+                if self.params:
+                    mlflow.log_params({k: str(v) for k, v in self.params.items()})
+                self._mlflow = mlflow
+
+    def on_eval(self, state: LoopState, record: dict[str, Any]) -> bool:
+        scalars = {k: float(record[k]) for k in ("val_loss", "train_loss", "lr") if record.get(k) is not None}
+        scalars = {k: v for k, v in scalars.items() if math.isfinite(v)}
+        step = int(record.get("tokens", state.tokens))
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, global_step=step)
+            self._tb.flush()
+        if self._mlflow is not None:
+            self._mlflow.log_metrics(scalars, step=step)
+        return False
+
+    def on_train_end(self, state: LoopState, result: TrainResult) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._mlflow is not None:
+            self._mlflow.end_run()
+            self._mlflow = None

@@ -22,6 +22,9 @@ Shapes (W = ``warmup_steps``, N = ``total_steps``, lr = ``base_lr``):
 - ``horizon: time`` (with ``total_time`` = ``train.max_time``): ``linear``, ``cosine`` and ``wsd`` use the
   progress ``p = elapsed / total_time`` (the loop reports its training seconds with ``set_elapsed``) in place
   of ``(it - W) / (N - W)``; ``wsd`` decays over the last ``decay_fraction`` of the time
+- a ``wsd`` schedule may load the state of a ``constant`` one (its stable phase): the run continues at
+  ``lr`` and decays once at its end (warmup-stable-decay split over two runs, as ``lmforge tune``'s trials
+  and final training are)
 - ``plateau``: ``lr * scale``; ``scale *= plateau_factor`` when more than ``plateau_patience``
   evaluations in a row did not improve on the best, never below ``min_lr`` (torch's ReduceLROnPlateau
   with ``threshold=0``).
@@ -180,7 +183,10 @@ class Schedule:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("name") != self.cfg.name:
+        # a constant schedule (after its warm-up) is the stable phase of warmup-stable-decay: a wsd run may
+        # continue it and decay once (lmforge tune's final training of a warmup-stable trial)
+        continues_stable = state.get("name") == "constant" and self.cfg.name == "wsd"
+        if state.get("name") != self.cfg.name and not continues_stable:
             raise ScheduleError(
                 f"schedule state was saved by schedule.name {state.get('name')!r}, this run uses {self.cfg.name!r}"
             )
