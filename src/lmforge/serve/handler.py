@@ -137,7 +137,12 @@ class Server:
             self._record(prep, loop.time() - started, first_token, body["usage"])
             return JSONResponse(body)
 
+        # at the time limit the engine stops for this job even while the writer is stuck on a stalled reader
+        # (the generator below only notices the deadline between two writes)
+        timer = loop.call_at(deadline, job.cancel)
+
         def on_close() -> None:
+            timer.cancel()
             job.cancel()
             release()
 
