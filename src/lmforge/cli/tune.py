@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -124,8 +123,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 @command("tune")
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    from lmforge.search.worker import process_age_s  # lazy, as every command handler's imports
+
     # the budget's clock starts with the process: its start-up (Python, torch, optuna) is spent time too
-    started = time.monotonic() - _process_age_s()
+    started = time.monotonic() - process_age_s()
     if args.task == "lm" and _stored_task(args.out):  # a task run resumed without its --task
         args.task = _stored_task(args.out)
     if args.task != "lm":
@@ -229,18 +230,6 @@ def _run_task(args: argparse.Namespace, overrides: list[str], started: float) ->
     if args.quiet:
         print(json.dumps(summary, indent=1, default=str))
     return 0
-
-
-def _process_age_s() -> float:
-    """Seconds since this process started (Linux ``/proc``); 0.0 where that cannot be read."""
-    try:
-        stat = Path("/proc/self/stat").read_text()
-        # fields after the command name (which may hold spaces): the start time is field 22, in clock ticks
-        start_ticks = int(stat[stat.rindex(")") + 2 :].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return 0.0
 
 
 def _report(out: str, *, verbose: bool) -> None:

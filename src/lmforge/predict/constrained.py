@@ -33,6 +33,7 @@ import llguidance.torch as lltorch
 import torch
 
 from lmforge.config import LmforgeError
+from lmforge.data.tokenizer import bytes_to_unicode
 from lmforge.predict.processors import RowStates
 
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -48,19 +49,6 @@ class ConstrainedTokenizer(Protocol):
     ``eot_id``, read with getattr."""
 
     def decode(self, ids: list[int]) -> str: ...
-
-
-def _gpt2_unicode_to_byte() -> dict[str, int]:
-    # GPT-2's table (the same as lmforge.data.tokenizer.bytes_to_unicode), inverted
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
 
 
 def _decoders(spec: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -90,7 +78,7 @@ def token_bytes(tokenizer: ConstrainedTokenizer, vocab_size: int) -> tuple[list[
     added = backend.get_added_tokens_decoder()
     special = sorted(i for i, t in added.items() if t.special and i < vocab_size)
     unk = (spec.get("model") or {}).get("unk_token")
-    to_byte = _gpt2_unicode_to_byte()
+    to_byte = {c: b for b, c in bytes_to_unicode().items()}
     out: list[bytes] = []
     for i in range(vocab_size):
         tok = backend.id_to_token(i)
