@@ -23,6 +23,7 @@ from lmforge.data.tasks import (
     truncate,
 )
 from lmforge.data.tokenizer import bpe_tokenizer, char_tokenizer
+from lmforge.predict.tasks import prompt_ids
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:;!?()'\"-\n"
 
@@ -80,10 +81,11 @@ def test_chat_loss_on_assistant_turns_only(tok):
     assert text == "System: Be brief.\nUser: Hi\nAssistant: Hello<|endoftext|>\nUser: Bye\nAssistant: Ciao<|endoftext|>"
     trained = tok.decode([int(i) for i, m in zip(ex.ids, ex.trained, strict=True) if m])
     assert trained == " Hello<|endoftext|> Ciao<|endoftext|>"
-    # prediction prompt = history up to the last assistant turn, then "Assistant:"
-    assert (
-        task.format_prompt({"messages": msgs}) == "System: Be brief.\nUser: Hi\nAssistant: Hello\nUser: Bye\nAssistant:"
-    )
+    # prediction prompt = history up to the last assistant turn (its turns end in <eot>, as trained), then
+    # "Assistant:"; as text it encodes to the ids the prediction path uses
+    prompt = task.format_prompt({"messages": msgs})
+    assert prompt == "System: Be brief.\nUser: Hi\nAssistant: Hello<|endoftext|>\nUser: Bye\nAssistant:"
+    assert tok.encode(prompt) == prompt_ids(task, {"messages": msgs}, tok) == ex.ids.tolist()[: len(tok.encode(prompt))]
     assert task.reference({"messages": msgs}) == "Ciao"
 
 

@@ -128,6 +128,27 @@ def test_auto_stays_eager_without_measurements_and_records_the_eager_step(tmp_pa
     assert res.phases["compile_s"] == 0
 
 
+def test_auto_stays_eager_when_another_rank_says_compiling_does_not_pay(tmp_path: Path, monkeypatch) -> None:
+    """Ranks measure their own steps; the compile decision must be the same on all of them: here this rank's
+    numbers say compile, another rank's do not (``all_true`` is the collective), and the run stays eager."""
+    import lmforge.train.loop as loop_mod
+    from lmforge.train.compile import Decision
+    from lmforge.train.distributed import Distributed
+
+    monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path / "lm-cache"))
+    monkeypatch.setattr(loop_mod, "decide", lambda *a, **k: Decision(True, "measured: it pays"))
+    asked: list[bool] = []
+
+    def all_true(self: Distributed, flag: bool) -> bool:
+        asked.append(flag)
+        return False  # some other rank says no
+
+    monkeypatch.setattr(Distributed, "all_true", all_true)
+    res = train(_cfg(tmp_path, "--train.max_steps", "12", "--train.eval_interval", "6"), tmp_path / "run",
+                verbose=False)
+    assert True in asked and not res.compiled
+
+
 @pytest.mark.slow
 def test_compiled_training_equals_eager_and_auto_compiles_when_measurements_say_so(
     tmp_path: Path, monkeypatch

@@ -47,6 +47,7 @@ import torch
 from lmforge.config import IGNORE_INDEX, TASK_NAMES, LmforgeError, RunConfig
 from lmforge.data.errors import DataError
 from lmforge.data.sources import decode_utf8, parse_hf_spec
+from lmforge.data.tokenizer import EOT as EOT_TEXT
 
 EOT = object()
 """Segment marker: the tokenizer's end-of-text id (not a string, so it never depends on how a tokenizer
@@ -92,11 +93,13 @@ class Task:
         """The role holding the reference output."""
         return self.roles[-1]
 
-    def format_prompt(self, record: dict[str, Any]) -> str:
-        """The text the model continues (for chat: the history up to the last assistant turn)."""
+    def format_prompt(self, record: dict[str, Any], eot_text: str = EOT_TEXT) -> str:
+        """The text the model continues (for chat: the history up to the last assistant turn, each earlier
+        assistant turn ending in ``eot_text``, which lmforge's tokenizers encode as their end-of-text id;
+        :func:`lmforge.predict.tasks.prompt_ids` gives the exact ids for any tokenizer)."""
         if self.name == "chat":
             segs = chat_segments(record["messages"][: _last_assistant(record["messages"])], add_generation_prompt=True)
-            return "".join(s for s, _ in segs if s is not EOT)
+            return "".join(eot_text if s is EOT else s for s, _ in segs)
         return self.prompt.format(**record)
 
     def reference(self, record: dict[str, Any]) -> str:

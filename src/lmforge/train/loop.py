@@ -468,8 +468,12 @@ class _Trainer:
                                tokens_per_step=self.tokens_per_step, max_time=tc.max_time,
                                elapsed_s=state.elapsed_s, eager_step_s=eager)
         verdict = decide(CompileLedger().load(), self.compile_key, self.device.type, eager, left)
-        self.compile_note = ("compiled" if verdict.compile else "eager") + f" (train.compile auto: {verdict.why})"
-        if verdict.compile:
+        # every rank measured its own steps: compile only where all of them say it pays, so that the ranks
+        # never run different graphs (or one of them stalls in a compile the others skipped)
+        agreed = self.dist.all_true(verdict.compile)
+        why = verdict.why if agreed == verdict.compile else "another rank's measurements say it does not pay"
+        self.compile_note = ("compiled" if agreed else "eager") + f" (train.compile auto: {why})"
+        if agreed:
             # evaluation stays eager: compiling its eval-mode graph too would cost a second compile
             compiled = self.dist.model_calls(self.model, True, False)
             self.calls = ModelCalls(wrapped=compiled.wrapped, train=compiled.train, eval=self.model)
