@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.runs import OutDirError, RunLockedError, check_out_dir, describe_os_error, run_lock
+from lmforge.runs import OutDirError, RunLockedError, check_out_dir, claim_run_dir, describe_os_error, run_lock
 
 
 def test_new_empty_and_existing_runs_are_accepted(tmp_path: Path) -> None:
@@ -70,3 +70,16 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path: Pat
         p.join(30)
     with run_lock(tmp_path, "train"):  # free again once the holder is gone
         pass
+
+
+def test_non_writer_ranks_do_not_judge_the_folder_rank_0_is_creating(tmp_path: Path) -> None:
+    """Under torchrun rank 0 writes ``lmforge-run.json`` (through a temporary sibling) while the other ranks
+    enter ``claim_run_dir``: they must not refuse the half-written folder (the launcher checked it)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".tmp-lmforge-run.json-1b46230c").write_text("{")  # rank 0, mid atomic write
+    with claim_run_dir(out, "train", writer=False) as got:
+        assert got == out
+    with pytest.raises(OutDirError, match="not an lmforge run"):  # the writer still checks
+        with claim_run_dir(out, "train"):
+            pass

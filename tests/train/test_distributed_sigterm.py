@@ -40,7 +40,9 @@ def test_sigterm_stops_every_rank_at_one_checkpoint(tmp_path: Path):
     try:
         t = time.time()
         while not any((p / "COMPLETE").exists() for p in (out / "checkpoints").glob("step-*")):
-            assert proc.poll() is None and time.time() - t < 240, "training did not start"
+            if proc.poll() is not None:
+                raise AssertionError(f"exited with {proc.returncode} before training: {proc.communicate()[0][-3000:]}")
+            assert time.time() - t < 240, "training did not start"
             time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=120)

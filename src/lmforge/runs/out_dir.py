@@ -66,10 +66,12 @@ def claim_run_dir(out: str | Path, command: str, *, writer: bool = True) -> Iter
     anything is written, then (``writer``: the one process that writes the run, rank 0 under torchrun) the
     ``train`` run lock, so that two runs never interleave in one directory, and :func:`mark_run`.
     Every refusal is an :class:`OutDirError` (or ``RunLockedError``) of one line."""
-    out = check_out_dir(out)
     if not writer:
-        yield out
+        # the other ranks do not look: the launcher checked ``out`` before it started them, and rank 0 may be
+        # writing its first file there right now (a half-written temporary name is no run marker yet)
+        yield Path(out)
         return
+    out = check_out_dir(out)
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(run_lock(out, "train"))
