@@ -518,10 +518,12 @@ class _Trainer:
                 state.tokens += self.tokens_per_step
                 tok_window += self.tokens_per_step
                 state.elapsed_s += self.clock() - t0
-                state.elapsed_s, term.requested = dist.agree_on_stop(state.elapsed_s, term.requested)
+                # the agreed answer, not term.requested: the signal handler may set that flag on one rank
+                # between the agreement and the check, and the ranks would then part ways
+                state.elapsed_s, terminate = dist.agree_on_stop(state.elapsed_s, term.requested)
                 self.scheduler.set_elapsed(state.elapsed_s)
                 reason = self.stop_reason()
-                if term.requested:
+                if terminate:
                     reason = "sigterm"
 
                 if state.step % tc.log_interval == 0 or reason:
