@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -13,10 +15,21 @@ from lmforge.config import TransformerConfig, build_config
 from lmforge.data.tokenizer import char_tokenizer
 from lmforge.models import build_model
 from lmforge.runs import save_checkpoint
+from lmforge.train.compile import LEDGER_FILE, cache_dir
 
 # train.compile auto reads and writes measurements under LMFORGE_CACHE_DIR: tests keep theirs (and any
-# compiled artefacts) apart from the user's cache, so a recorded measurement never changes what a test runs
-os.environ.setdefault("LMFORGE_CACHE_DIR", tempfile.mkdtemp(prefix="lmforge-test-cache-"))
+# compiled artefacts) apart from the user's cache, and each test starts without the measurements of the
+# tests before it (one that compiled made `auto` compile in a later one: a cold DDP compile outlasted the
+# launcher's 30-s SIGTERM grace in CI)
+if "LMFORGE_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="lmforge-test-cache-")
+    os.environ["LMFORGE_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _no_compile_measurements_from_earlier_tests() -> None:
+    (cache_dir() / LEDGER_FILE).unlink(missing_ok=True)
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 .,:;!?()\n"
 
