@@ -16,10 +16,13 @@ from lmforge.train.compile import (
     CompileLedger,
     Record,
     StepTimes,
+    compile_for_training,
+    compile_how,
     compile_key,
     decide,
     enable_disk_cache,
     remaining_steps,
+    repeated_blocks,
 )
 from lmforge.train.loop import train
 from lmforge.train.optim import build_optimizer
@@ -106,6 +109,20 @@ def test_compile_key_depends_on_shape_and_model() -> None:
     assert k != compile_key(other, 4, 16, "auto", cpu)
 
 
+def test_regional_compilation_finds_repeated_blocks_only() -> None:
+    two = build_model(TransformerConfig(n_layer=2, d_model=32, n_head=2), vocab_size=40, max_seq_len=16)
+    assert repeated_blocks(two) == list(two.h) and compile_how(two) == "regional"
+    assert repeated_blocks(_tiny()) == [] and compile_how(_tiny()) == "whole"  # one block: nothing repeats
+    lstm = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.LSTM(4, 4), torch.nn.LSTM(4, 4)]))
+    assert repeated_blocks(lstm) == []  # torch's fused recurrent layers compile whole
+    # the two ways compile different graphs: their measurements are kept apart
+    cpu = torch.device("cpu")
+    assert compile_key(two, 4, 16, "auto", cpu) == compile_key(two, 4, 16, "auto", cpu, how="regional")
+    assert compile_key(two, 4, 16, "auto", cpu) != compile_key(two, 4, 16, "auto", cpu, how="whole")
+    with pytest.raises(ValueError, match="no repeated blocks"):
+        compile_for_training(_tiny(), "regional")
+
+
 def test_disk_cache_goes_under_lmforge_cache_unless_set(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
@@ -136,7 +153,7 @@ def test_compiled_training_equals_eager_and_auto_compiles_when_measurements_say_
     (the ledger says compiling pays) reach the same losses and weights within float tolerance."""
     monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path / "lm-cache"))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    args = ("--train.max_steps", "12", "--train.eval_interval", "6")
+    args = ("--train.max_steps", "12", "--train.eval_interval", "6", "--model.n_layer", "2")
     eager = train(_cfg(tmp_path, *args, "--train.compile", "false"), tmp_path / "eager", verbose=False)
     compiled = train(_cfg(tmp_path, *args, "--train.compile", "true"), tmp_path / "compiled", verbose=False)
     assert not eager.compiled and compiled.compiled and compiled.phases["compile_s"] > 0
@@ -151,6 +168,44 @@ def test_compiled_training_equals_eager_and_auto_compiles_when_measurements_say_
         for a, b in zip(eager.history, res.history, strict=True):
             assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4, abs=1e-5)
             assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4, abs=1e-5)
+    # a given model is compiled regionally while it trains and handed back with eager blocks
+    cfg = _cfg(tmp_path, *args, "--train.compile", "true", "--train.max_steps", "3")
+    given = build_model(cfg.model, vocab_size=64, max_seq_len=16)
+    res = train(cfg, tmp_path / "given", model=given, verbose=False)
+    assert res.compiled and all(b._compiled_call_impl is None for b in given.h)
+
+
+@pytest.mark.slow
+def test_regional_and_whole_compiled_steps_equal_eager_and_undo_restores_the_model() -> None:
+    """Five AdamW steps of a 2-block model: blocks compiled in place (regional) and the model compiled
+    whole reach eager's losses and weights within float tolerance; undo leaves eager blocks behind."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    base = build_model(TransformerConfig(n_layer=2, d_model=32, n_head=2, dropout=0.0), vocab_size=40,
+                       max_seq_len=16)
+    batches = [(torch.randint(0, 40, (4, 16)), torch.randint(0, 40, (4, 16))) for _ in range(5)]
+    cfg = OptimConfig(name="adamw", lr=1e-2, weight_decay=0.1, eps=1e-4)
+    runs: dict[str, tuple[list[float], torch.nn.Module]] = {}
+    for how in ("eager", "regional", "whole"):
+        model = copy.deepcopy(base)
+        fwd, undo = (model, lambda: None) if how == "eager" else compile_for_training(model, how)  # type: ignore[arg-type]
+        if how == "regional":
+            assert fwd is model and all(b._compiled_call_impl is not None for b in model.h)
+        opt = build_optimizer(model, cfg)
+        losses = []
+        for x, y in batches:
+            opt.zero_grad(set_to_none=True)
+            _, loss = fwd(x, y)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        undo()
+        assert all(b._compiled_call_impl is None for b in model.h)
+        runs[how] = (losses, model)
+    for how in ("regional", "whole"):
+        assert runs[how][0] == pytest.approx(runs["eager"][0], rel=1e-4, abs=1e-5)
+        for (name, a), b in zip(runs["eager"][1].named_parameters(), runs[how][1].parameters(), strict=True):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (how, name, (a - b).abs().max())
 
 
 # ---------------------------------------------------------------------------------- the optimizer

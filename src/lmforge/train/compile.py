@@ -11,6 +11,16 @@ tracing only (measured: 31 s cold, 4.7 s warm for the 4x128 CPU model). ``torch.
 / ``load_cache_artifacts`` ("mega-cache") serialize the same caches to move them to *another* machine; one
 machine does not need them.
 
+**Regional compilation** (:func:`compile_for_training`). A model whose layers are a ``nn.ModuleList`` of
+blocks of one class (transformer and RCNN blocks) compiles each block in place (``nn.Module.compile``),
+not the whole model: every block runs the same code object, and since dynamo treats a module's parameters
+as graph inputs (``inline_inbuilt_nn_modules``, always on in torch >= 2.5) the blocks of one shape share
+one compiled graph, so a model compiles one block's forward and backward whatever its depth. Embeddings,
+the final norm, the head and the loss stay eager. Models without such blocks compile whole.
+``benchmarks/train_throughput.py`` measures both ways side by side, cold and warm, in fresh processes.
+Evaluation runs the blocks eagerly (:func:`eager_calls`): a compiled block called under
+``inference_mode`` would compile a second graph.
+
 **The pays-off decision** (``train.compile: auto``) uses measured numbers only. A :class:`CompileLedger` (a
 JSON file beside the cache) records, per :func:`compile_key` (model config, batch, block, dtype, device, torch
 version and a hash of the model's source file), the median eager step time, the median compiled step time
@@ -31,9 +41,11 @@ import json
 import math
 import os
 import statistics
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -65,9 +77,59 @@ def enable_disk_cache() -> Path:
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
-def compile_key(model: nn.Module, batch: int, block: int, dtype: str, device: torch.device) -> str:
+CompileHow = Literal["regional", "whole"]
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks regional compilation compiles: the modules of the model's ``nn.ModuleList``\\ s that hold
+    two or more modules of one class (torch's own recurrent layers excluded: dynamo does not trace their
+    fused kernels); empty when the model has none."""
+    found: list[nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) >= 2:
+            kinds = {type(m) for m in module}
+            if len(kinds) == 1 and not issubclass(next(iter(kinds)), nn.RNNBase):
+                found.extend(module)
+    return found
+
+
+def compile_how(model: nn.Module) -> CompileHow:
+    """``regional`` when the model has repeated blocks, else ``whole``."""
+    return "regional" if repeated_blocks(model) else "whole"
+
+
+def compile_for_training(model: nn.Module, how: CompileHow) -> tuple[nn.Module, Callable[[], None]]:
+    """Compile ``model`` -> (what to call for a training forward, a function that undoes the compile).
+
+    ``regional`` compiles each of :func:`repeated_blocks` in place and returns ``model`` itself (so a
+    DistributedDataParallel wrapper goes around it as around an eager model); the undo function restores
+    the eager blocks, so the caller's model leaves training as it came. ``whole`` returns
+    ``torch.compile(model)`` and leaves the model untouched."""
+    if how == "whole":
+        return cast(nn.Module, torch.compile(model)), lambda: None
+    blocks = repeated_blocks(model)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no repeated blocks to compile regionally")
+    for block in blocks:
+        block.compile()
+
+    def undo() -> None:
+        for block in blocks:
+            block._compiled_call_impl = None
+
+    return model, undo
+
+
+def eager_calls() -> AbstractContextManager[Any]:
+    """Run compiled modules eagerly inside (evaluation of a regionally compiled model)."""
+    return torch.compiler.set_stance("force_eager")
+
+
+def compile_key(model: nn.Module, batch: int, block: int, dtype: str, device: torch.device,
+                how: CompileHow | None = None) -> str:
     """What a compiled graph depends on: the model's config and source code, the batch shape, the precision,
-    the device kind and the torch version."""
+    the device kind, the torch version and how it is compiled (:func:`compile_how` of the model unless
+    ``how`` is given)."""
     cfg = getattr(model, "config", None)
     dump = getattr(cfg, "model_dump_json", None)
     cfg_text = dump() if callable(dump) else repr(cfg)
@@ -77,7 +139,7 @@ def compile_key(model: nn.Module, batch: int, block: int, dtype: str, device: to
     except (OSError, TypeError):
         src = type(model).__qualname__
     parts = [cfg_text, f"{batch}x{block}", dtype, device.type, torch.__version__,
-             hashlib.sha256(src.encode()).hexdigest()]
+             hashlib.sha256(src.encode()).hexdigest(), how or compile_how(model)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 

@@ -14,10 +14,11 @@ objects and counters; its methods are the steps of the loop.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +51,13 @@ from lmforge.train.compile import (
     StepTimes,
     compile_key,
     decide,
+    eager_calls,
     enable_disk_cache,
     remaining_steps,
 )
 from lmforge.train.data_source import BatchSampler, DataSource, open_data_source
 from lmforge.train.device import autocast_context, grad_scaler, resolve_device, seed_everything, to_device
-from lmforge.train.distributed import Distributed, ModelCalls, RankSlice
+from lmforge.train.distributed import Distributed, RankSlice
 from lmforge.train.errors import TrainingError, write_errors
 from lmforge.train.evaluation import evaluate_loss
 from lmforge.train.memory import check_fits_in_memory
@@ -146,6 +148,15 @@ def _model_for(cfg: RunConfig, model: LanguageModel | None, tokenizer: Tokenizer
     return model
 
 
+@contextlib.contextmanager
+def _undo_on_exit(undo: Callable[[], None]) -> Iterator[None]:
+    """Restore the caller's model (eager blocks) when training ends, however it ends."""
+    try:
+        yield
+    finally:
+        undo()
+
+
 class _Trainer:
     """One call of :func:`train`: the objects it built and the counters that go into every checkpoint."""
 
@@ -208,7 +219,7 @@ class _Trainer:
             enable_disk_cache()
         self.calls = dist.model_calls(model, self.compiled, self.gd)
         self.step_times = StepTimes()
-        self.compile_note = "compiled (train.compile true)" if self.compiled else "eager"
+        self.compile_note = f"compiled {self.calls.how} (train.compile true)" if self.compiled else "eager"
 
         # -- counters ---------------------------------------------------------------------------------
         self.state = LoopState(config=cfg, out_dir=out, model=model, rank=dist.rank, world_size=dist.world_size)
@@ -399,8 +410,10 @@ class _Trainer:
     # ------------------------------------------------------------------------------- evaluation
     def eval_record(self, train_loss: float) -> dict[str, Any]:
         state, dist = self.state, self.dist
-        val_loss, _ = evaluate_loss(self.calls.eval, self.val_batches, self.device, self.autocast,
-                                    dist if dist.enabled else None)
+        # evaluation stays eager: compiling its inference-mode graph too would cost a second compile
+        with eager_calls() if self.compiled else contextlib.nullcontext():
+            val_loss, _ = evaluate_loss(self.calls.eval, self.val_batches, self.device, self.autocast,
+                                        dist if dist.enabled else None)
         rec = {
             "step": state.step, "tokens": state.tokens, "elapsed_s": round(state.elapsed_s, 3),
             "time": round(time.time(), 3),
@@ -468,12 +481,11 @@ class _Trainer:
                                tokens_per_step=self.tokens_per_step, max_time=tc.max_time,
                                elapsed_s=state.elapsed_s, eager_step_s=eager)
         verdict = decide(CompileLedger().load(), self.compile_key, self.device.type, eager, left)
-        self.compile_note = ("compiled" if verdict.compile else "eager") + f" (train.compile auto: {verdict.why})"
         if verdict.compile:
-            # evaluation stays eager: compiling its eval-mode graph too would cost a second compile
-            compiled = self.dist.model_calls(self.model, True, False)
-            self.calls = ModelCalls(wrapped=compiled.wrapped, train=compiled.train, eval=self.model)
+            self.calls = self.dist.model_calls(self.model, True, False, wrapped=self.calls.wrapped)
             self.compiled = True
+        how = f"compiled {self.calls.how}" if verdict.compile else "eager"
+        self.compile_note = f"{how} (train.compile auto: {verdict.why})"
 
     def record_step_times(self) -> None:
         """Write this run's measured step times and compile cost to the ledger the ``auto`` decision reads."""
@@ -498,7 +510,7 @@ class _Trainer:
         bar = progress_bar(tc.max_steps, tc.progress and self.verbose and dist.is_main, state.step)
         t_last = self.clock()
         tok_window = 0
-        with TerminateRequest() as term:
+        with TerminateRequest() as term, _undo_on_exit(lambda: self.calls.undo()):
             while reason is None:
                 t0 = self.clock()
                 t_step = time.perf_counter()
