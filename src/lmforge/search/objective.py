@@ -276,6 +276,7 @@ def _train_once(
     if ctx.report_to:  # --report-to: the trial's curve to TensorBoard / MLflow as it trains
         name = out.relative_to(ctx.run_dir).as_posix().replace("/", "-")
         live.append(LiveCurves(ctx.report_to, Path(ctx.run_dir) / "tensorboard", name, dict(trial.params)))
+    tc = cfg.train
     result = train(
         cfg,
         out,
@@ -283,6 +284,9 @@ def _train_once(
         callbacks=[reporter, *live],
         verbose=verbose,
         val_batches=fixed_val_batches(val, cfg, ctx.eval_blocks),
+        # checkpoints where the trial can be resumed (its rungs, and where it stops), best/ where it ends
+        checkpoint_steps=rung_steps(fid, tc.eval_interval, tc.batch_size * cfg.data.block_size * tc.grad_accum,
+                                    tc.max_steps or fid.max_steps),
     )
     reporter.tokens = result.tokens
     # the trial's wall time by phase (summed over folds), for the report's overhead table
@@ -305,6 +309,20 @@ def _train_once(
     if not math.isfinite(result.best_val_loss):
         raise TrialStop("fail", "no finite validation loss")
     return float(result.best_val_loss), reporter.trained
+
+
+def rung_steps(fid: Fidelity, eval_interval: int, tokens_per_step: int, max_steps: int) -> set[int]:
+    """The steps of the evaluations at which a trial reports each rung of ``fid`` (``min_tokens * eta**k``
+    tokens): the first evaluation step (a multiple of ``eval_interval``) at or past the rung's tokens,
+    capped at ``max_steps``."""
+    steps: set[int] = set()
+    per_eval = max(1, tokens_per_step * eval_interval)
+    for k in range(fid.rungs + 1):
+        tokens = fid.min_tokens * fid.eta**k
+        if tokens > fid.max_tokens:
+            break
+        steps.add(min(max_steps, math.ceil(tokens / per_eval) * eval_interval))
+    return steps
 
 
 def _cross_validate(

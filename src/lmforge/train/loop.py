@@ -18,7 +18,7 @@ import contextlib
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from lmforge.runs import (
     prune_checkpoints,
     save_best,
     save_checkpoint,
+    snapshot_weights,
     truncate_metrics,
     write_config,
 )
@@ -93,6 +94,7 @@ def train(
     val_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     verbose: bool = True,
     clock: Callable[[], float] = time.perf_counter,
+    checkpoint_steps: Container[int] | None = None,
 ) -> TrainResult:
     """Train ``config`` into ``out_dir`` and return a summary.
 
@@ -107,6 +109,11 @@ def train(
 
     ``clock`` is the seconds counter that measures training time (``train.max_time``, the time horizon of
     the schedule, ``elapsed_s``); tests pass a fake one.
+
+    ``checkpoint_steps`` (search trials: the evaluations at the pruner's rungs) replaces the periodic
+    checkpoints of ``train.checkpoint_interval``: checkpoints are written at these steps and where training
+    stops (where a trial can be resumed), and ``best/`` is kept in memory when the validation loss improves
+    and written with the next checkpoint (it is what a trial can be chosen by), not at every improvement.
     """
     tc = config.train
     out = Path(out_dir)
@@ -127,7 +134,8 @@ def train(
                 tokenizer = Tokenizer.load(resume_ckpt.path)
             source = open_data_source(config, data, tokenizer, sampler, val_batches)
         trainer = _Trainer(config, out, source=source, model=model, resume_ckpt=resume_ckpt,
-                           callbacks=callbacks, dist=dist, verbose=verbose, clock=clock)
+                           callbacks=callbacks, dist=dist, verbose=verbose, clock=clock,
+                           checkpoint_steps=checkpoint_steps)
         return trainer.run()
 
 
@@ -172,8 +180,12 @@ class _Trainer:
         dist: Distributed,
         verbose: bool,
         clock: Callable[[], float],
+        checkpoint_steps: Container[int] | None = None,
     ) -> None:
         t_build = time.perf_counter()
+        self.checkpoint_steps = checkpoint_steps
+        # with checkpoint_steps: the best weights wait here (a CPU copy and best/'s meta) for the next checkpoint
+        self.pending_best: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
         self.out = out
         self.clock = clock
         self.phases: dict[str, float] = {"build_s": 0.0, "train_s": 0.0, "compile_s": 0.0, "eval_s": 0.0,
@@ -288,7 +300,22 @@ class _Trainer:
             "best_step": state.best_step, "bad_evals": self.bad_evals,
         }
 
+    def write_best(self, weights: torch.nn.Module | dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
+        if self.dist.is_main:
+            with write_errors(self.out / BEST_DIR):
+                save_best(self.out, model=weights, config_yaml=self.config_yaml, tokenizer=self.tokenizer, meta=meta)
+        self.phases["checkpoint_s"] += time.perf_counter() - t0
+
+    def flush_best(self) -> None:
+        """Write the best weights kept in memory (``checkpoint_steps``), before the checkpoint that counts them."""
+        if self.pending_best is not None:
+            weights, meta = self.pending_best
+            self.pending_best = None
+            self.write_best(weights, meta)
+
     def checkpoint(self, val_loss: float | None) -> Path:
+        self.flush_best()  # a checkpoint's best_val_loss never names a best/ that is not on disk
         t0 = time.perf_counter()
         state, dist = self.state, self.dist
         meta = {"step": state.step, "tokens": state.tokens, "val_loss": val_loss, "elapsed_s": state.elapsed_s}
@@ -458,15 +485,24 @@ class _Trainer:
         if dist.any_true(cb_stop) and reason is None:  # any rank's callback stops every rank
             reason = "callback"
         state.elapsed_s += self.clock() - t_eval
-        t_best = time.perf_counter()
-        self.phases["eval_s"] += t_best - t_phase
-        if improved and dist.is_main:
-            with write_errors(self.out / BEST_DIR):
-                save_best(self.out, model=self.model, config_yaml=self.config_yaml, tokenizer=self.tokenizer,
-                          meta={"step": state.step, "tokens": state.tokens, "val_loss": rec["val_loss"],
-                                "elapsed_s": state.elapsed_s})
-            self.phases["checkpoint_s"] += time.perf_counter() - t_best
+        self.phases["eval_s"] += time.perf_counter() - t_phase
+        if improved:
+            meta = {"step": state.step, "tokens": state.tokens, "val_loss": rec["val_loss"],
+                    "elapsed_s": state.elapsed_s}
+            if self.checkpoint_steps is None:
+                self.write_best(self.model, meta)
+            elif dist.is_main:
+                t_copy = time.perf_counter()
+                self.pending_best = (snapshot_weights(self.model), meta)
+                self.phases["checkpoint_s"] += time.perf_counter() - t_copy
         return reason
+
+    def checkpoint_due(self) -> bool:
+        """A periodic checkpoint at this step: every ``train.checkpoint_interval`` (else ``eval_interval``)
+        steps, or at ``checkpoint_steps`` where those are given."""
+        if self.checkpoint_steps is not None:
+            return self.state.step in self.checkpoint_steps
+        return self.state.step % (self.tc.checkpoint_interval or self.tc.eval_interval) == 0
 
     # ---------------------------------------------------------------------------------- compile
     def maybe_compile(self) -> None:
@@ -542,10 +578,10 @@ class _Trainer:
                 is_eval = state.step % tc.eval_interval == 0 or reason is not None
                 if is_eval:
                     reason = self.evaluate(reason, bar)
-                ckpt_every = tc.checkpoint_interval or tc.eval_interval
-                if state.step % ckpt_every == 0 or reason is not None:
+                if reason is not None or self.checkpoint_due():
                     self.checkpoint(self.last_val if is_eval else None)
         bar.close()
+        self.flush_best()  # stopped without a checkpoint after the best evaluation (none is written then)
         self.phases["train_s"] -= self.phases["compile_s"]
         self.record_step_times()
         if self.compile_note != "eager":
