@@ -187,7 +187,7 @@ def main() -> None:
     ledger = CompileLedger()
     for how in ("regional", "whole"):
         key = compile_key(models["lmforge"], B, T, "auto", torch.device("cpu"), how=how)  # type: ignore[arg-type]
-        ledger.update(key, "cpu", eager_step_s=B * T / med["lmforge"], compiled_step_s=B * T / med[f"lmforge_{how}"],
+        ledger.update(key, "cpu", how=how, eager_step_s=B * T / med["lmforge"], compiled_step_s=B * T / med[f"lmforge_{how}"],
                       compile_cold_s=costs[how]["cold"], compile_warm_s=costs[how]["warm"])
     if args.profile:
         print("\n== profile: lmforge eager step (fused AdamW), 10 steps ==")

@@ -68,6 +68,11 @@ def test_decide_borrows_other_shapes_on_the_same_device_and_is_eager_without_mea
     assert not decide(other, "new", "cpu", 0.1, 100).compile
     assert not decide({}, "new", "cpu", 0.1, 10**9).compile  # nothing measured: eager
     assert not decide(other, "new", "cpu", 0.1, None).compile  # no planned length: eager
+    # regional compilation borrows only regional measurements (records without "how" are whole-model ones)
+    assert not decide(other, "new", "cpu", 0.1, 300, how="regional").compile
+    other["r"] = Record(device="cpu", eager_step_s=1.0, compiled_step_s=0.5, compile_cold_s=1.0, how="regional")
+    assert decide(other, "new", "cpu", 0.1, 100, how="regional").compile  # 5 s saved > 1 s
+    assert not decide(other, "new", "cpu", 0.1, 100, how="whole").compile  # 5 s saved < 10 s
 
 
 def test_remaining_steps_takes_the_tightest_limit() -> None:

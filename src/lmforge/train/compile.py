@@ -149,6 +149,9 @@ class Record:
 
     device: str
     eager_step_s: float | None = None
+    how: str | None = None
+    """How the compiled numbers were compiled (``regional``/``whole``; None: a record from before regional
+    compilation, i.e. whole)."""
     compiled_step_s: float | None = None
     compile_cold_s: float | None = None
     compile_warm_s: float | None = None
@@ -185,10 +188,12 @@ class CompileLedger:
     def get(self, key: str) -> Record | None:
         return self.load().get(key)
 
-    def update(self, key: str, device: str, **values: float | None) -> Record:
+    def update(self, key: str, device: str, how: CompileHow | None = None, **values: float | None) -> Record:
         """Merge ``values`` (the ones that are not None) into ``key``'s record and write the ledger."""
         records = self.load()
         rec = records.get(key) or Record(device=device)
+        if how is not None:
+            rec.how = how
         for name, value in values.items():
             if value is not None and math.isfinite(value):
                 setattr(rec, name, float(value))
@@ -211,13 +216,15 @@ class Decision:
 
 
 def decide(records: dict[str, Record], key: str, device: str, eager_step_s: float,
-           remaining_steps: float | None) -> Decision:
+           remaining_steps: float | None, how: CompileHow | None = None) -> Decision:
     """Whether compiling now pays: ``remaining_steps x (eager - compiled step time) > compile seconds``,
-    from this key's record or, failing that, the median of other shapes' records on ``device``."""
+    from this key's record or, failing that, the median of other shapes' records on ``device`` compiled
+    the same way (``how``; None: any way)."""
     if remaining_steps is None or not math.isfinite(remaining_steps):
         return Decision(False, "no planned length (train.max_steps, max_tokens or max_time) to repay a compile")
     own = records.get(key)
-    same_device = [r for r in records.values() if r.device == device]
+    same_device = [r for r in records.values()
+                   if r.device == device and (how is None or (r.how or "whole") == how)]
     ratio = own.ratio if own is not None and own.ratio is not None else _median(r.ratio for r in same_device)
     cost = None
     if own is not None:

@@ -50,6 +50,7 @@ from lmforge.train.compile import (
     PROBE_STEPS,
     CompileLedger,
     StepTimes,
+    compile_how,
     compile_key,
     decide,
     eager_calls,
@@ -516,7 +517,8 @@ class _Trainer:
         left = remaining_steps(step=state.step, max_steps=tc.max_steps, max_tokens=tc.max_tokens, tokens=state.tokens,
                                tokens_per_step=self.tokens_per_step, max_time=tc.max_time,
                                elapsed_s=state.elapsed_s, eager_step_s=eager)
-        verdict = decide(CompileLedger().load(), self.compile_key, self.device.type, eager, left)
+        verdict = decide(CompileLedger().load(), self.compile_key, self.device.type, eager, left,
+                         how=compile_how(self.model))
         if verdict.compile:
             self.calls = self.dist.model_calls(self.model, True, False, wrapped=self.calls.wrapped)
             self.compiled = True
@@ -532,7 +534,7 @@ class _Trainer:
         before = ledger.get(self.compile_key)
         warm = before is not None and (before.compile_cold_s is not None or before.compile_warm_s is not None)
         cost = st.compile_cost()
-        ledger.update(self.compile_key, self.device.type, eager_step_s=st.eager_median(),
+        ledger.update(self.compile_key, self.device.type, how=compile_how(self.model), eager_step_s=st.eager_median(),
                       compiled_step_s=st.compiled_median(),
                       compile_warm_s=cost if warm else None, compile_cold_s=None if warm else cost)
 
