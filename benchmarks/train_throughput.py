@@ -8,9 +8,11 @@ before); Hugging Face with the AdamW its Trainer picks on torch >= 2.8 (``adamw_
 GPT-2's default tanh GELU and once with the same exact GELU and biases as lmforge (the same math).
 
 Compile time, per way, each measured in a fresh Python process (so every one pays inductor's start-up as a
-trial does): cold (an empty inductor cache) then warm (a new process on the cache the cold one filled: what
+trial does): cold (an empty inductor cache), warm (a new process on the cache the cold one filled: what
 a later trial or run of the same shape gets from the cache ``train.compile`` keeps under
-``LMFORGE_CACHE_DIR``); the cost is the first step's time less a steady compiled step's. ``--compile-reps N``
+``LMFORGE_CACHE_DIR``) and new shape (a cache that holds another shape's artefacts: the CPU checks and
+shared kernels are cached, this shape's graphs are not); the cost is the first step's time less a steady
+compiled step's. ``--compile-reps N``
 repeats the cold/warm pair N times (ways alternating) and reports the median. The compile-included rate is
 over a run of ``--run-steps`` (2,000) steps: ``run tokens / (compile s + run tokens / steady rate)``,
 extrapolated from the measured steady rate (the script times ``--rounds`` x ``--steps`` steps, not 2,000).
@@ -19,7 +21,8 @@ extrapolated from the measured steady rate (the script times ``--rounds`` x ``--
                                           [--compile-reps 1] [--profile]
 
 Prints a table, then one machine-readable line starting with ``RESULT``. Also writes the measured step times
-and compile costs to lmforge's compile ledger (what ``train.compile: auto`` decides from).
+and compile costs to lmforge's compile ledger (what ``train.compile: auto`` decides from): the ``new_shape``
+cost as the key's first-compile cost, the ``warm`` one as its cached cost.
 """
 
 from __future__ import annotations
@@ -54,8 +57,8 @@ def peak_matmul_flops(n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
-def make_lmforge() -> torch.nn.Module:
-    cfg = TransformerConfig(n_layer=SHAPE["n_layer"], n_head=SHAPE["n_head"], d_model=SHAPE["d_model"], dropout=0.0)
+def make_lmforge(d_model: int = SHAPE["d_model"]) -> torch.nn.Module:
+    cfg = TransformerConfig(n_layer=SHAPE["n_layer"], n_head=SHAPE["n_head"], d_model=d_model, dropout=0.0)
     return build_model(cfg, vocab_size=SHAPE["vocab"], max_seq_len=SHAPE["block"])
 
 
@@ -84,13 +87,13 @@ def timed_steps(fwd, opt, batches, hf: bool) -> float:
     return time.perf_counter() - t
 
 
-def probe_compile(how: CompileHow, threads: int, steps: int = 6) -> None:
+def probe_compile(how: CompileHow, threads: int, d_model: int, steps: int = 6) -> None:
     """(In a fresh process) compile lmforge's model ``how``, time its first step and ``steps`` steady ones;
     print one JSON line. The inductor cache is the one ``TORCHINDUCTOR_CACHE_DIR`` names."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     B, T, V = SHAPE["batch"], SHAPE["block"], SHAPE["vocab"]
-    model = make_lmforge()
+    model = make_lmforge(d_model)
     opt = build_optimizer(model, ADAMW)
     fwd, _ = compile_for_training(model, how)
     batches = [(torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))) for _ in range(steps + 1)]
@@ -100,20 +103,35 @@ def probe_compile(how: CompileHow, threads: int, steps: int = 6) -> None:
     print(json.dumps({"how": how, "first_s": first, "steady_s": steady, "cost_s": max(0.0, first - steady)}))
 
 
-def compile_costs(threads: int, reps: int) -> dict[str, dict[str, float]]:
-    """{how: {"cold": s, "warm": s}}: the median over ``reps`` of each way's cold compile (a new empty
-    cache) and warm compile (a second process on that cache), every one in a fresh process, ways alternating."""
-    costs: dict[str, dict[str, list[float]]] = {h: {"cold": [], "warm": []} for h in ("regional", "whole")}
+OTHER_WIDTH = 96
+"""The width of the other shape that fills a cache before the ``new_shape`` measurement."""
+
+
+def _probe(how: str, threads: int, cache: str, d_model: int) -> float:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "OMP_NUM_THREADS": str(threads)}
+    out = subprocess.run([sys.executable, __file__, "--probe-compile", how, "--threads", str(threads),
+                          "--probe-width", str(d_model)], env=env, check=True, capture_output=True, text=True).stdout
+    return float(json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])["cost_s"])
+
+
+def compile_costs(threads: int, reps: int) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """{how: {kind: s}}, the median over ``reps``, every compile in a fresh process, ways alternating:
+    ``cold`` (an empty cache: a machine's first compile ever), ``warm`` (a second process on that cache: the
+    same shape again) and ``new_shape`` (a cache that holds another shape, width 96: what a trial of a shape
+    not compiled before pays on a machine that has compiled others -- what ``train.compile: auto`` weighs)."""
+    kinds = ("cold", "warm", "new_shape")
+    costs: dict[str, dict[str, list[float]]] = {h: {k: [] for k in kinds} for h in ("regional", "whole")}
+    width = SHAPE["d_model"]
     for _ in range(reps):
-        dirs = {h: tempfile.mkdtemp(prefix=f"lmforge-bench-{h}-") for h in costs}
-        for kind in ("cold", "warm"):
+        fresh = {h: tempfile.mkdtemp(prefix=f"lmforge-bench-{h}-") for h in costs}
+        other = {h: tempfile.mkdtemp(prefix=f"lmforge-bench-{h}-other-") for h in costs}
+        for how in costs:
+            _probe(how, threads, other[how], OTHER_WIDTH)  # fills the cache with another shape
+        for kind in kinds:
             for how in costs:
-                env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": dirs[how], "OMP_NUM_THREADS": str(threads)}
-                out = subprocess.run([sys.executable, __file__, "--probe-compile", how, "--threads", str(threads)],
-                                     env=env, check=True, capture_output=True, text=True).stdout
-                line = [ln for ln in out.splitlines() if ln.startswith("{")][-1]
-                costs[how][kind].append(json.loads(line)["cost_s"])
-    return {h: {k: statistics.median(v) for k, v in kinds.items()} for h, kinds in costs.items()}
+                cache = other[how] if kind == "new_shape" else fresh[how]
+                costs[how][kind].append(_probe(how, threads, cache, width))
+    return {h: {k: statistics.median(v) for k, v in ks.items()} for h, ks in costs.items()}, fresh
 
 
 def profile_table(fwd, opt, batches, rows: int = 15) -> str:
@@ -134,15 +152,14 @@ def main() -> None:
     ap.add_argument("--compile-reps", type=int, default=1, help="cold/warm compile measurements per way")
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler tables of the lmforge step")
     ap.add_argument("--probe-compile", choices=["regional", "whole"], help=argparse.SUPPRESS)
+    ap.add_argument("--probe-width", type=int, default=SHAPE["d_model"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     threads = args.threads or available_cores()
     if args.probe_compile:
-        probe_compile(args.probe_compile, threads)
+        probe_compile(args.probe_compile, threads, args.probe_width)
         return
     set_threads(threads)
-    costs = compile_costs(threads, args.compile_reps)
-    # the in-process compiled models start from a cache of this run's (warm): their cost is measured above
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lmforge-bench-inductor-")
+    costs, caches = compile_costs(threads, args.compile_reps)
     torch.manual_seed(0)
     B, T, V = SHAPE["batch"], SHAPE["block"], SHAPE["vocab"]
     batches = [(torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))) for _ in range(args.steps)]
@@ -155,9 +172,11 @@ def main() -> None:
                 else torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, **fused))
             for k, m in models.items()}
     fwds = {k: m for k, m in models.items()}
-    fwds["lmforge_regional"], _ = compile_for_training(models["lmforge_regional"], "regional")
-    fwds["lmforge_whole"], _ = compile_for_training(models["lmforge_whole"], "whole")
-    for k, m in models.items():  # warm-up (and the in-process compiles)
+    for how in ("regional", "whole"):  # in-process compiles warm from the probes' caches: their cost is above
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = caches[how]
+        fwds[f"lmforge_{how}"], _ = compile_for_training(models[f"lmforge_{how}"], how)  # type: ignore[arg-type]
+        timed_steps(fwds[f"lmforge_{how}"], opts[f"lmforge_{how}"], batches[:1], hf=False)
+    for k, m in models.items():  # warm-up
         m.train()
         timed_steps(fwds[k], opts[k], batches[:5], hf=k.startswith("hf"))
     rates: dict[str, list[float]] = {k: [] for k in models}
@@ -177,18 +196,19 @@ def main() -> None:
         print(f"{k:<40} {med[k]:>18,.0f} {min(v):>10,.0f} {max(v):>10,.0f} {100 * fpt * med[k] / peak:>6.2f}% "
               f"{med[k] / base:>15.2f}x")
     for name, r in incl.items():
-        how, kind = name.split("_")
+        how, kind = name.split("_", 1)
         label = f"lmforge_{how} incl. {kind} compile"
         print(f"{label:<40} {r:>18,.0f} {'':>10} {'':>10} {100 * fpt * r / peak:>6.2f}% {r / base:>15.2f}x")
     print("compile seconds (fresh process each, median of " f"{args.compile_reps}): " + "; ".join(
-        f"{how} cold {k['cold']:.1f} s, warm {k['warm']:.1f} s" for how, k in costs.items())
+        f"{how} cold {k['cold']:.1f} s, new shape {k['new_shape']:.1f} s, warm {k['warm']:.1f} s"
+        for how, k in costs.items())
         + f"; compile-included rates over a {args.run_steps:,}-step run, extrapolated from the steady rate; "
         f"peak fp32 matmul {peak / 1e9:,.1f} GFLOP/s; threads {torch.get_num_threads()}")
     ledger = CompileLedger()
     for how in ("regional", "whole"):
         key = compile_key(models["lmforge"], B, T, "auto", torch.device("cpu"), how=how)  # type: ignore[arg-type]
         ledger.update(key, "cpu", how=how, eager_step_s=B * T / med["lmforge"], compiled_step_s=B * T / med[f"lmforge_{how}"],
-                      compile_cold_s=costs[how]["cold"], compile_warm_s=costs[how]["warm"])
+                      compile_cold_s=costs[how]["new_shape"], compile_warm_s=costs[how]["warm"])
     if args.profile:
         print("\n== profile: lmforge eager step (fused AdamW), 10 steps ==")
         print(profile_table(models["lmforge"], opts["lmforge"], batches[:10]))
