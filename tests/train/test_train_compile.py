@@ -116,14 +116,22 @@ def test_compile_key_depends_on_shape_and_model() -> None:
 
 def test_regional_compilation_finds_repeated_blocks_only() -> None:
     two = build_model(TransformerConfig(n_layer=2, d_model=32, n_head=2), vocab_size=40, max_seq_len=16)
-    assert repeated_blocks(two) == list(two.h) and compile_how(two) == "regional"
+    # the transformer's blocks are nested compile regions: compiled once inside the whole-model graph
+    assert repeated_blocks(two) == list(two.h) and compile_how(two) == "whole"
     assert repeated_blocks(_tiny()) == [] and compile_how(_tiny()) == "whole"  # one block: nothing repeats
+
+    class Unmarked(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+
+    assert compile_how(Unmarked()) == "regional"  # repeated, not marked: each compiled once in place
     lstm = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.LSTM(4, 4), torch.nn.LSTM(4, 4)]))
     assert repeated_blocks(lstm) == []  # torch's fused recurrent layers compile whole
     # the two ways compile different graphs: their measurements are kept apart
     cpu = torch.device("cpu")
-    assert compile_key(two, 4, 16, "auto", cpu) == compile_key(two, 4, 16, "auto", cpu, how="regional")
-    assert compile_key(two, 4, 16, "auto", cpu) != compile_key(two, 4, 16, "auto", cpu, how="whole")
+    assert compile_key(two, 4, 16, "auto", cpu) == compile_key(two, 4, 16, "auto", cpu, how="whole")
+    assert compile_key(two, 4, 16, "auto", cpu) != compile_key(two, 4, 16, "auto", cpu, how="regional")
     with pytest.raises(ValueError, match="no repeated blocks"):
         compile_for_training(_tiny(), "regional")
 
@@ -173,7 +181,7 @@ def test_compiled_training_equals_eager_and_auto_compiles_when_measurements_say_
         for a, b in zip(eager.history, res.history, strict=True):
             assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4, abs=1e-5)
             assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4, abs=1e-5)
-    # a given model is compiled regionally while it trains and handed back with eager blocks
+    # a given model is compiled while it trains and handed back with eager blocks
     cfg = _cfg(tmp_path, *args, "--train.compile", "true", "--train.max_steps", "3")
     given = build_model(cfg.model, vocab_size=64, max_seq_len=16)
     res = train(cfg, tmp_path / "given", model=given, verbose=False)

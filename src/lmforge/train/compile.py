@@ -11,15 +11,24 @@ tracing only (measured: 31 s cold, 4.7 s warm for the 4x128 CPU model). ``torch.
 / ``load_cache_artifacts`` ("mega-cache") serialize the same caches to move them to *another* machine; one
 machine does not need them.
 
-**Regional compilation** (:func:`compile_for_training`). A model whose layers are a ``nn.ModuleList`` of
-blocks of one class (transformer and RCNN blocks) compiles each block in place (``nn.Module.compile``),
-not the whole model: every block runs the same code object, and since dynamo treats a module's parameters
-as graph inputs (``inline_inbuilt_nn_modules``, always on in torch >= 2.5) the blocks of one shape share
-one compiled graph, so a model compiles one block's forward and backward whatever its depth. Embeddings,
-the final norm, the head and the loss stay eager. Models without such blocks compile whole.
-``benchmarks/train_throughput.py`` measures both ways side by side, cold and warm, in fresh processes.
-Evaluation runs the blocks eagerly (:func:`eager_calls`): a compiled block called under
-``inference_mode`` would compile a second graph.
+**Compiling repeated blocks once** (:func:`compile_for_training`, :func:`compile_how`). Two ways:
+
+- *regional*: each block of a ``nn.ModuleList`` of blocks of one class is compiled in place
+  (``nn.Module.compile``), not the model: every block runs the same code object, and since dynamo treats a
+  module's parameters as graph inputs (``inline_inbuilt_nn_modules``, always on in torch >= 2.5) the blocks
+  of one shape share one compiled graph. Embeddings, final norm, head and loss stay eager.
+- *whole*, hierarchical: ``torch.compile`` of the whole model, where the transformer's ``Block.forward`` is
+  a ``torch.compiler.nested_compile_region``: the first block is traced and compiled, the others reuse its
+  code, and the graph around them (embeddings, head, loss) is fused too.
+
+Measured (``benchmarks/train_throughput.py``, 4x128 CPU model, 1 thread; see RESULTS.md): regional compiles
+cheapest but its steps were barely faster than eager (the per-block call overhead of a small model); the
+hierarchical whole compile costs a few seconds more and steps about as fast as a plain whole compile, so
+over the planned lengths of trials it pays soonest. :func:`compile_how` therefore compiles a model whole
+when its repeated blocks are marked nested regions (the transformer) or it has none, and regionally when it
+repeats blocks that are not marked (compiling them once instead of once per layer).
+Evaluation runs compiled modules eagerly (:func:`eager_calls`): an ``inference_mode`` call would compile a
+second graph.
 
 **The pays-off decision** (``train.compile: auto``) uses measured numbers only. A :class:`CompileLedger` (a
 JSON file beside the cache) records, per :func:`compile_key` (model config, batch, block, dtype, device, torch
@@ -94,8 +103,11 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def compile_how(model: nn.Module) -> CompileHow:
-    """``regional`` when the model has repeated blocks, else ``whole``."""
-    return "regional" if repeated_blocks(model) else "whole"
+    """How the loop compiles ``model``: ``regional`` when it repeats blocks whose ``forward`` is not marked
+    as a nested compile region, else ``whole`` (marked blocks are compiled once inside the whole graph)."""
+    blocks = repeated_blocks(model)
+    marked = all(hasattr(type(b).forward, "__marked_compile_region_fn__") for b in blocks)
+    return "whole" if marked else "regional"
 
 
 def compile_for_training(model: nn.Module, how: CompileHow) -> tuple[nn.Module, Callable[[], None]]:

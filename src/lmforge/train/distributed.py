@@ -304,8 +304,8 @@ class Distributed:
                     wrapped: nn.Module | None = None) -> ModelCalls:
         """The callables the loop trains and evaluates with. Evaluation calls the bare model, and so does
         full-batch GD under data-parallel (no collectives inside; GD all-reduces its gradients itself).
-        ``compile`` compiles regionally when the model has repeated blocks (the blocks, in place, inside
-        the DistributedDataParallel wrapper), else the wrapped model whole (:mod:`lmforge.train.compile`).
+        ``compile`` compiles the way :func:`~lmforge.train.compile.compile_how` picks: regionally (the
+        blocks, in place, inside the DistributedDataParallel wrapper) or the wrapped model whole.
         ``wrapped``: the wrapper made earlier (switching an eager run to compiled keeps it)."""
         how: CompileHow | None = compile_how(model) if compile else None
         undo = _nothing
