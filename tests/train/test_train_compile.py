@@ -12,13 +12,15 @@ import torch
 
 from lmforge.config import OptimConfig, TransformerConfig, load_config
 from lmforge.models import build_model
+from lmforge.runs import load_model
 from lmforge.train.compile import (
     CompileLedger,
     Record,
     StepTimes,
+    choose,
     compile_for_training,
-    compile_how,
     compile_key,
+    compile_ways,
     decide,
     enable_disk_cache,
     remaining_steps,
@@ -73,6 +75,13 @@ def test_decide_borrows_other_shapes_on_the_same_device_and_is_eager_without_mea
     other["r"] = Record(device="cpu", eager_step_s=1.0, compiled_step_s=0.5, compile_cold_s=1.0, how="regional")
     assert decide(other, "new", "cpu", 0.1, 100, how="regional").compile  # 5 s saved > 1 s
     assert not decide(other, "new", "cpu", 0.1, 100, how="whole").compile  # 5 s saved < 10 s
+    # choose: the way that saves the most net seconds among those that pay
+    keys = {"whole": "new-w", "regional": "new-r"}
+    assert choose(other, keys, "cpu", 0.1, 100).how == "regional"  # whole does not pay at 100 steps
+    other["r"].compiled_step_s = 0.9  # regional saves 10%: 1,000 steps save 10 s - 1 s; whole 50 s - 10 s
+    best = choose(other, keys, "cpu", 0.1, 1000)
+    assert best.compile and best.how == "whole" and best.net_s == pytest.approx(40.0)
+    assert not choose(other, keys, "cpu", 0.1, 10).compile
 
 
 def test_remaining_steps_takes_the_tightest_limit() -> None:
@@ -116,21 +125,13 @@ def test_compile_key_depends_on_shape_and_model() -> None:
 
 def test_regional_compilation_finds_repeated_blocks_only() -> None:
     two = build_model(TransformerConfig(n_layer=2, d_model=32, n_head=2), vocab_size=40, max_seq_len=16)
-    # the transformer's blocks are nested compile regions: compiled once inside the whole-model graph
-    assert repeated_blocks(two) == list(two.h) and compile_how(two) == "whole"
-    assert repeated_blocks(_tiny()) == [] and compile_how(_tiny()) == "whole"  # one block: nothing repeats
-
-    class Unmarked(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
-
-    assert compile_how(Unmarked()) == "regional"  # repeated, not marked: each compiled once in place
+    assert repeated_blocks(two) == list(two.h) and compile_ways(two) == ["whole", "regional"]
+    assert repeated_blocks(_tiny()) == [] and compile_ways(_tiny()) == ["whole"]  # one block: nothing repeats
     lstm = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.LSTM(4, 4), torch.nn.LSTM(4, 4)]))
     assert repeated_blocks(lstm) == []  # torch's fused recurrent layers compile whole
     # the two ways compile different graphs: their measurements are kept apart
     cpu = torch.device("cpu")
-    assert compile_key(two, 4, 16, "auto", cpu) == compile_key(two, 4, 16, "auto", cpu, how="whole")
+    assert compile_key(two, 4, 16, "auto", cpu) == compile_key(two, 4, 16, "auto", cpu, how="whole")  # default
     assert compile_key(two, 4, 16, "auto", cpu) != compile_key(two, 4, 16, "auto", cpu, how="regional")
     with pytest.raises(ValueError, match="no repeated blocks"):
         compile_for_training(_tiny(), "regional")
@@ -170,22 +171,27 @@ def test_compiled_training_equals_eager_and_auto_compiles_when_measurements_say_
     eager = train(_cfg(tmp_path, *args, "--train.compile", "false"), tmp_path / "eager", verbose=False)
     compiled = train(_cfg(tmp_path, *args, "--train.compile", "true"), tmp_path / "compiled", verbose=False)
     assert not eager.compiled and compiled.compiled and compiled.phases["compile_s"] > 0
-    # both runs measured: a ratio and a compile cost for this key; now tell auto that compiling pays
+    # both runs measured: a ratio and a compile cost for the whole way's key (the regional key has the eager
+    # step only); now tell auto that compiling whole pays
     ledger = CompileLedger()
-    (key, rec), = ledger.load().items()
+    recs = {r.how: (k, r) for k, r in ledger.load().items()}
+    assert set(recs) == {"whole", "regional"} and recs["regional"][1].compiled_step_s is None
+    key, rec = recs["whole"]
     assert rec.eager_step_s and rec.compiled_step_s and rec.compile_cold_s is not None
     ledger.update(key, "cpu", compiled_step_s=rec.eager_step_s * 0.1, compile_warm_s=0.0)
     auto = train(_cfg(tmp_path, *args), tmp_path / "auto", verbose=False)
     assert auto.compiled
+    # and that compiling regionally pays more: auto compiles the blocks of a given model in place, and hands
+    # the model back with eager blocks
+    ledger.update(recs["regional"][0], "cpu", compiled_step_s=rec.eager_step_s * 0.05, compile_warm_s=0.0)
+    given, _, _ = load_model(tmp_path / "eager" / "best")  # the same model config: the same ledger keys
+    regional = train(_cfg(tmp_path, *args), tmp_path / "regional", model=given, verbose=False)
+    assert regional.compiled and all(b._compiled_call_impl is None for b in given.h)
+    assert (CompileLedger().get(recs["regional"][0]).compile_warm_s or 0) > 0  # type: ignore[union-attr]  # measured
     for res in (compiled, auto):
         for a, b in zip(eager.history, res.history, strict=True):
             assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4, abs=1e-5)
             assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4, abs=1e-5)
-    # a given model is compiled while it trains and handed back with eager blocks
-    cfg = _cfg(tmp_path, *args, "--train.compile", "true", "--train.max_steps", "3")
-    given = build_model(cfg.model, vocab_size=64, max_seq_len=16)
-    res = train(cfg, tmp_path / "given", model=given, verbose=False)
-    assert res.compiled and all(b._compiled_call_impl is None for b in given.h)
 
 
 @pytest.mark.slow

@@ -262,9 +262,6 @@ class Block(nn.Module):
         self.ln_2: Norm | None = None if self.parallel else _norm(cfg)
         self.mlp = MLP(cfg)
 
-    # torch.compile of the whole model traces one block and stamps its compiled code out for every block of
-    # the same shape (hierarchical compilation); eager calls are unchanged
-    @torch.compiler.nested_compile_region
     def forward(
         self,
         x: torch.Tensor,

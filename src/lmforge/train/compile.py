@@ -11,24 +11,23 @@ tracing only (measured: 31 s cold, 4.7 s warm for the 4x128 CPU model). ``torch.
 / ``load_cache_artifacts`` ("mega-cache") serialize the same caches to move them to *another* machine; one
 machine does not need them.
 
-**Compiling repeated blocks once** (:func:`compile_for_training`, :func:`compile_how`). Two ways:
+**Two ways to compile** (:func:`compile_for_training`, :func:`compile_ways`):
 
-- *regional*: each block of a ``nn.ModuleList`` of blocks of one class is compiled in place
-  (``nn.Module.compile``), not the model: every block runs the same code object, and since dynamo treats a
+- *whole*: ``torch.compile`` of the model (fuses everything, embeddings, head and loss included);
+- *regional*, for a model with repeated blocks (a ``nn.ModuleList`` of blocks of one class): each block is
+  compiled in place (``nn.Module.compile``): every block runs the same code object, and since dynamo treats a
   module's parameters as graph inputs (``inline_inbuilt_nn_modules``, always on in torch >= 2.5) the blocks
-  of one shape share one compiled graph. Embeddings, final norm, head and loss stay eager.
-- *whole*, hierarchical: ``torch.compile`` of the whole model, where the transformer's ``Block.forward`` is
-  a ``torch.compiler.nested_compile_region``: the first block is traced and compiled, the others reuse its
-  code, and the graph around them (embeddings, head, loss) is fused too.
+  of one shape share one compiled graph: one block's forward and backward are compiled whatever the depth.
+  Embeddings, final norm, head and loss stay eager.
 
 Measured (``benchmarks/train_throughput.py``, 4x128 CPU model, 1 thread; see RESULTS.md): regional compiles
-cheapest but its steps were barely faster than eager (the per-block call overhead of a small model); the
-hierarchical whole compile costs a few seconds more and steps about as fast as a plain whole compile, so
-over the planned lengths of trials it pays soonest. :func:`compile_how` therefore compiles a model whole
-when its repeated blocks are marked nested regions (the transformer) or it has none, and regionally when it
-repeats blocks that are not marked (compiling them once instead of once per layer).
-Evaluation runs compiled modules eagerly (:func:`eager_calls`): an ``inference_mode`` call would compile a
-second graph.
+cheaper (about half the seconds for a new shape) but its steps gain less over eager than a whole compile's.
+Which pays more depends on the planned length, so ``train.compile: auto`` weighs both ways from their own
+measurements (:func:`choose`); ``train.compile: true`` compiles whole. (``torch.compiler.
+nested_compile_region`` on the transformer block, hierarchical whole compilation, was tried: cheaper than a
+plain whole compile, but in torch 2.13 its training steps left eager's losses after the first step, so it
+is not used.) Evaluation runs compiled modules eagerly (:func:`eager_calls`): an ``inference_mode`` call
+would compile a second graph.
 
 **The pays-off decision** (``train.compile: auto``) uses measured numbers only. A :class:`CompileLedger` (a
 JSON file beside the cache) records, per :func:`compile_key` (model config, batch, block, dtype, device, torch
@@ -102,12 +101,9 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-def compile_how(model: nn.Module) -> CompileHow:
-    """How the loop compiles ``model``: ``regional`` when it repeats blocks whose ``forward`` is not marked
-    as a nested compile region, else ``whole`` (marked blocks are compiled once inside the whole graph)."""
-    blocks = repeated_blocks(model)
-    marked = all(hasattr(type(b).forward, "__marked_compile_region_fn__") for b in blocks)
-    return "whole" if marked else "regional"
+def compile_ways(model: nn.Module) -> list[CompileHow]:
+    """The ways ``model`` can be compiled: ``whole``, and ``regional`` when it repeats blocks."""
+    return ["whole", "regional"] if repeated_blocks(model) else ["whole"]
 
 
 def compile_for_training(model: nn.Module, how: CompileHow) -> tuple[nn.Module, Callable[[], None]]:
@@ -140,8 +136,7 @@ def eager_calls() -> AbstractContextManager[Any]:
 def compile_key(model: nn.Module, batch: int, block: int, dtype: str, device: torch.device,
                 how: CompileHow | None = None) -> str:
     """What a compiled graph depends on: the model's config and source code, the batch shape, the precision,
-    the device kind, the torch version and how it is compiled (:func:`compile_how` of the model unless
-    ``how`` is given)."""
+    the device kind, the torch version and how it is compiled (``whole`` unless ``how`` says)."""
     cfg = getattr(model, "config", None)
     dump = getattr(cfg, "model_dump_json", None)
     cfg_text = dump() if callable(dump) else repr(cfg)
@@ -151,7 +146,7 @@ def compile_key(model: nn.Module, batch: int, block: int, dtype: str, device: to
     except (OSError, TypeError):
         src = type(model).__qualname__
     parts = [cfg_text, f"{batch}x{block}", dtype, device.type, torch.__version__,
-             hashlib.sha256(src.encode()).hexdigest(), how or compile_how(model)]
+             hashlib.sha256(src.encode()).hexdigest(), how or "whole"]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 
@@ -225,6 +220,9 @@ class CompileLedger:
 class Decision:
     compile: bool
     why: str
+    how: CompileHow = "whole"
+    net_s: float = 0.0
+    """Seconds saved less seconds to compile."""
 
 
 def decide(records: dict[str, Record], key: str, device: str, eager_step_s: float,
@@ -247,8 +245,18 @@ def decide(records: dict[str, Record], key: str, device: str, eager_step_s: floa
         return Decision(False, f"no compile measurement on {device} yet (run once with train.compile true)")
     saving = remaining_steps * eager_step_s * (1.0 - ratio)
     verdict = saving > cost
-    return Decision(verdict, f"{remaining_steps:.0f} steps x {eager_step_s * 1e3:.1f} ms x (1 - {ratio:.2f}) = "
-                             f"{saving:.1f} s saved {'>' if verdict else '<='} {cost:.1f} s to compile")
+    return Decision(verdict, f"{how or 'whole'}: {remaining_steps:.0f} steps x {eager_step_s * 1e3:.1f} ms x "
+                             f"(1 - {ratio:.2f}) = {saving:.1f} s saved {'>' if verdict else '<='} {cost:.1f} s to "
+                             "compile", how or "whole", saving - cost)
+
+
+def choose(records: dict[str, Record], keys: dict[CompileHow, str], device: str, eager_step_s: float,
+           remaining_steps: float | None) -> Decision:
+    """:func:`decide` for each way in ``keys`` (way -> its :func:`compile_key`); the way that saves the most
+    net seconds among those that pay, else the first way's "no"."""
+    verdicts = [decide(records, key, device, eager_step_s, remaining_steps, how=how) for how, key in keys.items()]
+    paying = [v for v in verdicts if v.compile]
+    return max(paying, key=lambda v: v.net_s) if paying else verdicts[0]
 
 
 def _median(values: Any) -> float | None:

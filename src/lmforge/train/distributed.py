@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lmforge.config import LmforgeError
 from lmforge.data.sampler import Batch, BlockSampler, gather_blocks
 from lmforge.runs import capture_rng_state, restore_rng_state
-from lmforge.train.compile import CompileHow, compile_for_training, compile_how
+from lmforge.train.compile import CompileHow, compile_for_training
 from lmforge.train.errors import TrainingError
 
 
@@ -301,23 +301,22 @@ class Distributed:
         return DistributedDataParallel(model, device_ids=ids, **no_sync)
 
     def model_calls(self, model: nn.Module, compile: bool, full_batch: bool,
-                    wrapped: nn.Module | None = None) -> ModelCalls:
+                    wrapped: nn.Module | None = None, how: CompileHow = "whole") -> ModelCalls:
         """The callables the loop trains and evaluates with. Evaluation calls the bare model, and so does
         full-batch GD under data-parallel (no collectives inside; GD all-reduces its gradients itself).
-        ``compile`` compiles the way :func:`~lmforge.train.compile.compile_how` picks: regionally (the
-        blocks, in place, inside the DistributedDataParallel wrapper) or the wrapped model whole.
+        ``compile`` compiles ``how`` (:mod:`lmforge.train.compile`): the wrapped model whole, or regionally
+        (the blocks, in place, inside the DistributedDataParallel wrapper).
         ``wrapped``: the wrapper made earlier (switching an eager run to compiled keeps it)."""
-        how: CompileHow | None = compile_how(model) if compile else None
         undo = _nothing
-        if how == "regional":
+        if compile and how == "regional":
             _, undo = compile_for_training(model, "regional")
         wrapped = wrapped if wrapped is not None else self.wrap(model)
-        fwd = compile_for_training(wrapped, "whole")[0] if how == "whole" else wrapped
+        fwd = compile_for_training(wrapped, "whole")[0] if compile and how == "whole" else wrapped
         return ModelCalls(
             wrapped=wrapped,
             train=model if self.enabled and full_batch else fwd,
             eval=model,
-            how=how,
+            how=how if compile else None,
             undo=undo,
         )
 

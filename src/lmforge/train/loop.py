@@ -50,9 +50,9 @@ from lmforge.train.compile import (
     PROBE_STEPS,
     CompileLedger,
     StepTimes,
-    compile_how,
+    choose,
     compile_key,
-    decide,
+    compile_ways,
     eager_calls,
     enable_disk_cache,
     remaining_steps,
@@ -253,7 +253,8 @@ class _Trainer:
         self.gd_blocks = source.full_batch_blocks(block) if self.gd else 0
         self.tokens_per_step = (self.gd_blocks * block if self.gd
                                 else self.global_batch * block * tc.grad_accum)
-        self.compile_key = compile_key(model, self.global_batch * tc.grad_accum, block, tc.dtype, device)
+        self.compile_keys = {how: compile_key(model, self.global_batch * tc.grad_accum, block, tc.dtype, device, how)
+                             for how in compile_ways(model)}
         self.phases["build_s"] = time.perf_counter() - t_build
 
     def log(self, message: str) -> None:
@@ -508,7 +509,8 @@ class _Trainer:
     # ---------------------------------------------------------------------------------- compile
     def maybe_compile(self) -> None:
         """``train.compile: auto``: after PROBE_STEPS timed eager steps, compile when the measured numbers say
-        the remaining planned steps repay it (:func:`~lmforge.train.compile.decide`); decided once."""
+        the remaining planned steps repay it, whole or regionally, whichever saves more
+        (:func:`~lmforge.train.compile.choose`); decided once."""
         eager = self.step_times.eager_median()
         if not self.probing or eager is None or len(self.step_times.eager) < PROBE_STEPS + 1:
             return
@@ -517,10 +519,9 @@ class _Trainer:
         left = remaining_steps(step=state.step, max_steps=tc.max_steps, max_tokens=tc.max_tokens, tokens=state.tokens,
                                tokens_per_step=self.tokens_per_step, max_time=tc.max_time,
                                elapsed_s=state.elapsed_s, eager_step_s=eager)
-        verdict = decide(CompileLedger().load(), self.compile_key, self.device.type, eager, left,
-                         how=compile_how(self.model))
+        verdict = choose(CompileLedger().load(), self.compile_keys, self.device.type, eager, left)
         if verdict.compile:
-            self.calls = self.dist.model_calls(self.model, True, False, wrapped=self.calls.wrapped)
+            self.calls = self.dist.model_calls(self.model, True, False, wrapped=self.calls.wrapped, how=verdict.how)
             self.compiled = True
         how = f"compiled {self.calls.how}" if verdict.compile else "eager"
         self.compile_note = f"{how} (train.compile auto: {verdict.why})"
@@ -531,12 +532,16 @@ class _Trainer:
         if not self.dist.is_main or (not st.eager[1:] and not st.compiled):
             return
         ledger = CompileLedger()
-        before = ledger.get(self.compile_key)
-        warm = before is not None and (before.compile_cold_s is not None or before.compile_warm_s is not None)
-        cost = st.compile_cost()
-        ledger.update(self.compile_key, self.device.type, how=compile_how(self.model), eager_step_s=st.eager_median(),
-                      compiled_step_s=st.compiled_median(),
-                      compile_warm_s=cost if warm else None, compile_cold_s=None if warm else cost)
+        for how, key in self.compile_keys.items():  # the eager step time is every way's baseline
+            if how != self.calls.how:
+                ledger.update(key, self.device.type, how=how, eager_step_s=st.eager_median())
+                continue
+            before = ledger.get(key)
+            warm = before is not None and (before.compile_cold_s is not None or before.compile_warm_s is not None)
+            cost = st.compile_cost()
+            ledger.update(key, self.device.type, how=how, eager_step_s=st.eager_median(),
+                          compiled_step_s=st.compiled_median(),
+                          compile_warm_s=cost if warm else None, compile_cold_s=None if warm else cost)
 
     # ---------------------------------------------------------------------------------- the loop
     def run(self) -> TrainResult:
