@@ -23,20 +23,19 @@ machine does not need them.
 Measured (``benchmarks/train_throughput.py``, 4x128 CPU model, 1 thread; see RESULTS.md): regional compiles
 cheaper (about half the seconds for a new shape) but its steps gain less over eager than a whole compile's.
 Which pays more depends on the planned length, so ``train.compile: auto`` weighs both ways from their own
-measurements (:func:`choose`); ``train.compile: true`` compiles whole. (``torch.compiler.
-nested_compile_region`` on the transformer block, hierarchical whole compilation, was tried: cheaper than a
-plain whole compile, but in torch 2.13 its training steps left eager's losses after the first step, so it
-is not used.) Evaluation runs compiled modules eagerly (:func:`eager_calls`): an ``inference_mode`` call
+measurements (:func:`choose`); ``train.compile: true`` compiles whole. (Hierarchical whole compilation,
+``torch.compiler.nested_compile_region`` on the transformer block, was tried: cheaper than a plain whole
+compile, but in torch 2.13 its training steps left eager's losses after the first step, so it is not used.) Evaluation runs compiled modules eagerly (:func:`eager_calls`): an ``inference_mode`` call
 would compile a second graph.
 
 **The pays-off decision** (``train.compile: auto``) uses measured numbers only. A :class:`CompileLedger` (a
 JSON file beside the cache) records, per :func:`compile_key` (model config, batch, block, dtype, device, torch
-version and a hash of the model's source file), the median eager step time, the median compiled step time
+version, a hash of the model's source file and the way it is compiled), the median eager step time, the median compiled step time
 and the seconds the first compiled step cost beyond a normal one (cold: nothing cached; warm: cached).
 The loop runs eager, times :data:`PROBE_STEPS` steps, then asks :func:`decide`: compile when
 ``remaining steps x (eager - compiled step time) > compile seconds``. The compiled/eager ratio and the
 compile cost come from this key's record, else from the median of the records of other shapes on the same
-device kind; with no record at all the answer is eager (``train.compile: true`` once, or
+device kind compiled the same way; with no record at all the answer is eager (``train.compile: true`` once, or
 ``benchmarks/train_throughput.py``, writes the first records). A time limit turns into steps through the
 measured eager step time, so the rule is the same: compiling must leave more steps within the time.
 """
