@@ -2,22 +2,27 @@
 
 Same shape (4 layers, 4 heads, width 128, block 64, batch 12, vocab 65), same random batches, fp32 on CPU;
 rounds alternate between the systems so that machine noise hits all alike. Each system trains as its user
-gets it: lmforge with ``build_optimizer`` (fused AdamW) eager and compiled (``torch.compile``, what
-``train.compile`` does); Hugging Face with the AdamW its Trainer picks on torch >= 2.8 (``adamw_torch_fused``),
-once with GPT-2's default tanh GELU and once with the same exact GELU and biases as lmforge (the same math).
+gets it: lmforge with ``build_optimizer`` (fused AdamW) eager, compiled regionally (each transformer block
+compiled in place, what ``train.compile`` does) and compiled whole (``torch.compile(model)``, what it did
+before); Hugging Face with the AdamW its Trainer picks on torch >= 2.8 (``adamw_torch_fused``), once with
+GPT-2's default tanh GELU and once with the same exact GELU and biases as lmforge (the same math).
 
-Compile time: the first compile is cold (an empty inductor cache) or, with ``--inductor-cache DIR`` of an
-earlier run, a warm start from disk (what ``train.compile`` gets from the cache it keeps under
-``LMFORGE_CACHE_DIR``); "again" is a second compile in the same process after ``torch._dynamo.reset()``.
-The compile-included rate is over a run of
-``--run-steps`` (2,000) steps: ``run tokens / (compile s + run tokens / steady rate)``, extrapolated from the
-measured steady rate (the script times ``--rounds`` x ``--steps`` steps, not the whole 2,000).
+Compile time, per way, each measured in a fresh Python process (so every one pays inductor's start-up as a
+trial does): cold (an empty inductor cache), warm (a new process on the cache the cold one filled: what
+a later trial or run of the same shape gets from the cache ``train.compile`` keeps under
+``LMFORGE_CACHE_DIR``) and new shape (a cache that holds another shape's artefacts: the CPU checks and
+shared kernels are cached, this shape's graphs are not); the cost is the first step's time less a steady
+compiled step's. ``--compile-reps N``
+repeats the cold/warm pair N times (ways alternating) and reports the median. The compile-included rate is
+over a run of ``--run-steps`` (2,000) steps: ``run tokens / (compile s + run tokens / steady rate)``,
+extrapolated from the measured steady rate (the script times ``--rounds`` x ``--steps`` steps, not 2,000).
 
     python benchmarks/train_throughput.py [--steps 40] [--rounds 5] [--run-steps 2000] [--threads N]
-                                          [--inductor-cache DIR] [--profile]
+                                          [--compile-reps 1] [--profile]
 
 Prints a table, then one machine-readable line starting with ``RESULT``. Also writes the measured step times
-and compile costs to lmforge's compile ledger (what ``train.compile: auto`` decides from).
+and compile costs to lmforge's compile ledger (what ``train.compile: auto`` decides from): the ``new_shape``
+cost as the key's first-compile cost, the ``warm`` one as its cached cost.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -33,7 +40,7 @@ import torch
 
 from lmforge.config import OptimConfig, TransformerConfig
 from lmforge.models import build_model
-from lmforge.train.compile import CompileLedger, compile_key
+from lmforge.train.compile import CompileHow, CompileLedger, compile_for_training, compile_key
 from lmforge.train.optim import build_optimizer
 from lmforge.train.threads import available_cores, set_threads
 
@@ -50,8 +57,8 @@ def peak_matmul_flops(n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
-def make_lmforge() -> torch.nn.Module:
-    cfg = TransformerConfig(n_layer=SHAPE["n_layer"], n_head=SHAPE["n_head"], d_model=SHAPE["d_model"], dropout=0.0)
+def make_lmforge(d_model: int = SHAPE["d_model"]) -> torch.nn.Module:
+    cfg = TransformerConfig(n_layer=SHAPE["n_layer"], n_head=SHAPE["n_head"], d_model=d_model, dropout=0.0)
     return build_model(cfg, vocab_size=SHAPE["vocab"], max_seq_len=SHAPE["block"])
 
 
@@ -62,6 +69,9 @@ def make_hf(activation: str = "gelu_new") -> torch.nn.Module:
                      n_layer=SHAPE["n_layer"], n_head=SHAPE["n_head"], resid_pdrop=0.0, embd_pdrop=0.0,
                      attn_pdrop=0.0, use_cache=False, activation_function=activation)
     return GPT2LMHeadModel(cfg)
+
+
+ADAMW = OptimConfig(name="adamw", lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.1)
 
 
 def timed_steps(fwd, opt, batches, hf: bool) -> float:
@@ -77,11 +87,51 @@ def timed_steps(fwd, opt, batches, hf: bool) -> float:
     return time.perf_counter() - t
 
 
-def compile_cost(model, opt, batch, steady_step_s: float) -> float:
-    """Seconds the first step of a freshly compiled ``model`` costs beyond a steady compiled step."""
-    torch._dynamo.reset()
-    fwd = torch.compile(model)
-    return max(0.0, timed_steps(fwd, opt, [batch], hf=False) - steady_step_s)
+def probe_compile(how: CompileHow, threads: int, d_model: int, steps: int = 6) -> None:
+    """(In a fresh process) compile lmforge's model ``how``, time its first step and ``steps`` steady ones;
+    print one JSON line. The inductor cache is the one ``TORCHINDUCTOR_CACHE_DIR`` names."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    B, T, V = SHAPE["batch"], SHAPE["block"], SHAPE["vocab"]
+    model = make_lmforge(d_model)
+    opt = build_optimizer(model, ADAMW)
+    fwd, _ = compile_for_training(model, how)
+    batches = [(torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))) for _ in range(steps + 1)]
+    first = timed_steps(fwd, opt, batches[:1], hf=False)
+    timed_steps(fwd, opt, batches[1:2], hf=False)
+    steady = timed_steps(fwd, opt, batches[2:], hf=False) / (steps - 1)
+    print(json.dumps({"how": how, "first_s": first, "steady_s": steady, "cost_s": max(0.0, first - steady)}))
+
+
+OTHER_WIDTH = 96
+"""The width of the other shape that fills a cache before the ``new_shape`` measurement."""
+
+
+def _probe(how: str, threads: int, cache: str, d_model: int) -> float:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "OMP_NUM_THREADS": str(threads)}
+    out = subprocess.run([sys.executable, __file__, "--probe-compile", how, "--threads", str(threads),
+                          "--probe-width", str(d_model)], env=env, check=True, capture_output=True, text=True).stdout
+    return float(json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])["cost_s"])
+
+
+def compile_costs(threads: int, reps: int) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """{how: {kind: s}}, the median over ``reps``, every compile in a fresh process, ways alternating:
+    ``cold`` (an empty cache: a machine's first compile ever), ``warm`` (a second process on that cache: the
+    same shape again) and ``new_shape`` (a cache that holds another shape, width 96: what a trial of a shape
+    not compiled before pays on a machine that has compiled others -- what ``train.compile: auto`` weighs)."""
+    kinds = ("cold", "warm", "new_shape")
+    costs: dict[str, dict[str, list[float]]] = {h: {k: [] for k in kinds} for h in ("regional", "whole")}
+    width = SHAPE["d_model"]
+    for _ in range(reps):
+        fresh = {h: tempfile.mkdtemp(prefix=f"lmforge-bench-{h}-") for h in costs}
+        other = {h: tempfile.mkdtemp(prefix=f"lmforge-bench-{h}-other-") for h in costs}
+        for how in costs:
+            _probe(how, threads, other[how], OTHER_WIDTH)  # fills the cache with another shape
+        for kind in kinds:
+            for how in costs:
+                cache = other[how] if kind == "new_shape" else fresh[how]
+                costs[how][kind].append(_probe(how, threads, cache, width))
+    return {h: {k: statistics.median(v) for k, v in ks.items()} for h, ks in costs.items()}, fresh
 
 
 def profile_table(fwd, opt, batches, rows: int = 15) -> str:
@@ -99,31 +149,33 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--run-steps", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: the cores)")
+    ap.add_argument("--compile-reps", type=int, default=1, help="cold/warm compile measurements per way")
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler tables of the lmforge step")
-    ap.add_argument("--inductor-cache", help="inductor cache folder (default: a new empty one, so the first "
-                    "compile is cold; an earlier run's folder makes it a warm start from disk)")
+    ap.add_argument("--probe-compile", choices=["regional", "whole"], help=argparse.SUPPRESS)
+    ap.add_argument("--probe-width", type=int, default=SHAPE["d_model"], help=argparse.SUPPRESS)
     args = ap.parse_args()
-    set_threads(args.threads or available_cores())
-    # a cold compile needs an empty cache: this run's own folder, unless --inductor-cache names one
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = args.inductor_cache or tempfile.mkdtemp(prefix="lmforge-bench-inductor-")
-    first_kind = "warm from disk" if args.inductor_cache else "cold"
+    threads = args.threads or available_cores()
+    if args.probe_compile:
+        probe_compile(args.probe_compile, threads, args.probe_width)
+        return
+    set_threads(threads)
+    costs, caches = compile_costs(threads, args.compile_reps)
     torch.manual_seed(0)
     B, T, V = SHAPE["batch"], SHAPE["block"], SHAPE["vocab"]
     batches = [(torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))) for _ in range(args.steps)]
     fused = {"fused": True}
-    models = {"lmforge": make_lmforge(), "hf_gpt2": make_hf(), "hf_gpt2_exact_gelu": make_hf("gelu")}
-    models["lmforge_compiled"] = make_lmforge()
-    models["lmforge_compiled"].load_state_dict(models["lmforge"].state_dict())
-    adamw = OptimConfig(name="adamw", lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.1)
-    opts = {k: (build_optimizer(m, adamw) if k.startswith("lmforge")
+    models = {"lmforge": make_lmforge(), "lmforge_regional": make_lmforge(), "lmforge_whole": make_lmforge(),
+              "hf_gpt2": make_hf(), "hf_gpt2_exact_gelu": make_hf("gelu")}
+    for k in ("lmforge_regional", "lmforge_whole"):
+        models[k].load_state_dict(models["lmforge"].state_dict())
+    opts = {k: (build_optimizer(m, ADAMW) if k.startswith("lmforge")
                 else torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, **fused))
             for k, m in models.items()}
     fwds = {k: m for k, m in models.items()}
-    # the first compile: the first step of the compiled model
-    t = time.perf_counter()
-    fwds["lmforge_compiled"] = torch.compile(models["lmforge_compiled"])
-    timed_steps(fwds["lmforge_compiled"], opts["lmforge_compiled"], batches[:1], hf=False)
-    first_cold = time.perf_counter() - t
+    for how in ("regional", "whole"):  # in-process compiles warm from the probes' caches: their cost is above
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = caches[how]
+        fwds[f"lmforge_{how}"], _ = compile_for_training(models[f"lmforge_{how}"], how)  # type: ignore[arg-type]
+        timed_steps(fwds[f"lmforge_{how}"], opts[f"lmforge_{how}"], batches[:1], hf=False)
     for k, m in models.items():  # warm-up
         m.train()
         timed_steps(fwds[k], opts[k], batches[:5], hf=k.startswith("hf"))
@@ -133,47 +185,45 @@ def main() -> None:
             dt = timed_steps(fwds[k], opts[k], batches, hf=k.startswith("hf"))
             rates[k].append(B * T * args.steps / dt)
     med = {k: statistics.median(v) for k, v in rates.items()}
-    steady = B * T / med["lmforge_compiled"]
-    cold = max(0.0, first_cold - steady)
-    # compile again in this process: the artefacts are cached; dynamo's tracing is redone
-    warm = compile_cost(models["lmforge_compiled"], opts["lmforge_compiled"], batches[0], steady)
     run_tokens = args.run_steps * B * T
-
-    def with_compile(cost: float) -> float:
-        return run_tokens / (cost + run_tokens / med["lmforge_compiled"])
-
-    incl = {first_kind: with_compile(cold), "in-process again": with_compile(warm)}
+    incl = {f"{how}_{kind}": run_tokens / (cost + run_tokens / med[f"lmforge_{how}"])
+            for how, kinds in costs.items() for kind, cost in kinds.items()}
     peak = peak_matmul_flops()
     fpt = models["lmforge"].flops_per_token(T)
     base = med["hf_gpt2_exact_gelu"]
-    print(f"{'system':<34} {'tokens/s (median)':>18} {'min':>10} {'max':>10} {'MFU':>7} {'vs HF same math':>16}")
+    print(f"{'system':<40} {'tokens/s (median)':>18} {'min':>10} {'max':>10} {'MFU':>7} {'vs HF same math':>16}")
     for k, v in rates.items():
-        print(f"{k:<34} {med[k]:>18,.0f} {min(v):>10,.0f} {max(v):>10,.0f} {100 * fpt * med[k] / peak:>6.2f}% "
+        print(f"{k:<40} {med[k]:>18,.0f} {min(v):>10,.0f} {max(v):>10,.0f} {100 * fpt * med[k] / peak:>6.2f}% "
               f"{med[k] / base:>15.2f}x")
-    for kind, r in incl.items():
-        name = f"lmforge_compiled incl. {kind} compile"
-        print(f"{name:<34} {r:>18,.0f} {'':>10} {'':>10} {100 * fpt * r / peak:>6.2f}% {r / base:>15.2f}x")
-    print(f"compile: first ({first_kind}) {cold:.1f} s, again in-process after dynamo reset {warm:.1f} s; compile-included rates over a "
-          f"{args.run_steps:,}-step run, extrapolated from the steady rate; peak fp32 matmul {peak / 1e9:,.1f} GFLOP/s; "
-          f"threads {torch.get_num_threads()}")
-    key = compile_key(models["lmforge"], B, T, "auto", torch.device("cpu"))
-    CompileLedger().update(key, "cpu", eager_step_s=B * T / med["lmforge"], compiled_step_s=steady,
-                           **({"compile_warm_s": cold} if args.inductor_cache else {"compile_cold_s": cold}))
+    for name, r in incl.items():
+        how, kind = name.split("_", 1)
+        label = f"lmforge_{how} incl. {kind} compile"
+        print(f"{label:<40} {r:>18,.0f} {'':>10} {'':>10} {100 * fpt * r / peak:>6.2f}% {r / base:>15.2f}x")
+    print("compile seconds (fresh process each, median of " f"{args.compile_reps}): " + "; ".join(
+        f"{how} cold {k['cold']:.1f} s, new shape {k['new_shape']:.1f} s, warm {k['warm']:.1f} s"
+        for how, k in costs.items())
+        + f"; compile-included rates over a {args.run_steps:,}-step run, extrapolated from the steady rate; "
+        f"peak fp32 matmul {peak / 1e9:,.1f} GFLOP/s; threads {torch.get_num_threads()}")
+    ledger = CompileLedger()
+    for how in ("regional", "whole"):
+        key = compile_key(models["lmforge"], B, T, "auto", torch.device("cpu"), how=how)  # type: ignore[arg-type]
+        ledger.update(key, "cpu", how=how, eager_step_s=B * T / med["lmforge"], compiled_step_s=B * T / med[f"lmforge_{how}"],
+                      compile_cold_s=costs[how]["new_shape"], compile_warm_s=costs[how]["warm"])
     if args.profile:
         print("\n== profile: lmforge eager step (fused AdamW), 10 steps ==")
         print(profile_table(models["lmforge"], opts["lmforge"], batches[:10]))
-        print("== profile: lmforge compiled step, 10 steps ==")
-        print(profile_table(fwds["lmforge_compiled"], opts["lmforge_compiled"], batches[:10]))
+        print("== profile: lmforge regionally compiled step, 10 steps ==")
+        print(profile_table(fwds["lmforge_regional"], opts["lmforge_regional"], batches[:10]))
     print("RESULT " + json.dumps({
         "bench": "train_throughput", "threads": torch.get_num_threads(),
         **{f"{k}_tok_s": round(v) for k, v in med.items()},
-        "first_compile": first_kind, "lmforge_compiled_incl_first_compile_tok_s": round(incl[first_kind]),
-        "first_compile_s": round(cold, 2), "compile_again_s": round(warm, 2),
+        **{f"lmforge_{k}_compile_incl_tok_s": round(v) for k, v in incl.items()},
+        **{f"compile_{how}_{kind}_s": round(c, 2) for how, kinds in costs.items() for kind, c in kinds.items()},
         "ratio_eager_same_math": round(med["lmforge"] / base, 3),
-        "ratio_compiled_same_math": round(med["lmforge_compiled"] / base, 3),
-        "ratio_compiled_incl_first_compile_same_math": round(incl[first_kind] / base, 3),
+        **{f"ratio_{how}_same_math": round(med[f"lmforge_{how}"] / base, 3) for how in ("regional", "whole")},
+        **{f"ratio_{k}_compile_incl_same_math": round(v / base, 3) for k, v in incl.items()},
         "ratio_eager_vs_hf_default_gelu": round(med["lmforge"] / med["hf_gpt2"], 3),
-        "mfu_lmforge_compiled": round(fpt * med["lmforge_compiled"] / peak, 4),
+        "mfu_lmforge_regional": round(fpt * med["lmforge_regional"] / peak, 4),
         "peak_gflops": round(peak / 1e9, 1)}))
 
 

@@ -2,13 +2,15 @@
 
 1. ``lmforge tune --budget 3m`` on Tiny Shakespeare with this tree: the trials' wall time by phase, as the
    trials recorded it (``phases`` and ``duration_s`` in the study; :mod:`lmforge.report.overhead`), and the
-   share that is optimizer steps (goal >= 95%).
+   share that is optimizer steps (goal >= 95%). With ``--base``, the same search of the base tree runs at
+   the same time (side by side), and both tables are printed.
 2. ``make demo``'s search (``lmforge tune --data demo --budget 3m``), before (``--base``: the ``src`` folder
    of another checkout, e.g. ``git worktree add /tmp/perf-base 9b05ad3``) and after (this tree), same seed,
    run side by side (at the same time, so that machine load hits both alike): trials per minute of the
    search step and the final model's test loss.
 
     python benchmarks/trial_overhead.py [--budget 3m] [--seed 0] [--base /tmp/perf-base/src] [--data PATH]
+                                        [--no-demo]
 
 Prints the tables, then one machine-readable line starting with ``RESULT``.
 """
@@ -67,23 +69,34 @@ def main() -> None:
     ap.add_argument("--base", help="src folder of the 'before' checkout (skip part 2 without it)")
     ap.add_argument("--data", help="Tiny Shakespeare (default: ../shared/data/tinyshakespeare.txt)")
     ap.add_argument("--work", help="where the runs go (default: a new temporary folder)")
+    ap.add_argument("--no-demo", action="store_true", help="skip part 2 (make demo's search)")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="lmforge-trial-overhead-"))
     work.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"bench": "trial_overhead", "budget": args.budget, "seed": args.seed}
 
-    ts = work / "tinyshakespeare"
-    rc = tune(SRC, str(_data_path(args.data)), ts, args.budget, args.seed).wait()
-    ov = overhead(load_run(ts))
-    print(f"== 1. lmforge tune --budget {args.budget} on Tiny Shakespeare (exit {rc}): where the time went ==")
-    if ov is None:
-        print("no trial recorded phases")
-    else:
-        print(overhead_text(ov))
-        result["optimizer_step_share"] = round(ov.train_share, 4)
-        result["phases_s"] = {name: round(s, 2) for name, s in ov.rows}
-
+    data = str(_data_path(args.data))
+    sides = {"after": (SRC, work / "tinyshakespeare")}
     if args.base:
+        sides["before"] = (Path(args.base), work / "tinyshakespeare-before")
+    procs = {k: tune(src, data, out, args.budget, args.seed) for k, (src, out) in sides.items()}
+    codes = {k: p.wait() for k, p in procs.items()}
+    for k in ("before", "after"):
+        if k not in sides:
+            continue
+        ov = overhead(load_run(sides[k][1]))
+        print(f"== 1. lmforge tune --budget {args.budget} on Tiny Shakespeare, {k} (exit {codes[k]}): "
+              "where the time went ==")
+        if ov is None:
+            print("no trial recorded phases")
+            continue
+        print(overhead_text(ov))
+        prefix = "" if k == "after" else "before_"
+        result[f"{prefix}optimizer_step_share"] = round(ov.train_share, 4)
+        result[f"{prefix}trials"] = ov.trials
+        result[f"{prefix}phases_s"] = {name: round(s, 2) for name, s in ov.rows}
+
+    if args.base and not args.no_demo:
         print(f"\n== 2. make demo's search (--budget {args.budget}, seed {args.seed}): before and after, side by side ==")
         runs = {"before": (Path(args.base), work / "demo-before"), "after": (SRC, work / "demo-after")}
         procs = {k: tune(src, "demo", out, args.budget, args.seed) for k, (src, out) in runs.items()}

@@ -12,14 +12,19 @@ import torch
 
 from lmforge.config import OptimConfig, TransformerConfig, load_config
 from lmforge.models import build_model
+from lmforge.runs import load_model
 from lmforge.train.compile import (
     CompileLedger,
     Record,
     StepTimes,
+    choose,
+    compile_for_training,
     compile_key,
+    compile_ways,
     decide,
     enable_disk_cache,
     remaining_steps,
+    repeated_blocks,
 )
 from lmforge.train.loop import train
 from lmforge.train.optim import build_optimizer
@@ -65,6 +70,18 @@ def test_decide_borrows_other_shapes_on_the_same_device_and_is_eager_without_mea
     assert not decide(other, "new", "cpu", 0.1, 100).compile
     assert not decide({}, "new", "cpu", 0.1, 10**9).compile  # nothing measured: eager
     assert not decide(other, "new", "cpu", 0.1, None).compile  # no planned length: eager
+    # regional compilation borrows only regional measurements (records without "how" are whole-model ones)
+    assert not decide(other, "new", "cpu", 0.1, 300, how="regional").compile
+    other["r"] = Record(device="cpu", eager_step_s=1.0, compiled_step_s=0.5, compile_cold_s=1.0, how="regional")
+    assert decide(other, "new", "cpu", 0.1, 100, how="regional").compile  # 5 s saved > 1 s
+    assert not decide(other, "new", "cpu", 0.1, 100, how="whole").compile  # 5 s saved < 10 s
+    # choose: the way that saves the most net seconds among those that pay
+    keys = {"whole": "new-w", "regional": "new-r"}
+    assert choose(other, keys, "cpu", 0.1, 100).how == "regional"  # whole does not pay at 100 steps
+    other["r"].compiled_step_s = 0.9  # regional saves 10%: 1,000 steps save 10 s - 1 s; whole 50 s - 10 s
+    best = choose(other, keys, "cpu", 0.1, 1000)
+    assert best.compile and best.how == "whole" and best.net_s == pytest.approx(40.0)
+    assert not choose(other, keys, "cpu", 0.1, 10).compile
 
 
 def test_remaining_steps_takes_the_tightest_limit() -> None:
@@ -106,6 +123,20 @@ def test_compile_key_depends_on_shape_and_model() -> None:
     assert k != compile_key(other, 4, 16, "auto", cpu)
 
 
+def test_regional_compilation_finds_repeated_blocks_only() -> None:
+    two = build_model(TransformerConfig(n_layer=2, d_model=32, n_head=2), vocab_size=40, max_seq_len=16)
+    assert repeated_blocks(two) == list(two.h) and compile_ways(two) == ["whole", "regional"]
+    assert repeated_blocks(_tiny()) == [] and compile_ways(_tiny()) == ["whole"]  # one block: nothing repeats
+    lstm = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.LSTM(4, 4), torch.nn.LSTM(4, 4)]))
+    assert repeated_blocks(lstm) == []  # torch's fused recurrent layers compile whole
+    # the two ways compile different graphs: their measurements are kept apart
+    cpu = torch.device("cpu")
+    assert compile_key(two, 4, 16, "auto", cpu) == compile_key(two, 4, 16, "auto", cpu, how="whole")  # default
+    assert compile_key(two, 4, 16, "auto", cpu) != compile_key(two, 4, 16, "auto", cpu, how="regional")
+    with pytest.raises(ValueError, match="no repeated blocks"):
+        compile_for_training(_tiny(), "regional")
+
+
 def test_disk_cache_goes_under_lmforge_cache_unless_set(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
@@ -136,7 +167,7 @@ def test_auto_stays_eager_when_another_rank_says_compiling_does_not_pay(tmp_path
     from lmforge.train.distributed import Distributed
 
     monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path / "lm-cache"))
-    monkeypatch.setattr(loop_mod, "decide", lambda *a, **k: Decision(True, "measured: it pays"))
+    monkeypatch.setattr(loop_mod, "choose", lambda *a, **k: Decision(True, "measured: it pays"))
     asked: list[bool] = []
 
     def all_true(self: Distributed, flag: bool) -> bool:
@@ -157,21 +188,64 @@ def test_compiled_training_equals_eager_and_auto_compiles_when_measurements_say_
     (the ledger says compiling pays) reach the same losses and weights within float tolerance."""
     monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path / "lm-cache"))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    args = ("--train.max_steps", "12", "--train.eval_interval", "6")
+    args = ("--train.max_steps", "12", "--train.eval_interval", "6", "--model.n_layer", "2")
     eager = train(_cfg(tmp_path, *args, "--train.compile", "false"), tmp_path / "eager", verbose=False)
     compiled = train(_cfg(tmp_path, *args, "--train.compile", "true"), tmp_path / "compiled", verbose=False)
     assert not eager.compiled and compiled.compiled and compiled.phases["compile_s"] > 0
-    # both runs measured: a ratio and a compile cost for this key; now tell auto that compiling pays
+    # both runs measured: a ratio and a compile cost for the whole way's key (the regional key has the eager
+    # step only); now tell auto that compiling whole pays
     ledger = CompileLedger()
-    (key, rec), = ledger.load().items()
+    recs = {r.how: (k, r) for k, r in ledger.load().items()}
+    assert set(recs) == {"whole", "regional"} and recs["regional"][1].compiled_step_s is None
+    key, rec = recs["whole"]
     assert rec.eager_step_s and rec.compiled_step_s and rec.compile_cold_s is not None
     ledger.update(key, "cpu", compiled_step_s=rec.eager_step_s * 0.1, compile_warm_s=0.0)
     auto = train(_cfg(tmp_path, *args), tmp_path / "auto", verbose=False)
     assert auto.compiled
+    # and that compiling regionally pays more: auto compiles the blocks of a given model in place, and hands
+    # the model back with eager blocks
+    ledger.update(recs["regional"][0], "cpu", compiled_step_s=rec.eager_step_s * 0.05, compile_warm_s=0.0)
+    given, _, _ = load_model(tmp_path / "eager" / "best")  # the same model config: the same ledger keys
+    regional = train(_cfg(tmp_path, *args), tmp_path / "regional", model=given, verbose=False)
+    assert regional.compiled and all(b._compiled_call_impl is None for b in given.h)
+    assert (CompileLedger().get(recs["regional"][0]).compile_warm_s or 0) > 0  # type: ignore[union-attr]  # measured
     for res in (compiled, auto):
         for a, b in zip(eager.history, res.history, strict=True):
             assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4, abs=1e-5)
             assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_regional_and_whole_compiled_steps_equal_eager_and_undo_restores_the_model() -> None:
+    """Five AdamW steps of a 2-block model: blocks compiled in place (regional) and the model compiled
+    whole reach eager's losses and weights within float tolerance; undo leaves eager blocks behind."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    base = build_model(TransformerConfig(n_layer=2, d_model=32, n_head=2, dropout=0.0), vocab_size=40,
+                       max_seq_len=16)
+    batches = [(torch.randint(0, 40, (4, 16)), torch.randint(0, 40, (4, 16))) for _ in range(5)]
+    cfg = OptimConfig(name="adamw", lr=1e-2, weight_decay=0.1, eps=1e-4)
+    runs: dict[str, tuple[list[float], torch.nn.Module]] = {}
+    for how in ("eager", "regional", "whole"):
+        model = copy.deepcopy(base)
+        fwd, undo = (model, lambda: None) if how == "eager" else compile_for_training(model, how)  # type: ignore[arg-type]
+        if how == "regional":
+            assert fwd is model and all(b._compiled_call_impl is not None for b in model.h)
+        opt = build_optimizer(model, cfg)
+        losses = []
+        for x, y in batches:
+            opt.zero_grad(set_to_none=True)
+            _, loss = fwd(x, y)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        undo()
+        assert all(b._compiled_call_impl is None for b in model.h)
+        runs[how] = (losses, model)
+    for how in ("regional", "whole"):
+        assert runs[how][0] == pytest.approx(runs["eager"][0], rel=1e-4, abs=1e-5)
+        for (name, a), b in zip(runs["eager"][1].named_parameters(), runs[how][1].parameters(), strict=True):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (how, name, (a - b).abs().max())
 
 
 # ---------------------------------------------------------------------------------- the optimizer

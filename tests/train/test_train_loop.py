@@ -76,6 +76,24 @@ def test_metrics_best_and_layout(corpus, tmp_path):
     assert recs[-1]["tokens"] == 30 * 4 * 16
 
 
+def test_checkpoint_steps_write_checkpoints_there_and_at_the_stop_and_best_from_memory(corpus, tmp_path):
+    """Search trials: checkpoints only at the given steps (rungs) and where training stops; best/ is the
+    same model, written from its in-memory copy, as a run that writes it at every improvement."""
+    args = ("--train.max_steps", "30", "--train.eval_interval", "5", "--train.keep_last", "10",
+            "--train.deterministic", "true", "--model.tie_embeddings", "true")
+    every, trial = tmp_path / "every", tmp_path / "trial"
+    res_every = train(cfg_for(corpus, *args), every, verbose=False)
+    res_trial = train(cfg_for(corpus, *args), trial, verbose=False, checkpoint_steps={10})
+    names = lambda out: sorted(p.name for p in (out / "checkpoints").glob("step-*"))  # noqa: E731
+    assert names(every) == [f"step-{s:07d}" for s in (5, 10, 15, 20, 25, 30)]
+    assert names(trial) == ["step-0000010", "step-0000030"]
+    assert res_trial.best_step == res_every.best_step and res_trial.best_val_loss == res_every.best_val_loss
+    for out in (every, trial):
+        assert json.loads((out / "best" / "meta.json").read_text())["step"] == res_every.best_step
+    wa, wb = load_file(every / "best" / "model.safetensors"), load_file(trial / "best" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)  # tied weights stored once
+
+
 def test_refuses_existing_run_without_resume(corpus, tmp_path):
     out = tmp_path / "run"
     train(cfg_for(corpus, "--train.max_steps", "10", "--train.eval_interval", "5"), out, verbose=False)

@@ -26,6 +26,7 @@ from lmforge.runs.checkpoint import (
     restore_rng_state,
     save_best,
     save_checkpoint,
+    snapshot_weights,
     verify_checkpoint,
     write_config,
 )
@@ -79,6 +80,7 @@ __all__ = [
     "run_lock",
     "save_best",
     "save_checkpoint",
+    "snapshot_weights",
     "task_file_path",
     "truncate_metrics",
     "verify_checkpoint",

@@ -224,6 +224,21 @@ def _save_weights(model: nn.Module | dict[str, torch.Tensor], path: Path) -> Non
     save_file(kept, str(path), metadata={_ALIASES_KEY: json.dumps(aliases), "format": "pt"})
 
 
+def snapshot_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of ``model``'s weights on the CPU that later training does not change (a best model kept in
+    memory until it is written): tensors that are the same view (tied weights) stay one tensor, so the
+    file written from the copy is the one :func:`save_checkpoint` writes from the model."""
+    copies: dict[tuple, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, t in _unwrap(model).state_dict().items():
+        t = t.detach()
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if key not in copies or t.numel() == 0:
+            copies[key] = t.to("cpu", copy=True)
+        out[name] = copies[key]
+    return out
+
+
 def _load_weights(path: Path, map_location: str | torch.device) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 

@@ -43,6 +43,14 @@ from lmforge.train.callbacks import LiveCurves
 from lmforge.train.loop import Callback, LoopState, train
 
 OBJECTIVES = ("val_loss", "params", "latency")
+EVAL_COST_SHARE = 0.03
+"""A trial's evaluation scores at most about this share of the tokens its training processes between two
+evaluations (a forward pass costs about a third of a training step per token): see :func:`trial_eval_blocks`."""
+MIN_EVAL_BLOCKS = 16
+"""The fewest validation blocks a trial scores (one batch). Measured on the demo corpus (two 2-layer models
+trained 150 steps, 1,024 evenly spread blocks of 64 tokens): the standard deviation, over the grid offsets,
+of the difference between the two models' losses on the same n blocks is 0.014 nats at 16 blocks, 0.010 at
+32 and 0.007 at 64, against a 0.069 difference between the models; trials are compared on the same blocks."""
 
 
 # ------------------------------------------------------------------------------------- reporting
@@ -276,13 +284,17 @@ def _train_once(
     if ctx.report_to:  # --report-to: the trial's curve to TensorBoard / MLflow as it trains
         name = out.relative_to(ctx.run_dir).as_posix().replace("/", "-")
         live.append(LiveCurves(ctx.report_to, Path(ctx.run_dir) / "tensorboard", name, dict(trial.params)))
+    tc = cfg.train
     result = train(
         cfg,
         out,
         data=prepared,
         callbacks=[reporter, *live],
         verbose=verbose,
-        val_batches=fixed_val_batches(val, cfg, ctx.eval_blocks),
+        val_batches=fixed_val_batches(val, cfg, trial_eval_blocks(fid, ctx.eval_blocks, cfg.data.block_size)),
+        # checkpoints where the trial can be resumed (its rungs, and where it stops), best/ where it ends
+        checkpoint_steps=rung_steps(fid, tc.eval_interval, tc.batch_size * cfg.data.block_size * tc.grad_accum,
+                                    tc.max_steps or fid.max_steps),
     )
     reporter.tokens = result.tokens
     # the trial's wall time by phase (summed over folds), for the report's overhead table
@@ -305,6 +317,28 @@ def _train_once(
     if not math.isfinite(result.best_val_loss):
         raise TrialStop("fail", "no finite validation loss")
     return float(result.best_val_loss), reporter.trained
+
+
+def trial_eval_blocks(fid: Fidelity, most: int, block_size: int) -> int:
+    """Fixed validation blocks a trial scores at each evaluation: ``most`` (the search's ``eval_blocks``),
+    fewer when scoring them would cost more than :data:`EVAL_COST_SHARE` of the training between two
+    evaluations (``fid.min_tokens`` tokens, forward and backward), never fewer than :data:`MIN_EVAL_BLOCKS`."""
+    affordable = int(EVAL_COST_SHARE * 3 * fid.min_tokens / max(1, block_size))
+    return max(min(MIN_EVAL_BLOCKS, most), min(most, affordable))
+
+
+def rung_steps(fid: Fidelity, eval_interval: int, tokens_per_step: int, max_steps: int) -> set[int]:
+    """The steps of the evaluations at which a trial reports each rung of ``fid`` (``min_tokens * eta**k``
+    tokens): the first evaluation step (a multiple of ``eval_interval``) at or past the rung's tokens,
+    capped at ``max_steps``."""
+    steps: set[int] = set()
+    per_eval = max(1, tokens_per_step * eval_interval)
+    for k in range(fid.rungs + 1):
+        tokens = fid.min_tokens * fid.eta**k
+        if tokens > fid.max_tokens:
+            break
+        steps.add(min(max_steps, math.ceil(tokens / per_eval) * eval_interval))
+    return steps
 
 
 def _cross_validate(

@@ -11,14 +11,31 @@ tracing only (measured: 31 s cold, 4.7 s warm for the 4x128 CPU model). ``torch.
 / ``load_cache_artifacts`` ("mega-cache") serialize the same caches to move them to *another* machine; one
 machine does not need them.
 
+**Two ways to compile** (:func:`compile_for_training`, :func:`compile_ways`):
+
+- *whole*: ``torch.compile`` of the model (fuses everything, embeddings, head and loss included);
+- *regional*, for a model with repeated blocks (a ``nn.ModuleList`` of blocks of one class): each block is
+  compiled in place (``nn.Module.compile``): every block runs the same code object, and since dynamo treats a
+  module's parameters as graph inputs (``inline_inbuilt_nn_modules``, always on in torch >= 2.5) the blocks
+  of one shape share one compiled graph: one block's forward and backward are compiled whatever the depth.
+  Embeddings, final norm, head and loss stay eager.
+
+Measured (``benchmarks/train_throughput.py``, 4x128 CPU model, 1 thread; see RESULTS.md): regional compiles
+cheaper (about half the seconds for a new shape) but its steps gain less over eager than a whole compile's.
+Which pays more depends on the planned length, so ``train.compile: auto`` weighs both ways from their own
+measurements (:func:`choose`); ``train.compile: true`` compiles whole. (Hierarchical whole compilation,
+``torch.compiler.nested_compile_region`` on the transformer block, was tried: cheaper than a plain whole
+compile, but in torch 2.13 its training steps left eager's losses after the first step, so it is not used.) Evaluation runs compiled modules eagerly (:func:`eager_calls`): an ``inference_mode`` call
+would compile a second graph.
+
 **The pays-off decision** (``train.compile: auto``) uses measured numbers only. A :class:`CompileLedger` (a
 JSON file beside the cache) records, per :func:`compile_key` (model config, batch, block, dtype, device, torch
-version and a hash of the model's source file), the median eager step time, the median compiled step time
+version, a hash of the model's source file and the way it is compiled), the median eager step time, the median compiled step time
 and the seconds the first compiled step cost beyond a normal one (cold: nothing cached; warm: cached).
 The loop runs eager, times :data:`PROBE_STEPS` steps, then asks :func:`decide`: compile when
 ``remaining steps x (eager - compiled step time) > compile seconds``. The compiled/eager ratio and the
 compile cost come from this key's record, else from the median of the records of other shapes on the same
-device kind; with no record at all the answer is eager (``train.compile: true`` once, or
+device kind compiled the same way; with no record at all the answer is eager (``train.compile: true`` once, or
 ``benchmarks/train_throughput.py``, writes the first records). A time limit turns into steps through the
 measured eager step time, so the rule is the same: compiling must leave more steps within the time.
 """
@@ -31,9 +48,11 @@ import json
 import math
 import os
 import statistics
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -65,9 +84,58 @@ def enable_disk_cache() -> Path:
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
-def compile_key(model: nn.Module, batch: int, block: int, dtype: str, device: torch.device) -> str:
+CompileHow = Literal["regional", "whole"]
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks regional compilation compiles: the modules of the model's ``nn.ModuleList``\\ s that hold
+    two or more modules of one class (torch's own recurrent layers excluded: dynamo does not trace their
+    fused kernels); empty when the model has none."""
+    found: list[nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) >= 2:
+            kinds = {type(m) for m in module}
+            if len(kinds) == 1 and not issubclass(next(iter(kinds)), nn.RNNBase):
+                found.extend(module)
+    return found
+
+
+def compile_ways(model: nn.Module) -> list[CompileHow]:
+    """The ways ``model`` can be compiled: ``whole``, and ``regional`` when it repeats blocks."""
+    return ["whole", "regional"] if repeated_blocks(model) else ["whole"]
+
+
+def compile_for_training(model: nn.Module, how: CompileHow) -> tuple[nn.Module, Callable[[], None]]:
+    """Compile ``model`` -> (what to call for a training forward, a function that undoes the compile).
+
+    ``regional`` compiles each of :func:`repeated_blocks` in place and returns ``model`` itself (so a
+    DistributedDataParallel wrapper goes around it as around an eager model); the undo function restores
+    the eager blocks, so the caller's model leaves training as it came. ``whole`` returns
+    ``torch.compile(model)`` and leaves the model untouched."""
+    if how == "whole":
+        return cast(nn.Module, torch.compile(model)), lambda: None
+    blocks = repeated_blocks(model)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no repeated blocks to compile regionally")
+    for block in blocks:
+        block.compile()
+
+    def undo() -> None:
+        for block in blocks:
+            block._compiled_call_impl = None
+
+    return model, undo
+
+
+def eager_calls() -> AbstractContextManager[Any]:
+    """Run compiled modules eagerly inside (evaluation of a regionally compiled model)."""
+    return torch.compiler.set_stance("force_eager")
+
+
+def compile_key(model: nn.Module, batch: int, block: int, dtype: str, device: torch.device,
+                how: CompileHow | None = None) -> str:
     """What a compiled graph depends on: the model's config and source code, the batch shape, the precision,
-    the device kind and the torch version."""
+    the device kind, the torch version and how it is compiled (``whole`` unless ``how`` says)."""
     cfg = getattr(model, "config", None)
     dump = getattr(cfg, "model_dump_json", None)
     cfg_text = dump() if callable(dump) else repr(cfg)
@@ -77,7 +145,7 @@ def compile_key(model: nn.Module, batch: int, block: int, dtype: str, device: to
     except (OSError, TypeError):
         src = type(model).__qualname__
     parts = [cfg_text, f"{batch}x{block}", dtype, device.type, torch.__version__,
-             hashlib.sha256(src.encode()).hexdigest()]
+             hashlib.sha256(src.encode()).hexdigest(), how or "whole"]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 
@@ -87,6 +155,9 @@ class Record:
 
     device: str
     eager_step_s: float | None = None
+    how: str | None = None
+    """How the compiled numbers were compiled (``regional``/``whole``; None: a record from before regional
+    compilation, i.e. whole)."""
     compiled_step_s: float | None = None
     compile_cold_s: float | None = None
     compile_warm_s: float | None = None
@@ -123,10 +194,12 @@ class CompileLedger:
     def get(self, key: str) -> Record | None:
         return self.load().get(key)
 
-    def update(self, key: str, device: str, **values: float | None) -> Record:
+    def update(self, key: str, device: str, how: CompileHow | None = None, **values: float | None) -> Record:
         """Merge ``values`` (the ones that are not None) into ``key``'s record and write the ledger."""
         records = self.load()
         rec = records.get(key) or Record(device=device)
+        if how is not None:
+            rec.how = how
         for name, value in values.items():
             if value is not None and math.isfinite(value):
                 setattr(rec, name, float(value))
@@ -146,16 +219,21 @@ class CompileLedger:
 class Decision:
     compile: bool
     why: str
+    how: CompileHow = "whole"
+    net_s: float = 0.0
+    """Seconds saved less seconds to compile."""
 
 
 def decide(records: dict[str, Record], key: str, device: str, eager_step_s: float,
-           remaining_steps: float | None) -> Decision:
+           remaining_steps: float | None, how: CompileHow | None = None) -> Decision:
     """Whether compiling now pays: ``remaining_steps x (eager - compiled step time) > compile seconds``,
-    from this key's record or, failing that, the median of other shapes' records on ``device``."""
+    from this key's record or, failing that, the median of other shapes' records on ``device`` compiled
+    the same way (``how``; None: any way)."""
     if remaining_steps is None or not math.isfinite(remaining_steps):
         return Decision(False, "no planned length (train.max_steps, max_tokens or max_time) to repay a compile")
     own = records.get(key)
-    same_device = [r for r in records.values() if r.device == device]
+    same_device = [r for r in records.values()
+                   if r.device == device and (how is None or (r.how or "whole") == how)]
     ratio = own.ratio if own is not None and own.ratio is not None else _median(r.ratio for r in same_device)
     cost = None
     if own is not None:
@@ -166,8 +244,18 @@ def decide(records: dict[str, Record], key: str, device: str, eager_step_s: floa
         return Decision(False, f"no compile measurement on {device} yet (run once with train.compile true)")
     saving = remaining_steps * eager_step_s * (1.0 - ratio)
     verdict = saving > cost
-    return Decision(verdict, f"{remaining_steps:.0f} steps x {eager_step_s * 1e3:.1f} ms x (1 - {ratio:.2f}) = "
-                             f"{saving:.1f} s saved {'>' if verdict else '<='} {cost:.1f} s to compile")
+    return Decision(verdict, f"{how or 'whole'}: {remaining_steps:.0f} steps x {eager_step_s * 1e3:.1f} ms x "
+                             f"(1 - {ratio:.2f}) = {saving:.1f} s saved {'>' if verdict else '<='} {cost:.1f} s to "
+                             "compile", how or "whole", saving - cost)
+
+
+def choose(records: dict[str, Record], keys: dict[CompileHow, str], device: str, eager_step_s: float,
+           remaining_steps: float | None) -> Decision:
+    """:func:`decide` for each way in ``keys`` (way -> its :func:`compile_key`); the way that saves the most
+    net seconds among those that pay, else the first way's "no"."""
+    verdicts = [decide(records, key, device, eager_step_s, remaining_steps, how=how) for how, key in keys.items()]
+    paying = [v for v in verdicts if v.compile]
+    return max(paying, key=lambda v: v.net_s) if paying else verdicts[0]
 
 
 def _median(values: Any) -> float | None:

@@ -29,7 +29,7 @@ import contextlib
 import datetime
 import inspect
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -43,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lmforge.config import LmforgeError
 from lmforge.data.sampler import Batch, BlockSampler, gather_blocks
 from lmforge.runs import capture_rng_state, restore_rng_state
+from lmforge.train.compile import CompileHow, compile_for_training
 from lmforge.train.errors import TrainingError
 
 
@@ -85,14 +86,22 @@ def is_main_process() -> bool:
     return env is None or env.rank == 0
 
 
+def _nothing() -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class ModelCalls:
     """The model as the loop calls it: ``wrapped`` is the DistributedDataParallel wrapper (the model itself
-    in one process); ``train``/``eval`` are what the forward passes call (compiled when asked)."""
+    in one process); ``train`` is what a training forward calls (compiled when asked), ``eval`` the bare
+    model (evaluation runs eagerly: see :func:`~lmforge.train.compile.eager_calls`). ``how`` says how it was
+    compiled (None: eager); ``undo`` restores a regionally compiled model's eager blocks."""
 
     wrapped: nn.Module
     train: nn.Module
     eval: nn.Module
+    how: CompileHow | None = None
+    undo: Callable[[], None] = _nothing
 
 
 class Distributed:
@@ -291,15 +300,24 @@ class Distributed:
         no_sync: dict[str, Any] = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
         return DistributedDataParallel(model, device_ids=ids, **no_sync)
 
-    def model_calls(self, model: nn.Module, compile: bool, full_batch: bool) -> ModelCalls:
-        """The callables the loop trains and evaluates with. Evaluation and full-batch GD call the bare
-        model under data-parallel (no collectives inside; GD all-reduces its gradients itself)."""
-        wrapped = self.wrap(model)
-        fwd = cast(nn.Module, torch.compile(wrapped)) if compile else wrapped
+    def model_calls(self, model: nn.Module, compile: bool, full_batch: bool,
+                    wrapped: nn.Module | None = None, how: CompileHow = "whole") -> ModelCalls:
+        """The callables the loop trains and evaluates with. Evaluation calls the bare model, and so does
+        full-batch GD under data-parallel (no collectives inside; GD all-reduces its gradients itself).
+        ``compile`` compiles ``how`` (:mod:`lmforge.train.compile`): the wrapped model whole, or regionally
+        (the blocks, in place, inside the DistributedDataParallel wrapper).
+        ``wrapped``: the wrapper made earlier (switching an eager run to compiled keeps it)."""
+        undo = _nothing
+        if compile and how == "regional":
+            _, undo = compile_for_training(model, "regional")
+        wrapped = wrapped if wrapped is not None else self.wrap(model)
+        fwd = compile_for_training(wrapped, "whole")[0] if compile and how == "whole" else wrapped
         return ModelCalls(
             wrapped=wrapped,
             train=model if self.enabled and full_batch else fwd,
-            eval=model if self.enabled else fwd,
+            eval=model,
+            how=how if compile else None,
+            undo=undo,
         )
 
     def no_sync(self, wrapped: nn.Module, last: bool) -> contextlib.AbstractContextManager[Any]:

@@ -14,10 +14,11 @@ objects and counters; its methods are the steps of the loop.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from lmforge.runs import (
     prune_checkpoints,
     save_best,
     save_checkpoint,
+    snapshot_weights,
     truncate_metrics,
     write_config,
 )
@@ -48,14 +50,16 @@ from lmforge.train.compile import (
     PROBE_STEPS,
     CompileLedger,
     StepTimes,
+    choose,
     compile_key,
-    decide,
+    compile_ways,
+    eager_calls,
     enable_disk_cache,
     remaining_steps,
 )
 from lmforge.train.data_source import BatchSampler, DataSource, open_data_source
 from lmforge.train.device import autocast_context, grad_scaler, resolve_device, seed_everything, to_device
-from lmforge.train.distributed import Distributed, ModelCalls, RankSlice
+from lmforge.train.distributed import Distributed, RankSlice
 from lmforge.train.errors import TrainingError, write_errors
 from lmforge.train.evaluation import evaluate_loss
 from lmforge.train.memory import check_fits_in_memory
@@ -91,6 +95,7 @@ def train(
     val_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     verbose: bool = True,
     clock: Callable[[], float] = time.perf_counter,
+    checkpoint_steps: Container[int] | None = None,
 ) -> TrainResult:
     """Train ``config`` into ``out_dir`` and return a summary.
 
@@ -105,6 +110,11 @@ def train(
 
     ``clock`` is the seconds counter that measures training time (``train.max_time``, the time horizon of
     the schedule, ``elapsed_s``); tests pass a fake one.
+
+    ``checkpoint_steps`` (search trials: the evaluations at the pruner's rungs) replaces the periodic
+    checkpoints of ``train.checkpoint_interval``: checkpoints are written at these steps and where training
+    stops (where a trial can be resumed), and ``best/`` is kept in memory when the validation loss improves
+    and written with the next checkpoint (it is what a trial can be chosen by), not at every improvement.
     """
     tc = config.train
     out = Path(out_dir)
@@ -125,7 +135,8 @@ def train(
                 tokenizer = Tokenizer.load(resume_ckpt.path)
             source = open_data_source(config, data, tokenizer, sampler, val_batches)
         trainer = _Trainer(config, out, source=source, model=model, resume_ckpt=resume_ckpt,
-                           callbacks=callbacks, dist=dist, verbose=verbose, clock=clock)
+                           callbacks=callbacks, dist=dist, verbose=verbose, clock=clock,
+                           checkpoint_steps=checkpoint_steps)
         return trainer.run()
 
 
@@ -146,6 +157,15 @@ def _model_for(cfg: RunConfig, model: LanguageModel | None, tokenizer: Tokenizer
     return model
 
 
+@contextlib.contextmanager
+def _undo_on_exit(undo: Callable[[], None]) -> Iterator[None]:
+    """Restore the caller's model (eager blocks) when training ends, however it ends."""
+    try:
+        yield
+    finally:
+        undo()
+
+
 class _Trainer:
     """One call of :func:`train`: the objects it built and the counters that go into every checkpoint."""
 
@@ -161,8 +181,12 @@ class _Trainer:
         dist: Distributed,
         verbose: bool,
         clock: Callable[[], float],
+        checkpoint_steps: Container[int] | None = None,
     ) -> None:
         t_build = time.perf_counter()
+        self.checkpoint_steps = checkpoint_steps
+        # with checkpoint_steps: the best weights wait here (a CPU copy and best/'s meta) for the next checkpoint
+        self.pending_best: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
         self.out = out
         self.clock = clock
         self.phases: dict[str, float] = {"build_s": 0.0, "train_s": 0.0, "compile_s": 0.0, "eval_s": 0.0,
@@ -208,7 +232,7 @@ class _Trainer:
             enable_disk_cache()
         self.calls = dist.model_calls(model, self.compiled, self.gd)
         self.step_times = StepTimes()
-        self.compile_note = "compiled (train.compile true)" if self.compiled else "eager"
+        self.compile_note = f"compiled {self.calls.how} (train.compile true)" if self.compiled else "eager"
 
         # -- counters ---------------------------------------------------------------------------------
         self.state = LoopState(config=cfg, out_dir=out, model=model, rank=dist.rank, world_size=dist.world_size)
@@ -229,7 +253,8 @@ class _Trainer:
         self.gd_blocks = source.full_batch_blocks(block) if self.gd else 0
         self.tokens_per_step = (self.gd_blocks * block if self.gd
                                 else self.global_batch * block * tc.grad_accum)
-        self.compile_key = compile_key(model, self.global_batch * tc.grad_accum, block, tc.dtype, device)
+        self.compile_keys = {how: compile_key(model, self.global_batch * tc.grad_accum, block, tc.dtype, device, how)
+                             for how in compile_ways(model)}
         self.phases["build_s"] = time.perf_counter() - t_build
 
     def log(self, message: str) -> None:
@@ -277,7 +302,22 @@ class _Trainer:
             "best_step": state.best_step, "bad_evals": self.bad_evals,
         }
 
+    def write_best(self, weights: torch.nn.Module | dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
+        if self.dist.is_main:
+            with write_errors(self.out / BEST_DIR):
+                save_best(self.out, model=weights, config_yaml=self.config_yaml, tokenizer=self.tokenizer, meta=meta)
+        self.phases["checkpoint_s"] += time.perf_counter() - t0
+
+    def flush_best(self) -> None:
+        """Write the best weights kept in memory (``checkpoint_steps``), before the checkpoint that counts them."""
+        if self.pending_best is not None:
+            weights, meta = self.pending_best
+            self.pending_best = None
+            self.write_best(weights, meta)
+
     def checkpoint(self, val_loss: float | None) -> Path:
+        self.flush_best()  # a checkpoint's best_val_loss never names a best/ that is not on disk
         t0 = time.perf_counter()
         state, dist = self.state, self.dist
         meta = {"step": state.step, "tokens": state.tokens, "val_loss": val_loss, "elapsed_s": state.elapsed_s}
@@ -399,8 +439,10 @@ class _Trainer:
     # ------------------------------------------------------------------------------- evaluation
     def eval_record(self, train_loss: float) -> dict[str, Any]:
         state, dist = self.state, self.dist
-        val_loss, _ = evaluate_loss(self.calls.eval, self.val_batches, self.device, self.autocast,
-                                    dist if dist.enabled else None)
+        # evaluation stays eager: compiling its inference-mode graph too would cost a second compile
+        with eager_calls() if self.compiled else contextlib.nullcontext():
+            val_loss, _ = evaluate_loss(self.calls.eval, self.val_batches, self.device, self.autocast,
+                                        dist if dist.enabled else None)
         rec = {
             "step": state.step, "tokens": state.tokens, "elapsed_s": round(state.elapsed_s, 3),
             "time": round(time.time(), 3),
@@ -445,20 +487,30 @@ class _Trainer:
         if dist.any_true(cb_stop) and reason is None:  # any rank's callback stops every rank
             reason = "callback"
         state.elapsed_s += self.clock() - t_eval
-        t_best = time.perf_counter()
-        self.phases["eval_s"] += t_best - t_phase
-        if improved and dist.is_main:
-            with write_errors(self.out / BEST_DIR):
-                save_best(self.out, model=self.model, config_yaml=self.config_yaml, tokenizer=self.tokenizer,
-                          meta={"step": state.step, "tokens": state.tokens, "val_loss": rec["val_loss"],
-                                "elapsed_s": state.elapsed_s})
-            self.phases["checkpoint_s"] += time.perf_counter() - t_best
+        self.phases["eval_s"] += time.perf_counter() - t_phase
+        if improved:
+            meta = {"step": state.step, "tokens": state.tokens, "val_loss": rec["val_loss"],
+                    "elapsed_s": state.elapsed_s}
+            if self.checkpoint_steps is None:
+                self.write_best(self.model, meta)
+            elif dist.is_main:
+                t_copy = time.perf_counter()
+                self.pending_best = (snapshot_weights(self.model), meta)
+                self.phases["checkpoint_s"] += time.perf_counter() - t_copy
         return reason
+
+    def checkpoint_due(self) -> bool:
+        """A periodic checkpoint at this step: every ``train.checkpoint_interval`` (else ``eval_interval``)
+        steps, or at ``checkpoint_steps`` where those are given."""
+        if self.checkpoint_steps is not None:
+            return self.state.step in self.checkpoint_steps
+        return self.state.step % (self.tc.checkpoint_interval or self.tc.eval_interval) == 0
 
     # ---------------------------------------------------------------------------------- compile
     def maybe_compile(self) -> None:
         """``train.compile: auto``: after PROBE_STEPS timed eager steps, compile when the measured numbers say
-        the remaining planned steps repay it (:func:`~lmforge.train.compile.decide`); decided once."""
+        the remaining planned steps repay it, whole or regionally, whichever saves more
+        (:func:`~lmforge.train.compile.choose`); decided once."""
         eager = self.step_times.eager_median()
         if not self.probing or eager is None or len(self.step_times.eager) < PROBE_STEPS + 1:
             return
@@ -467,17 +519,16 @@ class _Trainer:
         left = remaining_steps(step=state.step, max_steps=tc.max_steps, max_tokens=tc.max_tokens, tokens=state.tokens,
                                tokens_per_step=self.tokens_per_step, max_time=tc.max_time,
                                elapsed_s=state.elapsed_s, eager_step_s=eager)
-        verdict = decide(CompileLedger().load(), self.compile_key, self.device.type, eager, left)
+        verdict = choose(CompileLedger().load(), self.compile_keys, self.device.type, eager, left)
         # every rank measured its own steps: compile only where all of them say it pays, so that the ranks
         # never run different graphs (or one of them stalls in a compile the others skipped)
         agreed = self.dist.all_true(verdict.compile)
         why = verdict.why if agreed == verdict.compile else "another rank's measurements say it does not pay"
-        self.compile_note = ("compiled" if agreed else "eager") + f" (train.compile auto: {why})"
         if agreed:
-            # evaluation stays eager: compiling its eval-mode graph too would cost a second compile
-            compiled = self.dist.model_calls(self.model, True, False)
-            self.calls = ModelCalls(wrapped=compiled.wrapped, train=compiled.train, eval=self.model)
+            self.calls = self.dist.model_calls(self.model, True, False, wrapped=self.calls.wrapped, how=verdict.how)
             self.compiled = True
+        how = f"compiled {self.calls.how}" if agreed else "eager"
+        self.compile_note = f"{how} (train.compile auto: {why})"
 
     def record_step_times(self) -> None:
         """Write this run's measured step times and compile cost to the ledger the ``auto`` decision reads."""
@@ -485,12 +536,16 @@ class _Trainer:
         if not self.dist.is_main or (not st.eager[1:] and not st.compiled):
             return
         ledger = CompileLedger()
-        before = ledger.get(self.compile_key)
-        warm = before is not None and (before.compile_cold_s is not None or before.compile_warm_s is not None)
-        cost = st.compile_cost()
-        ledger.update(self.compile_key, self.device.type, eager_step_s=st.eager_median(),
-                      compiled_step_s=st.compiled_median(),
-                      compile_warm_s=cost if warm else None, compile_cold_s=None if warm else cost)
+        for how, key in self.compile_keys.items():  # the eager step time is every way's baseline
+            if how != self.calls.how:
+                ledger.update(key, self.device.type, how=how, eager_step_s=st.eager_median())
+                continue
+            before = ledger.get(key)
+            warm = before is not None and (before.compile_cold_s is not None or before.compile_warm_s is not None)
+            cost = st.compile_cost()
+            ledger.update(key, self.device.type, how=how, eager_step_s=st.eager_median(),
+                          compiled_step_s=st.compiled_median(),
+                          compile_warm_s=cost if warm else None, compile_cold_s=None if warm else cost)
 
     # ---------------------------------------------------------------------------------- the loop
     def run(self) -> TrainResult:
@@ -502,7 +557,7 @@ class _Trainer:
         bar = progress_bar(tc.max_steps, tc.progress and self.verbose and dist.is_main, state.step)
         t_last = self.clock()
         tok_window = 0
-        with TerminateRequest() as term:
+        with TerminateRequest() as term, _undo_on_exit(lambda: self.calls.undo()):
             while reason is None:
                 t0 = self.clock()
                 t_step = time.perf_counter()
@@ -536,10 +591,10 @@ class _Trainer:
                 is_eval = state.step % tc.eval_interval == 0 or reason is not None
                 if is_eval:
                     reason = self.evaluate(reason, bar)
-                ckpt_every = tc.checkpoint_interval or tc.eval_interval
-                if state.step % ckpt_every == 0 or reason is not None:
+                if reason is not None or self.checkpoint_due():
                     self.checkpoint(self.last_val if is_eval else None)
         bar.close()
+        self.flush_best()  # stopped without a checkpoint after the best evaluation (none is written then)
         self.phases["train_s"] -= self.phases["compile_s"]
         self.record_step_times()
         if self.compile_note != "eager":
