@@ -134,3 +134,27 @@ def test_surface_leaves_well_fitted_curves_in_charge(tmp_path):
     for c in cands:
         assert c.curve is not None and c.curve.mean == before[c.trial.number]
         assert c.prediction.mean == pytest.approx(before[c.trial.number], abs=0.05)
+
+
+def test_cap_space_keeps_every_depth_that_fits():
+    """An int depth range whose top does not fit keeps the depths that do (it was cut to its bottom value
+    when only the range's ends were counted)."""
+    from lmforge.config import build_config
+    from lmforge.search.sizing import cap_space, count_params
+    from lmforge.search.space import apply_values, load_space
+
+    def params(width: int, depth: int) -> int:
+        raw = apply_values(
+            {}, {"model.family": "transformer", "model.d_model": width, "model.n_layer": depth, "model.n_head": 1}
+        )
+        return count_params(build_config(raw), 106)[0]
+
+    cap = 75_000
+    want_depth = max(n for n in range(1, 9) if params(32, n) <= cap)  # brute force, narrowest width
+    want_width = max(w for w in (32, 64, 96, 128) if params(w, 1) <= cap)
+    assert 1 < want_depth < 8
+    space, notes = cap_space(load_space(), {}, 106, cap)
+    dists = {d.path: d for d in space.dists}
+    assert dists["model.n_layer"].high == want_depth and dists["model.n_layer"].low == 1
+    assert max(dists["model.d_model"].choices) == want_width
+    assert any("n_layer capped at" in n for n in notes)

@@ -135,8 +135,12 @@ def cap_space(space: SearchSpace, base: dict[str, Any], vocab_size: int, cap: in
 
 
 def _values(d: Dist) -> list[Any]:
+    """The sizes ``d`` can take: its numeric choices, every value of an int range (so that a range whose
+    top does not fit keeps the depths that do), the ends of a float range."""
     if d.kind == "categorical":
         return [c for c in d.choices if isinstance(c, (int, float)) and not isinstance(c, bool)]
+    if d.kind == "int":
+        return list(range(int(d.low), int(d.high) + 1, int(d.step or 1)))
     return [d.low, d.high]
 
 
