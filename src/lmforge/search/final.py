@@ -162,14 +162,13 @@ def apply_surface(cands: list[Candidate], surface: LossSurface | None) -> None:
     """Each candidate's prediction combined with the surface's at its target length (in place)."""
     if surface is None:
         return
-    std = math.sqrt(surface.rmse**2 + surface.beta_std**2)
     for c in cands:
         key = str(c.trial.number)
         if key not in surface.offsets:
             continue
         c.surface_loss = surface.extrapolate(key, c.target_tokens)
         c.curve = c.prediction
-        c.prediction = combine(c.prediction, c.surface_loss, std)
+        c.prediction = combine(c.prediction, c.surface_loss, surface.extrapolate_std(key, c.target_tokens))
 
 
 def sizing_record(

@@ -205,10 +205,11 @@ class LossSurface:
     d_ref: float
     rmse: float
     """Residual standard deviation of the pooled token-term fit (at least ``curves.EVAL_NOISE``)."""
-    beta_std: float
-    """Loss spread (nats) of the exponents the data does not rule out, at twice ``d_ref``."""
     offsets: dict[str, float]
     points: int
+    alternatives: tuple[tuple[float, float, float, dict[str, float]], ...] = ()
+    """``(weight, b, beta, offsets)`` of every exponent of the grid, weighted by its likelihood: the spread
+    of their predictions is the exponent's share of a prediction's uncertainty."""
 
     def token_term(self, d: float) -> float:
         return self.b * (max(d, 1.0) / self.d_ref) ** (-self.beta)
@@ -222,6 +223,14 @@ class LossSurface:
     def extrapolate(self, trial: str, d: float) -> float:
         """Trial ``trial``'s loss at ``d`` tokens: its own offset plus the pooled token term."""
         return self.offsets[trial] + self.token_term(d)
+
+    def extrapolate_std(self, trial: str, d: float) -> float:
+        """Uncertainty of :meth:`extrapolate`: the residual deviation and the likelihood-weighted spread of
+        the same extrapolation under the other exponents of the grid."""
+        mean = self.extrapolate(trial, d)
+        x = max(d, 1.0) / self.d_ref
+        spread = sum(w * (off[trial] + b * x ** (-beta) - mean) ** 2 for w, b, beta, off in self.alternatives)
+        return math.sqrt(self.rmse**2 + spread)
 
     def record(self) -> dict[str, float]:
         return {
@@ -269,11 +278,14 @@ def fit_loss_surface(trials: dict[str, tuple[float, list[float], list[float]]]) 
     s2 = max(sse / dof, EVAL_NOISE**2)
     w = np.exp(-(sses - sse) / (2.0 * s2))
     w /= w.sum()
-    at2 = np.array([f[2] * 2.0 ** (-f[1]) for f in fits])  # each fit's token term at 2 d_ref
-    spread = float(np.sqrt(np.sum(w * (at2 - at2[best]) ** 2)))
+    alts = tuple(
+        (float(wi), f[2], f[1], dict(zip(names, (float(o) for o in f[3]), strict=True)))
+        for wi, f in zip(w, fits, strict=True)
+        if wi > 1e-6
+    )
     offsets = dict(zip(names, (float(o) for o in off), strict=True))
     e, a, alpha, n_ref = _size_fit(np.asarray(sizes), off)
-    return LossSurface(e, a, alpha, b, beta, n_ref, d_ref, math.sqrt(s2), spread, offsets, len(y_arr))
+    return LossSurface(e, a, alpha, b, beta, n_ref, d_ref, math.sqrt(s2), offsets, len(y_arr), alts)
 
 
 def _offsets_fit(ri: np.ndarray, phi: np.ndarray, y: np.ndarray, k: int) -> tuple[np.ndarray, float, float]:
