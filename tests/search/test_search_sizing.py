@@ -158,3 +158,33 @@ def test_cap_space_keeps_every_depth_that_fits():
     assert dists["model.n_layer"].high == want_depth and dists["model.n_layer"].low == 1
     assert max(dists["model.d_model"].choices) == want_width
     assert any("n_layer capped at" in n for n in notes)
+
+
+def test_start_points_are_shrunk_to_fit_the_cap():
+    """The derived start points are deep and narrow: after width and depth are capped one at a time, their
+    combination may still exceed the cap (the search would stop them untrained); shrunk, each fits."""
+    from lmforge.config import build_config
+    from lmforge.search.sizing import cap_space, count_params, shrink_starts
+    from lmforge.search.space import apply_values, load_space, repair_config
+
+    def size(values: dict) -> int:
+        raw = apply_values({}, values)
+        repair_config(raw)
+        return count_params(build_config(raw), 106)[0]
+
+    cap = 87_500
+    space, _ = cap_space(load_space(), {}, 106, cap)
+    assert any(size(p) > cap for p in space.starts)  # what the test is about: some do not fit as written
+    shrunk, notes = shrink_starts(space, {}, 106, cap)
+    assert len(shrunk.starts) == len(space.starts) and notes
+    for before, after in zip(space.starts, shrunk.starts, strict=True):
+        assert after["model.family"] == before["model.family"]
+        assert size(after) <= cap
+        assert {k: v for k, v in after.items() if k not in ("model.d_model", "model.n_layer")} == {
+            k: v for k, v in before.items() if k not in ("model.d_model", "model.n_layer")
+        }
+        if size(before) <= cap:  # a point that fits keeps its size
+            assert after == before
+        else:  # the largest depth that fits at the point's width was kept (depth goes first)
+            if after["model.d_model"] == before["model.d_model"]:
+                assert size({**after, "model.n_layer": after["model.n_layer"] + 1}) > cap

@@ -20,7 +20,7 @@ from lmforge.config import ConfigError, RunConfig, build_config
 from lmforge.data import BlockSampler
 from lmforge.models import build_model
 from lmforge.search.curves import EVAL_NOISE
-from lmforge.search.space import Dist, SearchSpace, apply_values
+from lmforge.search.space import Dist, SearchSpace, apply_values, repair_config
 from lmforge.train.loop import autocast_context, resolve_device
 
 SHORT_RUN_EPOCHS = 2.0
@@ -359,3 +359,47 @@ def optimal_size(surface: LossSurface, speed: Speed, seconds: float, low: float,
     losses = [surface.loss(float(n), seconds * speed.tokens_per_s(float(n))) for n in grid]
     i = int(np.argmin(losses))
     return float(grid[i]), float(losses[i])
+
+
+def shrink_starts(space: SearchSpace, base: dict[str, Any], vocab_size: int, cap: int) -> tuple[SearchSpace, list[str]]:
+    """Start points made to fit ``cap`` parameters: depth first, then width, lowered to the largest values
+    of the (narrowed) space that fit. Width and depth are capped one at a time (:func:`cap_space`), so a
+    start point's combination of both (a deep narrow model) may still be too large, and the search would
+    stop it before it trains."""
+    dists = {d.path: d for d in space.dists if d.path in ("model.d_model", "model.n_layer")}
+    new: list[dict[str, Any]] = []
+    notes: list[str] = []
+    for point in space.starts:
+        q = dict(point)
+        for path, d in dists.items():
+            if path in q and d.nearest(q[path]) is not None:
+                q[path] = d.nearest(q[path])
+
+        def size(q: dict[str, Any] = q) -> int:
+            return _point_params(base, q, vocab_size)
+
+        nl, dm = dists.get("model.n_layer"), dists.get("model.d_model")
+        while nl is not None and "model.n_layer" in q and q["model.n_layer"] > nl.low and size() > cap:
+            q["model.n_layer"] = nl.nearest(q["model.n_layer"] - 1)
+        widths = sorted(_values(dm)) if dm is not None else []
+        while "model.d_model" in q and size() > cap and [w for w in widths if w < q["model.d_model"]]:
+            q["model.d_model"] = max(w for w in widths if w < q["model.d_model"])
+        if q != point:
+            changed = {k: v for k, v in q.items() if point.get(k) != v and k in ("model.d_model", "model.n_layer")}
+            if changed:
+                notes.append(
+                    f"start point {q.get('model.family', '?')}: "
+                    + ", ".join(f"{k} {point.get(k)} -> {v}" for k, v in changed.items())
+                    + f" (about {cap:,} parameters fit the budget)"
+                )
+        new.append(q)
+    return replace(space, starts=new), notes
+
+
+def _point_params(base: dict[str, Any], values: dict[str, Any], vocab_size: int) -> int:
+    raw = apply_values(base, values)
+    repair_config(raw)
+    try:
+        return count_params(build_config(raw), vocab_size)[0]
+    except ConfigError:
+        return 0
