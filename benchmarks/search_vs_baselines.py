@@ -413,7 +413,8 @@ def main() -> None:
                 r = run_strategy(kind, setup, args.lmforge_starts)
                 print(f"    test loss {r['test_loss']:.4f}, {r['trials']} trials, {r['wall_s']}s", file=sys.stderr)
                 rows[kind].append(r)
-        report[f"{corpus}@{int(args.budget)}s"] = print_table(f"{corpus}@{int(args.budget)}s", rows)
+        key = f"{Path(corpus).name}@{int(args.budget)}s"
+        report[key] = print_table(key, rows)
     wins = win_table(report)
     print("RESULT " + json.dumps({"bench": "search_vs_baselines", "budget_s": args.budget, "seeds": args.seeds,
                                   "first_seed": args.first_seed, "lmforge_starts": args.lmforge_starts,
