@@ -21,9 +21,20 @@ against its budget; the baselines' do not). Every strategy's final model is scor
 :func:`lmforge.search.evaluation.evaluate_best` on the test half of the validation documents, which no
 strategy reads (the search and the final training read the other half).
 
-    python benchmarks/search_vs_baselines.py --corpora ts,demo --budget 90 --seeds 3
+Start points: ``lmforge`` searches the shared space plus the default space's start points of the families
+the shared space has (``--lmforge-starts default``; derived by ``benchmarks/derive_priors.py`` on corpora no
+benchmark uses, see ``local_corpora.py``), as ``lmforge tune`` does; ``--lmforge-starts none`` gives it the
+bare shared space like the baselines. The baselines are the off-the-shelf methods, with no start points.
 
-Prints one table per corpus and budget (mean, spread, per-seed test losses) and a ``RESULT`` JSON line.
+Corpora: ``ts`` (Tiny Shakespeare, ``../shared/data``), ``demo`` (the built-in corpus: standard-library
+docstrings) and ``info`` (GNU Texinfo manuals shipped in /usr/share/info, GNU FDL; built by
+``local_corpora.py``), or paths.
+
+    python benchmarks/search_vs_baselines.py --corpora ts,demo,info --budget 90 --seeds 3
+    python benchmarks/search_vs_baselines.py --merge LOG1 LOG2 ...   # one table and win table from several runs
+
+Prints one table per corpus and budget (mean, spread, per-seed test losses), a win table, and a ``RESULT``
+JSON line.
 """
 
 from __future__ import annotations
@@ -39,10 +50,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import local_corpora  # noqa: E402
+
 SPACE = HERE / "search_space.yaml"
 CORPORA = {"ts": str(HERE.parent.parent / "shared" / "data" / "tinyshakespeare.txt"), "demo": "demo"}
+LOCAL = ("info",)
+"""Corpora built from this machine's files by local_corpora.py (never one that derive_priors.py reads)."""
 BASE = ["--tokenizer.kind", "char", "--data.block_size", "64", "--data.val_fraction", "0.1", "--train.batch_size", "12"]
 STRATEGIES = ("lmforge", "random", "tpe_hyperband", "topk_1epoch", "default")
 TOPK = 3
@@ -244,24 +262,39 @@ def default_run(setup: Setup, out: Path) -> Path:
     return out / "best"
 
 
-def run_lmforge(setup: Setup, out: Path) -> tuple[Path, int]:
+def lmforge_space(out: Path, starts: str) -> Path:
+    """The shared space, plus (``starts == "default"``) the default space's start points of the families
+    the shared space searches, written to ``out/space.yaml``."""
+    from lmforge.search.space import load_space
+
+    spec = yaml.safe_load(SPACE.read_text(encoding="utf-8"))
+    if starts == "default":
+        fams = set(load_space(str(SPACE)).blocks[0].dists[0].choices)
+        spec["start"] = [p for p in load_space().starts if p.get("model.family") in fams]
+    path = out / "space.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def run_lmforge(setup: Setup, out: Path, starts: str) -> tuple[Path, int]:
     from lmforge.search.pipeline import TuneOptions, run_pipeline
 
     data_path = setup.base["data"]["path"]
     overrides = [*BASE, "--train.seed", str(setup.seed)]
-    opts = TuneOptions(out=str(out), data=data_path, budget=f"{int(setup.budget_s)}s", space=str(SPACE),
+    space = lmforge_space(setup.root, starts)
+    opts = TuneOptions(out=str(out), data=data_path, budget=f"{int(setup.budget_s)}s", space=str(space),
                        seed=setup.seed, overrides=overrides, verbose=False)  # fmt: skip
     run_pipeline(opts)
     return out / "best", len(list(out.glob("trials/*")))
 
 
-def run_strategy(kind: str, setup: Setup) -> dict[str, Any]:
+def run_strategy(kind: str, setup: Setup, starts: str = "default") -> dict[str, Any]:
     out = setup.root / kind
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     t0 = time.perf_counter()
     if kind == "lmforge":
-        best, n = run_lmforge(setup, out)
+        best, n = run_lmforge(setup, out, starts)
     elif kind == "default":
         best, n = default_run(setup, out), 1
     else:
@@ -274,16 +307,95 @@ def run_strategy(kind: str, setup: Setup) -> dict[str, Any]:
     return {"test_loss": test_loss(setup, best), "trials": n, "wall_s": round(wall, 1)}
 
 
+# ------------------------------------------------------------------------------------------- tables
+def print_table(key: str, rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Mean, spread and per-seed test losses of every strategy for one corpus and budget."""
+    corpus, budget = key.rsplit("@", 1)
+    n_seeds = max(len(rs) for rs in rows.values())
+    print(f"\n{corpus}: {budget} per run, {n_seeds} seed(s); test loss (nats/char), same final step")
+    print(f"{'strategy':<15} {'mean':>8} {'std':>7} {'trials':>7} {'wall s':>7}  per seed")
+    table = {}
+    for kind, rs in rows.items():
+        losses = [r["test_loss"] for r in rs]
+        sd = statistics.stdev(losses) if len(losses) > 1 else 0.0
+        mean = statistics.mean(losses)
+        print(
+            f"{kind:<15} {mean:>8.4f} {sd:>7.4f} {statistics.mean(r['trials'] for r in rs):>7.1f} "
+            f"{statistics.mean(r['wall_s'] for r in rs):>7.1f}  {' '.join(f'{v:.4f}' for v in losses)}"
+        )
+        table[kind] = {"mean": round(mean, 4), "std": round(sd, 4), "losses": losses,
+                       "trials": [r["trials"] for r in rs], "wall_s": [r["wall_s"] for r in rs]}  # fmt: skip
+    return table
+
+
+def win_table(report: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per corpus and budget: which strategy had the lowest test loss in each seed, and lmforge against each
+    other strategy seed by seed (wins-losses) and by mean (the difference, negative: lmforge lower)."""
+    print("\nwins: lowest test loss per seed; lmforge vs each strategy, seed by seed (W-L) and mean difference")
+    out: dict[str, Any] = {}
+    for key, table in report.items():
+        kinds = list(table)
+        n = min(len(t["losses"]) for t in table.values())
+        firsts = {k: 0 for k in kinds}
+        for i in range(n):
+            firsts[min(kinds, key=lambda k: table[k]["losses"][i])] += 1
+        vs = {}
+        if "lmforge" in table:
+            lm = table["lmforge"]
+            for k in kinds:
+                if k == "lmforge":
+                    continue
+                w = sum(lm["losses"][i] < table[k]["losses"][i] for i in range(n))
+                vs[k] = {"wins": w, "losses": n - w, "mean_diff": round(lm["mean"] - table[k]["mean"], 4)}
+        print(f"{key}: seeds won " + ", ".join(f"{k} {v}" for k, v in firsts.items()) + (
+            "; lmforge vs " + ", ".join(f"{k} {v['wins']}-{v['losses']} ({v['mean_diff']:+.4f})" for k, v in vs.items())
+            if vs else ""))  # fmt: skip
+        out[key] = {"seeds_won": firsts, "lmforge_vs": vs}
+    return out
+
+
+def merge(logs: list[str]) -> None:
+    """One table per corpus and budget from the RESULT lines of several runs (e.g. one process per corpus or
+    seed); rows of the same corpus, budget and strategy are joined in seed order."""
+    rows: dict[str, dict[str, list[tuple[int, dict[str, Any]]]]] = {}
+    for log in logs:
+        for line in Path(log).read_text(encoding="utf-8").splitlines():
+            if not line.startswith("RESULT "):
+                continue
+            res = json.loads(line[len("RESULT ") :])
+            first = int(res.get("first_seed", 0))
+            for key, table in res["results"].items():
+                for kind, t in table.items():
+                    for i, loss in enumerate(t["losses"]):
+                        r = {
+                            "test_loss": loss,
+                            "trials": t.get("trials", [0] * 99)[i],
+                            "wall_s": t.get("wall_s", [0] * 99)[i],
+                        }
+                        rows.setdefault(key, {}).setdefault(kind, []).append((first + i, r))
+    report = {}
+    for key, kinds in rows.items():
+        report[key] = print_table(key, {k: [r for _, r in sorted(v, key=lambda x: x[0])] for k, v in kinds.items()})
+    wins = win_table(report)
+    print("RESULT " + json.dumps({"bench": "search_vs_baselines", "merged": logs, "results": report, "wins": wins}))
+
+
 # ------------------------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--corpora", default="ts,demo", help="names (ts, demo) or paths, comma-separated")
     ap.add_argument("--budget", type=float, default=90.0, help="seconds per run")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed+seeds-1")
+    ap.add_argument("--lmforge-starts", choices=("default", "none"), default="default")
+    ap.add_argument("--merge", nargs="+", metavar="LOG", help="only merge the RESULT lines of these logs")
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="runs/bench-search")
     args = ap.parse_args()
+    if args.merge:
+        merge(args.merge)
+        return
     torch.set_num_threads(args.threads)
     from lmforge.search.study import quiet_optuna
 
@@ -292,30 +404,21 @@ def main() -> None:
     kinds = args.strategies.split(",")
     report: dict[str, Any] = {}
     for corpus in args.corpora.split(","):
-        path = CORPORA.get(corpus, corpus)
+        path = str(local_corpora.build(corpus, root / "corpora")) if corpus in LOCAL else CORPORA.get(corpus, corpus)
         rows: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             setup = Setup(path, args.budget, seed, root / f"{Path(corpus).name}-{int(args.budget)}s-{seed}")
             for kind in kinds:
                 print(f"[{time.strftime('%H:%M:%S')}] {corpus} {args.budget:.0f}s seed {seed}: {kind}", file=sys.stderr)
-                r = run_strategy(kind, setup)
+                r = run_strategy(kind, setup, args.lmforge_starts)
                 print(f"    test loss {r['test_loss']:.4f}, {r['trials']} trials, {r['wall_s']}s", file=sys.stderr)
                 rows[kind].append(r)
-        print(f"\n{corpus}: {args.budget:.0f}s per run, {args.seeds} seed(s); test loss (nats/char), same final step")
-        print(f"{'strategy':<15} {'mean':>8} {'std':>7} {'trials':>7} {'wall s':>7}  per seed")
-        table = {}
-        for kind, rs in rows.items():
-            losses = [r["test_loss"] for r in rs]
-            sd = statistics.stdev(losses) if len(losses) > 1 else 0.0
-            mean = statistics.mean(losses)
-            print(
-                f"{kind:<15} {mean:>8.4f} {sd:>7.4f} {statistics.mean(r['trials'] for r in rs):>7.1f} "
-                f"{statistics.mean(r['wall_s'] for r in rs):>7.1f}  {' '.join(f'{v:.4f}' for v in losses)}"
-            )
-            table[kind] = {"mean": round(mean, 4), "std": round(sd, 4), "losses": losses}
-        report[f"{corpus}@{int(args.budget)}s"] = table
+        key = f"{Path(corpus).name}@{int(args.budget)}s"
+        report[key] = print_table(key, rows)
+    wins = win_table(report)
     print("RESULT " + json.dumps({"bench": "search_vs_baselines", "budget_s": args.budget, "seeds": args.seeds,
-                                  "results": report}))  # fmt: skip
+                                  "first_seed": args.first_seed, "lmforge_starts": args.lmforge_starts,
+                                  "results": report, "wins": wins}))  # fmt: skip
 
 
 if __name__ == "__main__":

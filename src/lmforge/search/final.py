@@ -10,6 +10,14 @@ tokens) at the checkpoint the final training continues from, and their predictio
 difference between that loss and the curve's last point (scored on the trials' fixed sample of blocks).
 Multi-objective and cross-validated searches keep the plain rule (lowest finished loss).
 
+Sizing from the run's own trials (:func:`lmforge.search.sizing.fit_loss_surface`): the curves of every trial
+with a size and a curve are fitted together as loss against parameters and tokens; each candidate's curve
+prediction is combined (inverse-variance) with the surface's (its own offset plus the pooled token term at
+its final length), so a candidate with a one- or two-point curve is extrapolated with what the longer curves
+show, and the model size that wins is the one the trials say the final's length rewards, not a fixed
+tokens-per-parameter rule. The surface's compute-optimal size for the final's allowance (with the trials'
+measured speed against size) is recorded beside the choice (``plan.sizing``).
+
 One decay, at the end: trials of the default space train warmup-stable (``schedule.name constant`` after the
 warm-up: the stable phase of warmup-stable-decay), so their last checkpoint is a stable one; the final
 training continues it as ``wsd`` (a constant schedule's state loads into a ``wsd`` one) and decays once,
@@ -41,6 +49,7 @@ from lmforge.runs import list_checkpoints, load_checkpoint, load_model, read_met
 from lmforge.search.context import SearchContext, SearchData, fixed_val_batches
 from lmforge.search.curves import Prediction, predict
 from lmforge.search.disk import MARKER
+from lmforge.search.sizing import LossSurface, Speed, fit_loss_surface, fit_speed, optimal_size
 from lmforge.train.loop import TrainResult, evaluate_loss, resolve_device, train
 
 FINAL_PATIENCE = 6
@@ -72,6 +81,9 @@ class Candidate:
     shift: float = 0.0
     """Whole-split loss minus the sample loss at the continued checkpoint (0 until re-scored)."""
     full_loss: float | None = None
+    curve: Prediction | None = None
+    """The trial's own curve's prediction, when ``prediction`` combines it with the loss surface's."""
+    surface_loss: float | None = None
 
     @property
     def score(self) -> float:
@@ -86,6 +98,9 @@ class Candidate:
             "predicted_loss": round(p.mean, 5),
             "predicted_std": round(p.std, 5),
             "fitted": p.fitted,
+            "curve_loss": round((self.curve or p).mean, 5),
+            "surface_loss": None if self.surface_loss is None else round(self.surface_loss, 5),
+            "params": int(self.trial.user_attrs.get("params") or 0),
             "full_val_loss": None if self.full_loss is None else round(self.full_loss, 5),
             "score": round(self.score, 5),
         }
@@ -104,6 +119,76 @@ def final_tokens(trial: FrozenTrial, tokens: int, *, allowance: float, budget_ki
     duration = float(trial.user_attrs.get("duration_s") or 0.0)
     rate = tokens / duration if tokens > 0 and duration > 0 else ref_tps
     return training_seconds(allowance) * rate
+
+
+def _trials_with_curves(study: optuna.Study, ctx: SearchContext) -> list[FrozenTrial]:
+    return [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+        if t.user_attrs.get("run_dir") and int(t.user_attrs.get("params") or 0) > 0
+    ]
+
+
+def run_surface(study: optuna.Study, ctx: SearchContext) -> tuple[LossSurface | None, Speed | None]:
+    """The loss surface and the speed against size, fitted on every trial of the run with a size and a
+    validation curve (stopped and failed ones too: their curves are data)."""
+    curves: dict[str, tuple[float, list[float], list[float]]] = {}
+    sizes, rates = [], []
+    for t in _trials_with_curves(study, ctx):
+        src = Path(ctx.run_dir) / t.user_attrs["run_dir"]
+        if ctx.cv >= 2 or not (src / "metrics.jsonl").is_file():
+            continue
+        xs, ys = trial_curve(src)
+        if not xs:
+            continue
+        n = float(t.user_attrs["params"])
+        curves[str(t.number)] = (n, [float(x) for x in xs], ys)
+        duration = float(t.user_attrs.get("duration_s") or 0.0)
+        if duration > 0:
+            sizes.append(n)
+            rates.append(xs[-1] / duration)
+    return fit_loss_surface(curves), fit_speed(sizes, rates)
+
+
+def combine(curve: Prediction, surface_mean: float, surface_std: float) -> Prediction:
+    """Inverse-variance mean of the curve's prediction and the surface's."""
+    wc = 1.0 / max(curve.std, 1e-6) ** 2
+    ws = 1.0 / max(surface_std, 1e-6) ** 2
+    mean = (wc * curve.mean + ws * surface_mean) / (wc + ws)
+    return Prediction(curve.tokens, mean, math.sqrt(1.0 / (wc + ws)), curve.fitted, curve.a, curve.b, curve.c)
+
+
+def apply_surface(cands: list[Candidate], surface: LossSurface | None) -> None:
+    """Each candidate's prediction combined with the surface's at its target length (in place)."""
+    if surface is None:
+        return
+    for c in cands:
+        key = str(c.trial.number)
+        if key not in surface.offsets:
+            continue
+        c.surface_loss = surface.extrapolate(key, c.target_tokens)
+        c.curve = c.prediction
+        c.prediction = combine(c.prediction, c.surface_loss, surface.extrapolate_std(key, c.target_tokens))
+
+
+def sizing_record(
+    surface: LossSurface | None, speed: Speed | None, cands: list[Candidate], *, allowance: float, budget_kind: str
+) -> dict[str, Any]:
+    """The surface, and the size it predicts best for the final's allowance (within the trials' sizes, up
+    to twice the largest), beside the chosen candidate's: what the run's own trials say about model size."""
+    if surface is None:
+        return {"fitted": False, "why": "fewer than two trials with a curve of two or more points"}
+    sizes = [float(c.trial.user_attrs.get("params") or 0) for c in cands] or [surface.n_ref]
+    low, high = min(sizes), 2.0 * max(sizes)
+    if budget_kind == "tokens" or speed is None:
+        n_opt, l_opt = optimal_size(surface, Speed(1.0, 0.0, 1.0), float(allowance), low, high)
+    else:
+        n_opt, l_opt = optimal_size(surface, speed, training_seconds(allowance), low, high)
+    rec: dict[str, Any] = {"fitted": True, "surface": surface.record(), "optimal_params": int(n_opt),
+                           "optimal_loss": round(l_opt, 5), "searched_params": [int(low), int(high)]}  # fmt: skip
+    if speed is not None:
+        rec["speed"] = {"tokens_per_s": round(speed.rate, 1), "power": round(speed.power, 4), "n_ref": int(speed.n_ref)}
+    return rec
 
 
 def candidates(
@@ -160,21 +245,25 @@ def choose_final(
     budget_kind: str,
     ref_tps: float,
     top: int = RESCORE_TOP,
-) -> tuple[FrozenTrial | None, list[dict[str, Any]]]:
-    """The trial the final step continues (see the module doc) and the ranked candidates' records; (None,
-    []) when no trial qualifies or the search is multi-objective or cross-validated (the caller's plain
-    rule applies)."""
+) -> tuple[FrozenTrial | None, list[dict[str, Any]], dict[str, Any]]:
+    """The trial the final step continues (see the module doc), the ranked candidates' records and the
+    sizing record; (None, [], {}) when no trial qualifies or the search is multi-objective or
+    cross-validated (the caller's plain rule applies)."""
     if ctx.multi_objective or ctx.cv >= 2:
-        return None, []
+        return None, [], {}
     cands = candidates(study, ctx, allowance=allowance, budget_kind=budget_kind, ref_tps=ref_tps)
     if not cands:
-        return None, []
+        return None, [], {}
+    surface, speed = run_surface(study, ctx)
+    apply_surface(cands, surface)
+    sizing = sizing_record(surface, speed, cands, allowance=allowance, budget_kind=budget_kind)
     cands.sort(key=lambda c: c.score)
     for c in cands[:top]:
         rescore(c, data.prepared.val)
     best = sorted(cands[:top], key=lambda c: c.score)
     ranked = best + cands[top:]
-    return best[0].trial, [c.record() for c in ranked[: 2 * top]]
+    sizing["chosen_params"] = int(best[0].trial.user_attrs.get("params") or 0)
+    return best[0].trial, [c.record() for c in ranked[: 2 * top]], sizing
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -187,6 +276,7 @@ def plan_final(
     budget_kind: str,
     reference_tokens_per_s: float,
     choice: list[dict[str, Any]] | None = None,
+    sizing: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The final training of the trial in ``src`` (its run directory, or fold 0 of a cross-validated one)
     within ``allowance`` (seconds or tokens, as ``budget_kind``): where it starts, up to which step, its
@@ -233,6 +323,7 @@ def plan_final(
         "checkpoint_interval": max(1, extra // 5),
         "schedule": schedule,
         "choice": choice or [],
+        "sizing": sizing or {},
     }
 
 

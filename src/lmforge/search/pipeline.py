@@ -344,11 +344,12 @@ class _Pipeline:
         plan = self.state["steps"]["final"].get("plan")
         ref_tps = self.state["plan"].get("reference_tokens_per_s", 1e4)
         if plan is None:  # predicted final losses, re-scored on the whole validation split (search/final.py)
-            best, choice = choose_final(
+            best, choice, sizing = choose_final(
                 study, ctx, self._search_data(ctx), allowance=allowance, budget_kind=self.budget.kind, ref_tps=ref_tps
             )
         else:
-            best, choice = next((t for t in study.get_trials(deepcopy=False) if t.number == plan["trial"]), None), []
+            best = next((t for t in study.get_trials(deepcopy=False) if t.number == plan["trial"]), None)
+            choice, sizing = [], {}
         best = best or select_best(study, ctx)
         self.tick("final")  # the re-scoring's time is spent: the training gets what is left
         allowance = self.ledger().allowance("final")
@@ -370,8 +371,14 @@ class _Pipeline:
                 budget_kind=self.budget.kind,
                 reference_tokens_per_s=ref_tps,
                 choice=choice,
+                sizing=sizing,
             )
             self.set_step("final", plan=plan, status="running")
+            if sizing.get("fitted"):
+                self.log(
+                    f"sizing from the trials: about {format_count(sizing['optimal_params'])} parameters predicted "
+                    f"best for the final's allowance; chosen trial {format_count(sizing['chosen_params'])}"
+                )
         else:  # resumed: the first run's time counts, so its clock may only get shorter
             fitted = fit_plan_to_time_left(plan, final_dir, allowance)
             if fitted != plan:

@@ -76,5 +76,6 @@ def narrow_default_space(
     tokens per training token the final model will see; (space, notes)."""
     n_train = len(data.prepared.train)
     space, cap_notes = sizing.cap_space(space, base, data.tokenizer.vocab_size, capacity.param_cap)
+    space, start_notes = sizing.shrink_starts(space, base, data.tokenizer.vocab_size, capacity.param_cap)
     space, reg_notes = sizing.fix_regularization(space, capacity.final_model_tokens / max(1, n_train))
-    return space, cap_notes + reg_notes
+    return space, cap_notes + start_notes + reg_notes
