@@ -56,11 +56,15 @@ def test_decode_candidates_are_a_coordinate_search() -> None:
     tried: dict = {}
     gen = D.candidates([5, 9], tried)
 
-    def score(s: dict) -> float:  # a made-up metric: blocking repeats helps, so does the longer budget
-        return float(s["no_repeat_ngram_size"] == 3) + (s["max_new_tokens"] == 9) * 0.5 - (s["num_beams"] > 1)
+    def score(s: dict) -> float:  # a made-up metric: copying helps, so do blocking repeats and the longer budget
+        return (
+            float(s["no_repeat_ngram_size"] == 3) + (s["max_new_tokens"] == 9) * 0.5 - (s["num_beams"] > 1)
+            + (s["copy_bias"] == 2.0) * 0.25 - s["source_bias"]
+        )
 
     first = next(gen)
     assert first["num_beams"] == 1 and first["max_new_tokens"] == 5 and first["no_repeat_ngram_size"] == 0
+    assert first["copy_bias"] == first["source_bias"] == 0.0  # the copy mechanism off first
     tried[D.settings_key(first)] = {"settings": first, "score": score(first)}
     for s in gen:
         assert D.settings_key(s) not in tried  # nothing twice (a resumed search skips what it tried)
@@ -68,6 +72,8 @@ def test_decode_candidates_are_a_coordinate_search() -> None:
     best = D.best_settings(tried)
     assert best is not None
     assert best["no_repeat_ngram_size"] == 3 and best["max_new_tokens"] == 9 and best["num_beams"] == 1
+    assert best["copy_bias"] == 2.0 and best["source_bias"] == 0.0
+    assert {v["settings"]["copy_bias"] for v in tried.values()} == set(D.COPY_BIASES)
     assert any(v["settings"]["num_beams"] == 4 for v in tried.values())
     # each later stage varied the best of the earlier ones: every 9-token candidate blocks repeats
     assert all(v["settings"]["no_repeat_ngram_size"] == 3 for v in tried.values() if v["settings"]["max_new_tokens"] == 9)

@@ -71,6 +71,13 @@ class GenerationConfig:
     truncate_prompt: bool = False
     """A prompt that does not fit the model's context together with its new tokens is cut from the LEFT
     (its last tokens kept). False: such a prompt raises :class:`GenerationError`."""
+    copy_bias: float = 0.0
+    """lmforge's decoding-time copy mechanism (prompt lookup): added to the score of each token that continues
+    the longest suffix of the completion found in the prompt, i.e. the token(s) that followed it there
+    (:class:`~lmforge.predict.processors.CopyBiasProcessor`; 0: off)."""
+    source_bias: float = 0.0
+    """Added to the score of every token that occurs in the prompt (the other half of the copy mechanism;
+    0: off)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -88,7 +95,7 @@ class GenerationConfig:
         for name in ("do_sample", "truncate_prompt"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be True or False")
-        for name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):
+        for name in ("temperature", "top_p", "repetition_penalty", "length_penalty", "copy_bias", "source_bias"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise bad(name, "must be a finite number")

@@ -4,11 +4,15 @@ of :class:`lmforge.predict.GenerationConfig` on validation records, scored by th
 Stages, each trying variations of the best settings so far (greedy first, so a tiny budget still ends with a
 measured choice):
 
-1. ``no_repeat_ngram_size`` in {0, 3} and ``repetition_penalty`` in {1.0, 1.2} (a small model's usual
-   failure is a repeated word, so this comes first);
-2. ``max_new_tokens``: the length budget, from the training targets' length distribution (90th percentile
+1. the copy mechanism (:class:`lmforge.predict.processors.CopyBiasProcessor`): ``copy_bias`` in
+   :data:`COPY_BIASES`, then ``source_bias`` in :data:`SOURCE_BIASES` (0 = off, tried first): a small model
+   trained briefly copies from its input badly, and summaries and translations of short messages reuse the
+   input's words, so this comes first;
+2. ``no_repeat_ngram_size`` in {0, 3} and ``repetition_penalty`` in {1.0, 1.2} (a small model's usual
+   failure is a repeated word);
+3. ``max_new_tokens``: the length budget, from the training targets' length distribution (90th percentile
    and the longest, in tokens, plus a margin);
-3. ``num_beams`` in {1, 2, 4} with ``length_penalty`` in {0.6, 1.0, 1.4} (beam search only).
+4. ``num_beams`` in {1, 2, 4} with ``length_penalty`` in {0.6, 1.0, 1.4} (beam search only).
 
 Classification does not generate: it scores the label set (:func:`lmforge.predict.tasks.classify`), so
 there is nothing to search; its settings are the label scoring's (``max_new_tokens`` of the longest label).
@@ -30,6 +34,9 @@ from lmforge.models.base import DecodingModel
 from lmforge.predict.config import GenerationConfig
 from lmforge.predict.tasks import label_ids, predict_records
 
+COPY_BIASES = (0.0, 1.0, 2.0, 4.0)
+"""``copy_bias`` values tried (added to logits, or log-probabilities in beam search: e^bias times as likely)."""
+SOURCE_BIASES = (0.0, 0.5, 1.0, 2.0)
 LENGTH_MARGIN = 4
 """Tokens added to the measured target lengths (the ``<eot>`` and a little slack)."""
 
@@ -70,6 +77,12 @@ def score_settings(
 
 
 def _stages(budgets: list[int]) -> list[Callable[[dict[str, Any]], list[dict[str, Any]]]]:
+    def copy(best: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{**best, "copy_bias": c} for c in COPY_BIASES]
+
+    def source(best: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{**best, "source_bias": c} for c in SOURCE_BIASES]
+
     def lengths(best: dict[str, Any]) -> list[dict[str, Any]]:
         return [{**best, "max_new_tokens": b} for b in budgets]
 
@@ -83,7 +96,7 @@ def _stages(budgets: list[int]) -> list[Callable[[dict[str, Any]], list[dict[str
         out += [{**best, "num_beams": b, "length_penalty": lp} for b in (2, 4) for lp in (1.0, 0.6, 1.4)]
         return out
 
-    return [repeats, lengths, beams]
+    return [copy, source, repeats, lengths, beams]
 
 
 def candidates(budgets: list[int], tried: dict[str, dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -95,6 +108,8 @@ def candidates(budgets: list[int], tried: dict[str, dict[str, Any]]) -> Iterator
         "length_penalty": 1.0,
         "no_repeat_ngram_size": 0,
         "repetition_penalty": 1.0,
+        "copy_bias": 0.0,
+        "source_bias": 0.0,
     }
     for stage in _stages(budgets):
         best = best_settings(tried) or start
