@@ -106,7 +106,7 @@ def test_tune_task_classification_from_scratch(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_tune_task_searches_the_tokenizer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Text above CHAR_BELOW: a BPE and a char model are pretrained; the fine-tuning search picks between them."""
-    import lmforge.search.task_pipeline as tp
+    import lmforge.search.task_plan as tp
 
     monkeypatch.setattr(tp, "CHAR_BELOW", 100)
     records = summarization_records(40)

@@ -9,7 +9,7 @@ from lmforge.data.tasks import TaskDataError, get_task, split_records
 from lmforge.data.tokenizer import char_tokenizer
 from lmforge.search import decode_search as D
 from lmforge.search.finetune import PRETRAINED_START, WARMUP_FRACTION, finetune_config, set_schedule_length
-from lmforge.search.task_pipeline import plan_tokenizers
+from lmforge.search.task_plan import plan_tokenizers
 
 
 def test_split_is_a_seeded_partition() -> None:
@@ -48,8 +48,11 @@ def test_length_budgets_from_target_lengths() -> None:
     task = get_task("summarization")
     recs = [{"document": "x", "summary": "a" * n} for n in range(1, 11)]  # " " + n chars: 2..11 tokens
     budgets = D.length_budgets(task, recs, tok)
-    assert budgets[-1] == 11 + D.LENGTH_MARGIN
-    assert budgets[0] <= budgets[-1]
+    # 90th percentile of 2..11 is 10.1 -> 11, the median 6.5 -> 7, the longest 11; plus the margin each
+    assert budgets == [11 + D.LENGTH_MARGIN, 7 + D.LENGTH_MARGIN]
+    # one word of n + 1 tokens each (its space counted): 65 tokens for 10 words, 3 words ~ 19.5 -> 20
+    assert D.repeat_ngram_size(task, recs, tok) == 20
+
 
 
 def test_decode_candidates_are_a_coordinate_search() -> None:
