@@ -41,6 +41,7 @@ def test_plan_tokenizers_bpe_and_char_for_real_text_char_for_tiny() -> None:
     big = plan_tokenizers(["word " * 100_000])
     assert [c["kind"] for c in big] == ["bpe", "char"]  # BPE first: the search's first trial starts from it
     assert 512 <= big[0]["vocab_size"] <= 4096
+    assert big[0]["weight"] > big[1]["weight"]  # BPE gets the larger part of the pretraining time
 
 
 def test_length_budgets_from_target_lengths() -> None:

@@ -50,6 +50,10 @@ BPE_CHARS_PER_TOKEN = 200
 """The BPE vocabulary grows with the training text: one token per this many characters (within bounds)."""
 BPE_VOCAB = (512, 4096)
 CHAR_BELOW = 100_000
+PRETRAIN_WEIGHT = {"bpe": 2.0, "char": 1.0}
+"""How the pretraining share splits between the tokenizer candidates: BPE gets twice char's time (its
+embedding table, vocabulary x width, is tens of times char's and learns slower, while a char model's
+context holds a fraction of the text; an even split left the BPE start undertrained in short budgets)."""
 
 
 class TaskPipelineError(SearchError):
@@ -86,14 +90,16 @@ def plan_tokenizers(texts: list[str]) -> list[dict[str, Any]]:
     context buys one character) with a vocabulary sized to the text (one token per
     :data:`BPE_CHARS_PER_TOKEN` characters, within :data:`BPE_VOCAB`), and ``char``. Below
     :data:`CHAR_BELOW` characters a BPE vocabulary's embeddings alone would outweigh what the text can
-    train, so ``char`` alone (unseen characters of later records map to its unknown token)."""
+    train, so ``char`` alone (unseen characters of later records map to its unknown token). ``weight``: the
+    candidate's part of the pretraining share (:data:`PRETRAIN_WEIGHT`)."""
     chars = sum(len(t) for t in texts)
-    char = {"name": "char", "kind": "char", "vocab_size": 1024}
+    char = {"name": "char", "kind": "char", "vocab_size": 1024, "weight": PRETRAIN_WEIGHT["char"]}
     if chars < CHAR_BELOW:
         return [{**char, "why": f"{chars} characters < {CHAR_BELOW}: char only"}]
     vocab = int(min(BPE_VOCAB[1], max(BPE_VOCAB[0], chars // BPE_CHARS_PER_TOKEN)))
     return [
-        {"name": "bpe", "kind": "bpe", "vocab_size": vocab, "why": f"{chars} characters: bpe {vocab}"},
+        {"name": "bpe", "kind": "bpe", "vocab_size": vocab, "weight": PRETRAIN_WEIGHT["bpe"],
+         "why": f"{chars} characters: bpe {vocab}"},
         {**char, "why": "the character-level alternative"},
     ]
 

@@ -3,7 +3,7 @@
 Without ``--init``: every field of the training records (one document per record) plus any ``--corpus``,
 searched and trained by the plain ``lmforge tune`` pipeline in ``DIR/pretrain-NAME`` (its own resumable
 run) for each tokenizer candidate NAME of the plan (:func:`lmforge.search.task_plan.plan_tokenizers`), the
-step's share split between them. With ``--init``: skipped, the fine-tuning starts from that checkpoint.
+step's share split between them by their ``weight`` (time one leaves passes to the next). With ``--init``: skipped, the fine-tuning starts from that checkpoint.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def step_pretrain(run: TaskRun) -> None:
     for i, cand in enumerate(todo):
         entry = done.setdefault(cand["name"], {})
         if "budget_s" not in entry:
-            share = run.allowance("pretrain") / (len(todo) - i)
+            weights = [float(c.get("weight", 1.0)) for c in todo[i:]]
+            share = run.allowance("pretrain") * weights[0] / sum(weights)
             if share < PRETRAIN_MIN_S:
                 run.log(
                     f"[pretrain] {cand['name']}: its share ({share:.0f}s) is raised to {PRETRAIN_MIN_S:.0f}s: "
