@@ -333,14 +333,6 @@ def main() -> None:
             t0 = time.perf_counter()
             rows.update(BASELINES[task](train, test))
             extra["baselines_s"] = round(time.perf_counter() - t0, 1)
-        if "manual" in systems:
-            try:
-                r = run_manual(task, train_path, test_path, test, train, work, a)
-                rows[f"lmforge manual: train BPE LM + finetune ({a.manual_budget or a.budget})"] = r["scores"]
-                extra["manual"] = r
-            except RuntimeError as err:
-                extra["manual_error"] = str(err)
-                print(err, file=sys.stderr)
         if "tune" in systems:
             try:
                 r = run_tune(task, train_path, test_path, test, work, a)
@@ -350,6 +342,16 @@ def main() -> None:
                 extra["tune"] = r
             except RuntimeError as err:
                 extra["tune_error"] = str(err)
+                print(err, file=sys.stderr)
+            # kept in case the manual route does not finish in the benchmark's time window
+            (work / "partial.json").write_text(json.dumps({"rows": rows, **extra}, indent=1, default=str), encoding="utf-8")
+        if "manual" in systems:
+            try:
+                r = run_manual(task, train_path, test_path, test, train, work, a)
+                rows[f"lmforge manual: train BPE LM + finetune ({a.manual_budget or a.budget})"] = r["scores"]
+                extra["manual"] = r
+            except RuntimeError as err:
+                extra["manual_error"] = str(err)
                 print(err, file=sys.stderr)
         goal_text, gap = goal(task, rows) if "baselines" in systems else ("(baselines not run)", None)
         print_table(task, info, rows, goal_text, gap)
