@@ -47,11 +47,22 @@ def test_source_bias_boosts_every_prompt_token() -> None:
     assert _bias(both, [PROMPT + [7]]) == [_vec(10, t5=1.5, t6=0.5, t7=0.5, t8=0.5)]
 
 
+def test_source_half_life_decays_by_first_occurrence_hand_computed() -> None:
+    proc = CopyBiasProcessor(source_bias=1.0, source_half_life=2)
+    got = _bias(proc, [PROMPT, [-1, -1, 8, 8, 5]])
+    # PROMPT 5 6 7 5 8: 5 first at 0 -> 1, 6 at 1 -> 2 ** -0.5, 7 at 2 -> 0.5, 8 at 4 -> 0.25 (5 again at 3:
+    # its first occurrence counts); the padded row 8 8 5 counts from its first real token
+    want = [_vec(10, t5=1.0, t6=2**-0.5, t7=0.5, t8=0.25), _vec(10, t8=1.0, t5=0.5)]
+    assert torch.allclose(torch.tensor(got), torch.tensor(want))
+
+
 def test_built_from_the_config_only_when_on() -> None:
     assert not [p for p in build_processors(GenerationConfig()) if isinstance(p, CopyBiasProcessor)]
-    procs = build_processors(GenerationConfig(copy_bias=1.5, source_bias=0.25, no_repeat_ngram_size=2))
+    procs = build_processors(
+        GenerationConfig(copy_bias=1.5, source_bias=0.25, source_half_life=7, no_repeat_ngram_size=2)
+    )
     copy = [p for p in procs if isinstance(p, CopyBiasProcessor)]
-    assert len(copy) == 1 and (copy[0].copy_bias, copy[0].source_bias) == (1.5, 0.25)
+    assert len(copy) == 1 and (copy[0].copy_bias, copy[0].source_bias, copy[0].source_half_life) == (1.5, 0.25, 7)
     assert procs.needs_history
 
 

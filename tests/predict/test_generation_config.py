@@ -49,11 +49,13 @@ def test_overrides_win_and_none_means_unset():
 
 
 def test_copy_bias_is_stored_under_lmforge_keys(tmp_path):
-    save_generation_defaults(tmp_path, {"copy_bias": 2.0, "source_bias": 0.5, "num_beams": 2})
+    chosen = {"copy_bias": 2.0, "source_bias": 0.5, "source_half_life": 16, "num_beams": 2}
+    save_generation_defaults(tmp_path, chosen)
     raw = json.loads((tmp_path / "generation_config.json").read_text())
     assert raw["lmforge_copy_bias"] == 2.0 and raw["lmforge_source_bias"] == 0.5
+    assert raw["lmforge_source_half_life"] == 16
     assert "copy_bias" not in raw and "source_bias" not in raw  # no key Hugging Face might one day claim
-    assert load_generation_defaults(tmp_path) == {"copy_bias": 2.0, "source_bias": 0.5, "num_beams": 2}
+    assert load_generation_defaults(tmp_path) == chosen
     assert with_defaults(load_generation_defaults(tmp_path), {"copy_bias": 0.0}).copy_bias == 0.0  # a flag wins
     save_generation_defaults(tmp_path, {"num_beams": 1})  # rewritten: the old choices go
     assert load_generation_defaults(tmp_path) == {"num_beams": 1}

@@ -63,7 +63,7 @@ def test_decode_candidates_are_a_coordinate_search() -> None:
     def score(s: dict) -> float:  # a made-up metric: copying helps, so do blocking repeats and the longer budget
         return (
             float(s["no_repeat_ngram_size"] == 3) + (s["max_new_tokens"] == 9) * 0.5 - (s["num_beams"] > 1)
-            + (s["copy_bias"] == 2.0) * 0.25 - s["source_bias"]
+            + (s["copy_bias"] == 2.0) * 0.25 + (s["source_bias"] == 1.0) * 0.1 + (s["source_half_life"] == 32) * 0.05
         )
 
     first = next(gen)
@@ -76,7 +76,7 @@ def test_decode_candidates_are_a_coordinate_search() -> None:
     best = D.best_settings(tried)
     assert best is not None
     assert best["no_repeat_ngram_size"] == 3 and best["max_new_tokens"] == 9 and best["num_beams"] == 1
-    assert best["copy_bias"] == 2.0 and best["source_bias"] == 0.0
+    assert best["copy_bias"] == 2.0 and best["source_bias"] == 1.0 and best["source_half_life"] == 32
     assert {v["settings"]["copy_bias"] for v in tried.values()} == set(D.COPY_BIASES)
     assert any(v["settings"]["num_beams"] == 4 for v in tried.values())
     # each later stage varied the best of the earlier ones: every 9-token candidate blocks repeats

@@ -78,6 +78,9 @@ class GenerationConfig:
     source_bias: float = 0.0
     """Added to the score of every token that occurs in the prompt (the other half of the copy mechanism;
     0: off)."""
+    source_half_life: int = 0
+    """``source_bias`` halves every this many tokens from the start of the prompt (by a token's first
+    occurrence): a lead bias, as summaries draw on a text's beginning (0: the same bias everywhere)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -101,6 +104,8 @@ class GenerationConfig:
                 raise bad(name, "must be a finite number")
         if self.temperature < 0:
             raise bad("temperature", "must be >= 0 (0 means greedy)")
+        if not is_int(self.source_half_life) or self.source_half_life < 0:
+            raise bad("source_half_life", "must be a non-negative integer (0 is off)")
         if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 0):
             raise bad("top_k", "must be a non-negative integer or None")
         if not 0.0 < self.top_p <= 1.0:

@@ -4,9 +4,9 @@
 (:func:`save_generation_defaults`); ``generate``, ``eval``, ``serve`` and ``export`` start from them
 (:func:`load_generation_defaults`, then :func:`with_defaults`), and a flag or request field still wins.
 
-lmforge's own settings, the copy mechanism's ``copy_bias`` and ``source_bias``
-(:class:`~lmforge.predict.processors.CopyBiasProcessor`), are stored as ``lmforge_copy_bias`` and
-``lmforge_source_bias`` (:data:`FILE_KEYS`): keys Hugging Face does not know and keeps as plain attributes,
+lmforge's own settings, the copy mechanism's ``copy_bias``, ``source_bias`` and ``source_half_life``
+(:class:`~lmforge.predict.processors.CopyBiasProcessor`), are stored as ``lmforge_copy_bias``,
+``lmforge_source_bias`` and ``lmforge_source_half_life`` (:data:`FILE_KEYS`): keys Hugging Face does not know and keeps as plain attributes,
 so an exported model still loads there (its ``generate`` does not apply them).
 
 Only the keys below are decoding *choices*; the token ids Hugging Face keeps in the same file
@@ -41,10 +41,15 @@ DEFAULT_KEYS: tuple[str, ...] = (
     "early_stopping",
     "copy_bias",
     "source_bias",
+    "source_half_life",
 )
 """The :class:`GenerationConfig` fields a model's ``generation_config.json`` may set as defaults."""
 
-FILE_KEYS: dict[str, str] = {"copy_bias": "lmforge_copy_bias", "source_bias": "lmforge_source_bias"}
+FILE_KEYS: dict[str, str] = {
+    "copy_bias": "lmforge_copy_bias",
+    "source_bias": "lmforge_source_bias",
+    "source_half_life": "lmforge_source_half_life",
+}
 """Fields stored under another key in the file (lmforge's own, prefixed so no Hugging Face key is taken)."""
 
 

@@ -162,17 +162,20 @@ class CopyBiasProcessor:
     any model family): ``copy_bias`` is added to the score of each token that follows, in the prompt, the
     longest suffix of the completion found there with a token after it (the prompt ``5 6 7 5 8`` and the
     completion ``... 5`` boost 6 and 8; ``... 5 6`` boosts 7 alone, its match of two tokens being the
-    longest), and ``source_bias`` to every token of the prompt. Nothing is boosted before the completion's first token
-    occurs in the prompt, except by ``source_bias``.
+    longest), and ``source_bias`` to every token of the prompt (halving every ``source_half_life`` tokens
+    from the prompt's start, by the token's first occurrence, when that is > 0). Nothing is boosted before
+    the completion's first token occurs in the prompt, except by ``source_bias``.
 
     A row's prompt is what it holds when the processor first sees it (:class:`RowStates`); its state is the
     length of the match ending at each prompt position, advanced by one comparison per token (the longest
     common suffix recurrence), so a step costs O(prompt length) whatever the completion's length."""
 
-    def __init__(self, copy_bias: float = 0.0, source_bias: float = 0.0) -> None:
+    def __init__(self, copy_bias: float = 0.0, source_bias: float = 0.0, source_half_life: int = 0) -> None:
         self.copy_bias = float(copy_bias)
         self.source_bias = float(source_bias)
+        self.source_half_life = int(source_half_life)
         self.rows: RowStates[tuple[np.ndarray, np.ndarray]] = RowStates(self._start, self._advance)
+        self.source_weights: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @staticmethod
     def _start(tokens: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -186,11 +189,27 @@ class CopyBiasProcessor:
         new[1:] *= match[:-1] + 1  # a match ending at i extends the one that ended at i - 1
         return source, new
 
+    def _source_boost(self, source: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the prompt's distinct tokens, the bias of each), kept per prompt."""
+        key = tuple(source.tolist())
+        found = self.source_weights.get(key)
+        if found is None:
+            tokens, first = np.unique(source, return_index=True)
+            weight = np.full(len(tokens), self.source_bias)
+            if self.source_half_life > 0:
+                weight = weight * 0.5 ** (first / self.source_half_life)
+            found = (torch.from_numpy(tokens), torch.from_numpy(weight))
+            if len(self.source_weights) >= self.rows.capacity:
+                self.source_weights.clear()
+            self.source_weights[key] = found
+        return found
+
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         bias = torch.zeros_like(scores)
         for b, (_, (source, match)) in enumerate(self.rows(input_ids)):
             if self.source_bias and len(source):
-                bias[b, torch.from_numpy(np.unique(source)).to(scores.device)] += self.source_bias
+                tokens, weight = self._source_boost(source)
+                bias[b, tokens.to(scores.device)] += weight.to(scores.device, scores.dtype)
             longest = int(match[:-1].max()) if len(match) > 1 else 0
             if self.copy_bias and longest > 0:
                 follow = np.unique(source[1:][match[:-1] == longest])  # what came after each longest match
@@ -227,7 +246,7 @@ def build_processors(config: GenerationConfig, num_eos: int = 0) -> LogitsProces
     if config.no_repeat_ngram_size > 0:
         procs.append(NoRepeatNGramProcessor(config.no_repeat_ngram_size))
     if config.copy_bias or config.source_bias:
-        procs.append(CopyBiasProcessor(config.copy_bias, config.source_bias))
+        procs.append(CopyBiasProcessor(config.copy_bias, config.source_bias, config.source_half_life))
     if config.do_sample and config.temperature > 0:
         keep = num_eos + 1 if config.num_beams > 1 else 1
         if config.temperature != 1.0:
