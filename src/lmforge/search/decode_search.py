@@ -39,7 +39,7 @@ from lmforge.predict.tasks import label_ids, predict_records
 COPY_BIASES = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)
 """``copy_bias`` values tried (added to logits, or log-probabilities in beam search: e^bias times as likely)."""
 SOURCE_BIASES = (0.0, 0.5, 1.0, 2.0, 4.0)
-HALF_LIVES_WORDS = (8, 32)
+HALF_LIVES_WORDS = (4, 8, 32)
 """``source_half_life`` values tried besides 0, in words of the targets (converted to tokens)."""
 LENGTH_MARGIN = 4
 """Tokens added to the measured target lengths (the ``<eot>`` and a little slack)."""
