@@ -47,20 +47,8 @@ def brute_logprob(model, prompt: list[int], cand: list[int], longest: int = 0) -
     return total
 
 
-@torch.no_grad()
-def brute_constrained(model, prompt: list[int], cand: list[int], cands: list[list[int]]) -> float:
-    """Log-probability of ``cand`` when each step may only take a token that continues some candidate with
-    the same prefix: per token, fresh forward pass, softmax over those tokens alone."""
-    total = 0.0
-    for j in range(len(cand)):
-        allowed = sorted({d[j] for d in cands if len(d) > j and d[:j] == cand[:j]})
-        logits, _ = model(torch.tensor([prompt + cand[:j]]))
-        total += float(torch.log_softmax(logits[0, -1].double()[allowed], -1)[allowed.index(cand[j])])
-    return total
-
-
 @pytest.mark.parametrize("family", ["transformer", "gru"])
-def test_classification_picks_the_most_likely_label_under_constrained_decoding(tok, family):
+def test_classification_picks_max_likelihood_label(tok, family):
     model = tiny(tok, family)
     task = get_task("classification")
     labels = ["pos", "neg", "neutral", "n"]  # "n" is a prefix of "neg"/"neutral": <eot> separates them
@@ -68,17 +56,11 @@ def test_classification_picks_the_most_likely_label_under_constrained_decoding(t
     texts = ["".join(rng.choice("abcdefgh ") for _ in range(rng.randint(3, 30))) for _ in range(6)]
     prompts = [prompt_ids(task, {"text": t, "label": "pos"}, tok) for t in texts]
     preds, scores = classify(model, tok, prompts, labels)
-    cands = [tok.encode(" " + lab) + [tok.eot_id] for lab in labels]
-    differs = False
     for p, pred, sc in zip(prompts, preds, scores, strict=True):
         assert pred in labels
-        brute = [brute_constrained(model, p, c, cands) for c in cands]
+        brute = [brute_logprob(model, p, tok.encode(" " + lab) + [tok.eot_id]) for lab in labels]
         assert sc == pytest.approx(brute, abs=1e-4)
         assert pred == labels[max(range(len(labels)), key=lambda k: brute[k])]
-        assert sum(torch.tensor(brute).exp()) == pytest.approx(1.0, abs=1e-6)  # a distribution over the labels
-        plain = [brute_logprob(model, p, c) for c in cands]
-        differs |= max(range(len(labels)), key=lambda k: plain[k]) != labels.index(pred)
-    assert differs  # the renormalization changes the choice on this model: the test can tell them apart
 
 
 def test_scoring_cuts_long_prompts_from_the_left(tok):

@@ -2,11 +2,8 @@
 
 Generative tasks decode with :func:`lmforge.predict.generate` (stopping at ``<eot>`` or, for single-line
 tasks, a newline). Classification is constrained to the label set: each label's completion
-``" {label}<eot>"`` is scored by its log-probability under decoding constrained to the label set (at each
-token, the model's distribution renormalized over the tokens that continue some label with the same
-prefix), and the most likely label wins (the first in label order on a tie), so the output is always a
-label. Renormalizing matters: a plain sum of log-likelihoods charges a label of three tokens for the mass
-an undertrained model leaks at its second and third token, and so favours the labels of one token.
+``" {label}<eot>"`` is scored by its summed log-likelihood after the prompt, and the most likely label
+wins (the first in label order on a tie), so the output is always a label.
 
 Prompts are encoded exactly as in training (:func:`lmforge.data.tasks.encode_segments`), and a prompt
 that does not fit the model's context is cut from the left, as in training.
@@ -45,12 +42,8 @@ def _device(model: DecodingModel) -> torch.device:
 
 
 @torch.no_grad()
-def score_candidates(
-    model: DecodingModel, prompt: Sequence[int], candidates: Sequence[Sequence[int]], constrained: bool = False
-) -> list[float]:
-    """Summed log-probability of each candidate continuation of ``prompt`` (natural log); ``constrained``:
-    each token's log-probability renormalized over the tokens that continue some candidate sharing the
-    prefix before it (the candidate's probability when decoding is constrained to the candidates).
+def score_candidates(model: DecodingModel, prompt: Sequence[int], candidates: Sequence[Sequence[int]]) -> list[float]:
+    """Summed log-probability of each candidate continuation of ``prompt`` (natural log).
 
     The rows ``prompt + candidate`` are scored in one right-padded forward pass. When the prompt and the
     longest candidate do not fit the model's context, the prompt is cut from the left, the same for every
@@ -81,12 +74,7 @@ def score_candidates(
     for i, c in enumerate(candidates):
         # token c[j] sits at position p + j and is predicted by position p + j - 1
         pos = torch.arange(p - 1, p - 1 + len(c), device=logp.device)
-        total = logp[i, pos, torch.tensor(list(c), device=logp.device)].sum()
-        if constrained:
-            for j in range(len(c)):
-                allowed = sorted({d[j] for d in candidates if len(d) > j and list(d[:j]) == list(c[:j])})
-                total = total - torch.logsumexp(logp[i, p - 1 + j, allowed], dim=0)
-        out.append(float(total))
+        out.append(float(logp[i, pos, torch.tensor(list(c), device=logp.device)].sum()))
     return out
 
 
@@ -103,14 +91,14 @@ def label_ids(labels: Sequence[str], tokenizer: TokenizerLike, task: Task | str 
 def classify(
     model: DecodingModel, tokenizer: TokenizerLike, prompts: Sequence[Sequence[int]], labels: Sequence[str]
 ) -> tuple[list[str], list[list[float]]]:
-    """Constrained decoding: per prompt, the label with the largest log-probability when decoding is
-    constrained to the label set (first on a tie) and the scores of all labels (in ``labels`` order)."""
+    """Constrained decoding: per prompt, the label with the largest log-likelihood (first on a tie) and
+    the scores of all labels (in ``labels`` order)."""
     if not labels:
         raise ValueError("classification needs a non-empty label set")
     cands = label_ids(labels, tokenizer)
     preds, all_scores = [], []
     for p in prompts:
-        scores = score_candidates(model, p, cands, constrained=True)
+        scores = score_candidates(model, p, cands)
         best = max(range(len(labels)), key=lambda k: (scores[k], -k))
         preds.append(labels[best])
         all_scores.append(scores)
