@@ -5,8 +5,8 @@ by an Optuna TPE study (``DIR/finetune.journal``), each trial a fine-tune in ``D
 best validation completion loss in nats per byte (comparable across tokenizers); the :data:`RERANK_TOP`
 best are re-ranked by the task metric on validation records, because loss and metric disagree.
 
-``final``: the winner's settings fine-tuned again from the start model with the rest of the fine-tuning
-share (``DIR/final``); ``DIR/best`` is the better (validation loss) of that and the winner's trial checkpoint.
+``final``: the winner's settings fine-tuned again from the start model for the rest of the fine-tuning
+share (``DIR/final``, trained until its clock or an early stop, not for the trial's epochs); ``DIR/best`` is the better (validation loss) of that and the winner's trial checkpoint.
 """
 
 from __future__ import annotations
@@ -179,10 +179,12 @@ def step_search(run: TaskRun) -> None:
 
 def finetune(
     run: TaskRun, out: Path, start: str, *, lr: float, epochs: int, batch: int, max_time: float,
-    patience: int | None = None,
+    patience: int | None = None, fill_time: bool = False,
 ) -> tuple[TrainResult, float]:
     """Fine-tune the start model of candidate ``start`` -> (the training result, its best validation
-    completion loss in nats per byte of the references: comparable across tokenizers)."""
+    completion loss in nats per byte of the references: comparable across tokenizers). ``fill_time``:
+    train until ``max_time`` (or ``patience``) rather than for ``epochs``, the learning rate decaying over
+    the time (the warm-up as for ``epochs``)."""
     model, tokenizer, model_cfg = load_pretrained(run.start_model(start))
     raw = finetune_config(model_cfg, None, [], run.state["plan"]["data"])
     block = int(run.candidates()[start]["block_size"])
@@ -211,6 +213,9 @@ def finetune(
         "seed": run.opts.seed,
     }
     set_schedule_length(raw, n_train)
+    if fill_time:
+        raw["train"]["max_epochs"] = None
+        raw["schedule"] = {**raw["schedule"], "horizon": "time", "total_steps": None}
     cfg = build_config(raw)
     result = train_on_task(cfg, out, model, tokenizer, td, run.task_info(), verbose=False)
     tokens = sum(int(e.trained[1:].sum()) for e in td.val)
@@ -231,8 +236,11 @@ def step_final(run: TaskRun) -> None:
     if allowance >= MIN_TRIAL_S:
         run.set_step("final", status="running", max_time=round(allowance, 1))
         run.log(f"[final] trial {s['winner']}'s settings from the start model ({start}), {allowance:.0f}s")
+        # the whole allowance: a trial that reached its epochs early would leave time unused, and the
+        # best checkpoint (by validation loss) and the early stop guard against training too long
         _, final_loss = finetune(
-            run, final, start, lr=lr, epochs=p["epochs"], batch=p["batch_size"], max_time=allowance * 0.9, patience=4
+            run, final, start, lr=lr, epochs=p["epochs"], batch=p["batch_size"], max_time=allowance * 0.9,
+            patience=4, fill_time=True,
         )
         if (final / "best" / "COMPLETE").is_file() and math.isfinite(final_loss) and final_loss <= trial_loss:
             chosen = final / "best"
