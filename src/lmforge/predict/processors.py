@@ -166,28 +166,49 @@ class CopyBiasProcessor:
     from the prompt's start, by the token's first occurrence, when that is > 0). Nothing is boosted before
     the completion's first token occurs in the prompt, except by ``source_bias``.
 
+    Coverage (as pointer-generator networks' coverage, against loops): a prompt position whose token was
+    boosted and then produced counts as copied, and is not boosted again; so a copy that reaches the end of
+    a span does not start it over.
+
     A row's prompt is what it holds when the processor first sees it (:class:`RowStates`); its state is the
     length of the match ending at each prompt position, advanced by one comparison per token (the longest
-    common suffix recurrence), so a step costs O(prompt length) whatever the completion's length."""
+    common suffix recurrence), and the copied positions, so a step costs O(prompt length) whatever the
+    completion's length."""
 
     def __init__(self, copy_bias: float = 0.0, source_bias: float = 0.0, source_half_life: int = 0) -> None:
         self.copy_bias = float(copy_bias)
         self.source_bias = float(source_bias)
         self.source_half_life = int(source_half_life)
-        self.rows: RowStates[tuple[np.ndarray, np.ndarray]] = RowStates(self._start, self._advance)
+        self.rows: RowStates[tuple[np.ndarray, np.ndarray, np.ndarray]] = RowStates(self._start, self._advance)
         self.source_weights: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @staticmethod
-    def _start(tokens: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    def _start(tokens: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         source = np.asarray(tokens, dtype=np.int64)  # (L,)
-        return source, np.zeros(len(source), dtype=np.int64)  # match[i]: completion suffix ending at source[i]
+        match = np.zeros(len(source), dtype=np.int64)  # match[i]: completion suffix ending at source[i]
+        return source, match, np.zeros(len(source), dtype=bool)  # copied[i]: source[i] was copied
 
     @staticmethod
-    def _advance(state: tuple[np.ndarray, np.ndarray], token: int) -> tuple[np.ndarray, np.ndarray]:
-        source, match = state
+    def _targets(match: np.ndarray, copied: np.ndarray) -> np.ndarray:
+        """(L,) bool: the positions whose token continues the longest match and was not copied yet."""
+        targets = np.zeros(len(match), dtype=bool)
+        if len(match) < 2:
+            return targets
+        open_ = ~copied[1:]  # continuation i + 1 of a match ending at i
+        longest = int(match[:-1][open_].max()) if open_.any() else 0
+        if longest > 0:
+            targets[1:] = (match[:-1] == longest) & open_
+        return targets
+
+    @classmethod
+    def _advance(
+        cls, state: tuple[np.ndarray, np.ndarray, np.ndarray], token: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        source, match, copied = state
+        copied = copied | (cls._targets(match, copied) & (source == token))
         new = (source == token).astype(np.int64)
         new[1:] *= match[:-1] + 1  # a match ending at i extends the one that ended at i - 1
-        return source, new
+        return source, new, copied
 
     def _source_boost(self, source: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(the prompt's distinct tokens, the bias of each), kept per prompt."""
@@ -206,14 +227,14 @@ class CopyBiasProcessor:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         bias = torch.zeros_like(scores)
-        for b, (_, (source, match)) in enumerate(self.rows(input_ids)):
+        for b, (_, (source, match, copied)) in enumerate(self.rows(input_ids)):
             if self.source_bias and len(source):
                 tokens, weight = self._source_boost(source)
                 bias[b, tokens.to(scores.device)] += weight.to(scores.device, scores.dtype)
-            longest = int(match[:-1].max()) if len(match) > 1 else 0
-            if self.copy_bias and longest > 0:
-                follow = np.unique(source[1:][match[:-1] == longest])  # what came after each longest match
-                bias[b, torch.from_numpy(follow).to(scores.device)] += self.copy_bias
+            if self.copy_bias:
+                follow = np.unique(source[self._targets(match, copied)])  # what came after each longest match
+                if len(follow):
+                    bias[b, torch.from_numpy(follow).to(scores.device)] += self.copy_bias
         return scores + bias
 
 
