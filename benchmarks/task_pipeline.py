@@ -15,7 +15,9 @@ Three tasks on real text that ships with this machine (built by ``benchmarks/tas
 lmforge rows, each evaluated on the same test records with the same scorer as the baselines
 (:func:`lmforge.evaluate.metrics.score` over ``lmforge eval``'s predictions):
 
-- ``tune``: ``lmforge tune --data train.jsonl --task T --budget B --out DIR``, then ``lmforge eval DIR``.
+- ``tune``: ``lmforge tune --data train.jsonl --task T --budget B --out DIR``, then ``lmforge eval DIR`` with
+  the decoding settings tune chose (``DIR/best/generation_config.json``), and again with its copy mechanism
+  off (``--copy-bias 0 --source-bias 0``) to show what that adds.
 - ``manual``: the route before ``tune --task``: ``lmforge train`` a BPE language model on the training
   records' text for 40% of B, ``lmforge finetune --task T`` it for 60% of B (both stopped by the clock),
   then ``lmforge eval``.
@@ -206,11 +208,16 @@ def lmforge(args: Sequence[str], log: Path, threads: int) -> float:
     return time.perf_counter() - t0
 
 
-def evaluate(task: str, model_dir: Path, test_path: Path, test: list[Record], work: Path, threads: int) -> dict:
-    report_path = work / f"eval-{model_dir.name}.json"
+def evaluate(
+    task: str, model_dir: Path, test_path: Path, test: list[Record], work: Path, threads: int,
+    flags: Sequence[str] = (), name: str | None = None,
+) -> dict:
+    """``lmforge eval`` of ``model_dir`` on the test records (with its own decoding defaults under ``flags``),
+    scored here."""
+    report_path = work / f"eval-{name or model_dir.name}.json"
     wall = lmforge(
         ["eval", str(model_dir), "--data", str(test_path), "--json", str(report_path), "--batch-size", "32"]
-        + ([] if task == "classification" else ["--max-new-tokens", str(MAX_NEW[task])])
+        + list(flags)
         + ["--device", "cpu", "--show", "0"],
         work / "log.txt",
         threads,
@@ -230,7 +237,11 @@ def run_tune(
         work / "log.txt",
         a.threads,
     )
+    # tune's model decodes with the settings its decode step chose (DIR/best/generation_config.json)
     res = evaluate(task, out, test_path, test, work, a.threads)
+    if task != "classification":  # the same model without the copy mechanism, to show what it adds
+        off = ["--copy-bias", "0", "--source-bias", "0"]
+        res["copy_off"] = evaluate(task, out, test_path, test, work, a.threads, off, name="tune-copy-off")
     summary = out / "summary.json"
     if summary.is_file():
         res["tune_summary"] = json.loads(summary.read_text(encoding="utf-8"))
@@ -264,7 +275,8 @@ def run_manual(
         work / "log.txt",
         a.threads,
     )
-    res = evaluate(task, work / "manual", test_path, test, work, a.threads)
+    gen = [] if task == "classification" else ["--max-new-tokens", str(MAX_NEW[task])]
+    res = evaluate(task, work / "manual", test_path, test, work, a.threads, gen)
     return {**res, "run_s": round(t_lm + t_ft, 1)}
 
 
@@ -321,6 +333,18 @@ def main() -> None:
             t0 = time.perf_counter()
             rows.update(BASELINES[task](train, test))
             extra["baselines_s"] = round(time.perf_counter() - t0, 1)
+        if "tune" in systems:
+            try:
+                r = run_tune(task, train_path, test_path, test, work, a)
+                rows[f"lmforge tune --task {task} --budget {a.budget}"] = r["scores"]
+                if "copy_off" in r:
+                    rows["  the same model, copy mechanism off (--copy-bias 0 --source-bias 0)"] = r["copy_off"]["scores"]
+                extra["tune"] = r
+            except RuntimeError as err:
+                extra["tune_error"] = str(err)
+                print(err, file=sys.stderr)
+            # kept in case the manual route does not finish in the benchmark's time window
+            (work / "partial.json").write_text(json.dumps({"rows": rows, **extra}, indent=1, default=str), encoding="utf-8")
         if "manual" in systems:
             try:
                 r = run_manual(task, train_path, test_path, test, train, work, a)
@@ -328,14 +352,6 @@ def main() -> None:
                 extra["manual"] = r
             except RuntimeError as err:
                 extra["manual_error"] = str(err)
-                print(err, file=sys.stderr)
-        if "tune" in systems:
-            try:
-                r = run_tune(task, train_path, test_path, test, work, a)
-                rows[f"lmforge tune --task {task} --budget {a.budget}"] = r["scores"]
-                extra["tune"] = r
-            except RuntimeError as err:
-                extra["tune_error"] = str(err)
                 print(err, file=sys.stderr)
         goal_text, gap = goal(task, rows) if "baselines" in systems else ("(baselines not run)", None)
         print_table(task, info, rows, goal_text, gap)

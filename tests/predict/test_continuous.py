@@ -367,3 +367,13 @@ def test_a_failing_processor_fails_its_request_only():
     assert good.out.sequences == generate(model, [enc("abc")], cfg).sequences
     assert sch.requests_failed == 1 and sch.requests_done == 1 and sch.requests_cancelled == 0
     assert not sch.busy and sch.rows_running == 0
+
+
+def test_copy_bias_equals_generate(model):
+    """The copy mechanism keeps each row's prompt apart when rows join and leave the batch."""
+    cfg = GenerationConfig(max_new_tokens=12, eos_token_id=[], copy_bias=3.0, source_bias=0.5)
+    refs = [generate(model, [enc(p)], cfg).sequences[0][0] for p in PROMPTS]
+    sch = ContinuousScheduler(model, TOK, max_rows=3, prefill_chunk_size=8)
+    cols = [Collector() for _ in PROMPTS]
+    run_schedule(sch, [(2 * i, c.request([enc(p)], cfg)) for i, (p, c) in enumerate(zip(PROMPTS, cols, strict=True))])
+    assert [c.out.sequences[0][0] for c in cols] == refs

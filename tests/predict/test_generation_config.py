@@ -46,3 +46,19 @@ def test_bad_file_names_file_and_key(tmp_path):
 def test_overrides_win_and_none_means_unset():
     cfg = with_defaults({"num_beams": 4, "max_new_tokens": 30}, {"num_beams": 1, "max_new_tokens": None})
     assert cfg.num_beams == 1 and cfg.max_new_tokens == 30
+
+
+def test_copy_bias_is_stored_under_lmforge_keys(tmp_path):
+    chosen = {"copy_bias": 2.0, "source_bias": 0.5, "source_half_life": 16, "num_beams": 2}
+    save_generation_defaults(tmp_path, chosen)
+    raw = json.loads((tmp_path / "generation_config.json").read_text())
+    assert raw["lmforge_copy_bias"] == 2.0 and raw["lmforge_source_bias"] == 0.5
+    assert raw["lmforge_source_half_life"] == 16
+    assert "copy_bias" not in raw and "source_bias" not in raw  # no key Hugging Face might one day claim
+    assert load_generation_defaults(tmp_path) == chosen
+    assert with_defaults(load_generation_defaults(tmp_path), {"copy_bias": 0.0}).copy_bias == 0.0  # a flag wins
+    save_generation_defaults(tmp_path, {"num_beams": 1})  # rewritten: the old choices go
+    assert load_generation_defaults(tmp_path) == {"num_beams": 1}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"lmforge_copy_bias": "high"}))
+    with pytest.raises(GenerationDefaultsError, match="lmforge_copy_bias"):
+        load_generation_defaults(tmp_path)

@@ -67,3 +67,34 @@ def test_export_carries_model_defaults(gpt2: Path, tmp_path: Path) -> None:
     raw = json.loads((tmp_path / "out" / "generation_config.json").read_text())
     assert raw["max_new_tokens"] == 3
     assert "eos_token_id" in raw  # the exported model's own token ids are kept beside the defaults
+
+
+def test_copy_bias_default_reaches_eval_and_export_and_a_flag_turns_it_off(gpt2: Path, tmp_path: Path) -> None:
+    import shutil
+
+    model_dir = tmp_path / "copying"
+    shutil.copytree(gpt2, model_dir)
+    save_generation_defaults(model_dir, {"max_new_tokens": 6, "copy_bias": 6.0, "source_bias": 1.0})
+    # this random model says ":" (the prompt's last token) first; a ":" inside the document gives the copy
+    # mechanism something to continue
+    records = [{**r, "document": "note: " + r["document"]} for r in summarization_records(4, seed=5)]
+    data = write_jsonl(tmp_path / "sum.jsonl", records)
+    model, tok, _ = load_pretrained(model_dir, native=True)
+
+    def reference(**kw: float) -> list[str]:
+        return predict_records(model, tok, "summarization", records, config=GenerationConfig(max_new_tokens=6, **kw))[0]
+
+    out = tmp_path / "report.json"
+    base = ["eval", str(model_dir), "--data", str(data), "--task", "summarization", "--json", str(out)]
+    assert main(base) == 0
+    copied = [e["prediction"] for e in json.loads(out.read_text())["examples"]]
+    assert copied == reference(copy_bias=6.0, source_bias=1.0)
+    assert main([*base, "--copy-bias", "0", "--source-bias", "0"]) == 0
+    plain = [e["prediction"] for e in json.loads(out.read_text())["examples"]]
+    assert plain == reference() and plain != copied
+    export_model(model_dir, tmp_path / "out")
+    raw = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert raw["lmforge_copy_bias"] == 6.0 and raw["lmforge_source_bias"] == 1.0
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    assert HFGenerationConfig.from_pretrained(tmp_path / "out").max_new_tokens == 6  # HF still reads the file

@@ -17,6 +17,7 @@ import pytest
 
 from lmforge.data.tasks import TaskDataError
 from lmforge.evaluate import metrics as M
+from lmforge.predict.generation_config import load_generation_defaults
 from lmforge.report import build_report
 from lmforge.search.task_pipeline import TaskPipelineError, TaskTuneOptions, run_task_pipeline
 from support.finetune import make_gpt2_dir
@@ -106,7 +107,7 @@ def test_tune_task_classification_from_scratch(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_tune_task_searches_the_tokenizer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Text above CHAR_BELOW: a BPE and a char model are pretrained; the fine-tuning search picks between them."""
-    import lmforge.search.task_pipeline as tp
+    import lmforge.search.task_plan as tp
 
     monkeypatch.setattr(tp, "CHAR_BELOW", 100)
     records = summarization_records(40)
@@ -139,7 +140,8 @@ def test_tune_task_summarization_from_scratch_decode_settings(tmp_path: Path) ->
     chosen = json.loads((run / "best" / "generation_config.json").read_text())
     best = max(tried.values(), key=lambda v: v["score"])
     assert best["score"] == max(v["score"] for v in tried.values())
-    assert {k: chosen[k] for k in best["settings"]} == best["settings"]
+    assert load_generation_defaults(run / "best") == {**best["settings"], "do_sample": False}  # serve: no sampling
+    assert "lmforge_copy_bias" in chosen and "lmforge_source_bias" in chosen  # the copy mechanism was searched
     assert chosen["max_new_tokens"] in state["steps"]["decode"]["length_budgets"]
 
 

@@ -9,7 +9,7 @@ from lmforge.data.tasks import TaskDataError, get_task, split_records
 from lmforge.data.tokenizer import char_tokenizer
 from lmforge.search import decode_search as D
 from lmforge.search.finetune import PRETRAINED_START, WARMUP_FRACTION, finetune_config, set_schedule_length
-from lmforge.search.task_pipeline import plan_tokenizers
+from lmforge.search.task_plan import plan_tokenizers
 
 
 def test_split_is_a_seeded_partition() -> None:
@@ -41,6 +41,7 @@ def test_plan_tokenizers_bpe_and_char_for_real_text_char_for_tiny() -> None:
     big = plan_tokenizers(["word " * 100_000])
     assert [c["kind"] for c in big] == ["bpe", "char"]  # BPE first: the search's first trial starts from it
     assert 512 <= big[0]["vocab_size"] <= 4096
+    assert big[0]["weight"] > big[1]["weight"]  # BPE gets the larger part of the pretraining time
 
 
 def test_length_budgets_from_target_lengths() -> None:
@@ -48,19 +49,26 @@ def test_length_budgets_from_target_lengths() -> None:
     task = get_task("summarization")
     recs = [{"document": "x", "summary": "a" * n} for n in range(1, 11)]  # " " + n chars: 2..11 tokens
     budgets = D.length_budgets(task, recs, tok)
-    assert budgets[-1] == 11 + D.LENGTH_MARGIN
-    assert budgets[0] <= budgets[-1]
+    # 90th percentile of 2..11 is 10.1 -> 11, the median 6.5 -> 7, the longest 11; plus the margin each
+    assert budgets == [11 + D.LENGTH_MARGIN, 7 + D.LENGTH_MARGIN]
+    # one word of n + 1 tokens each (its space counted): 65 tokens for 10 words, 3 words ~ 19.5 -> 20
+    assert D.repeat_ngram_size(task, recs, tok) == 20
+
 
 
 def test_decode_candidates_are_a_coordinate_search() -> None:
     tried: dict = {}
     gen = D.candidates([5, 9], tried)
 
-    def score(s: dict) -> float:  # a made-up metric: blocking repeats helps, so does the longer budget
-        return float(s["no_repeat_ngram_size"] == 3) + (s["max_new_tokens"] == 9) * 0.5 - (s["num_beams"] > 1)
+    def score(s: dict) -> float:  # a made-up metric: copying helps, so do blocking repeats and the longer budget
+        return (
+            float(s["no_repeat_ngram_size"] == 3) + (s["max_new_tokens"] == 9) * 0.5 - (s["num_beams"] > 1)
+            + (s["copy_bias"] == 2.0) * 0.25 + (s["source_bias"] == 1.0) * 0.1 + (s["source_half_life"] == 32) * 0.05
+        )
 
     first = next(gen)
     assert first["num_beams"] == 1 and first["max_new_tokens"] == 5 and first["no_repeat_ngram_size"] == 0
+    assert first["copy_bias"] == first["source_bias"] == 0.0  # the copy mechanism off first
     tried[D.settings_key(first)] = {"settings": first, "score": score(first)}
     for s in gen:
         assert D.settings_key(s) not in tried  # nothing twice (a resumed search skips what it tried)
@@ -68,6 +76,8 @@ def test_decode_candidates_are_a_coordinate_search() -> None:
     best = D.best_settings(tried)
     assert best is not None
     assert best["no_repeat_ngram_size"] == 3 and best["max_new_tokens"] == 9 and best["num_beams"] == 1
+    assert best["copy_bias"] == 2.0 and best["source_bias"] == 1.0 and best["source_half_life"] == 32
+    assert {v["settings"]["copy_bias"] for v in tried.values()} == set(D.COPY_BIASES)
     assert any(v["settings"]["num_beams"] == 4 for v in tried.values())
     # each later stage varied the best of the earlier ones: every 9-token candidate blocks repeats
     assert all(v["settings"]["no_repeat_ngram_size"] == 3 for v in tried.values() if v["settings"]["max_new_tokens"] == 9)

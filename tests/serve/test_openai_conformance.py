@@ -386,3 +386,17 @@ def test_generation_config_defaults_and_request_overrides(ckpt, ref, tmp_path):
         chat = c.chat.completions.create(model=NAME, messages=MESSAGES)
         expect = greedy(ref, CHAT_PROMPT, 7, repetition_penalty=1.5, stop_strings=PLAIN_CHAT_STOP)
         assert chat.choices[0].message.content == expect
+
+
+def test_copy_mechanism_default_is_served(ckpt, ref, tmp_path):
+    """A copy bias chosen by ``lmforge tune --task`` (generation_config.json, greedy as tune writes it)
+    applies to served completions."""
+    model_dir = tmp_path / "copying"
+    shutil.copytree(ckpt, model_dir)
+    save_generation_defaults(model_dir, {"max_new_tokens": 8, "do_sample": False, "copy_bias": 4.0, "source_bias": 1.0})
+    prompt = "the cat sat on the mat, the cat"
+    expect = greedy(ref, prompt, 8, copy_bias=4.0, source_bias=1.0)
+    assert expect != greedy(ref, prompt, 8)  # the mechanism changes this completion
+    with LiveServer(load_app(model_dir, model_name=NAME)) as server:
+        c = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=60)
+        assert c.completions.create(model=NAME, prompt=prompt).choices[0].text == expect

@@ -52,6 +52,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--length-penalty", type=float, default=None, help="beam search (default: the model's, else 1.0)")
     p.add_argument("--no-repeat-ngram-size", type=int, default=None, help="default: the model's, else 0")
     p.add_argument("--repetition-penalty", type=float, default=None, help="default: the model's, else 1.0")
+    p.add_argument("--copy-bias", type=float, default=None, help="copy mechanism (default: the model's, else 0: off)")
+    p.add_argument("--source-bias", type=float, default=None, help="boost of prompt tokens (default: the model's, else 0)")
+    p.add_argument("--source-half-life", type=int, default=None, help="source bias halves every N prompt tokens")
     p.add_argument("--device", default="auto")
     p.add_argument("--show", type=int, default=3, help="print this many example predictions")
 
@@ -130,6 +133,9 @@ def _generation_config(args: argparse.Namespace, task: str) -> GenerationConfig 
         "length_penalty": args.length_penalty,
         "no_repeat_ngram_size": args.no_repeat_ngram_size,
         "repetition_penalty": args.repetition_penalty,
+        "copy_bias": args.copy_bias,
+        "source_bias": args.source_bias,
+        "source_half_life": args.source_half_life,
     }
     if not defaults and all(v is None for v in flags.values()):
         return None

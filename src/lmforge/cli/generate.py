@@ -48,6 +48,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--top-p", type=float, default=None, help="default 1.0")
     g.add_argument("--repetition-penalty", type=float, default=None, help="default 1.0")
     g.add_argument("--no-repeat-ngram-size", type=int, default=None, help="default 0 (off)")
+    g.add_argument("--copy-bias", type=float, default=None, help="copy mechanism: boost what continues the prompt (default 0: off)")
+    g.add_argument("--source-bias", type=float, default=None, help="boost every token of the prompt (default 0: off)")
+    g.add_argument("--source-half-life", type=int, default=None, help="the source bias halves every N prompt tokens")
     g.add_argument("--seed", type=int, default=None, help="seed of the sampling generator")
     g.add_argument(
         "--stop",
@@ -122,6 +125,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         "top_p": args.top_p,
         "repetition_penalty": args.repetition_penalty,
         "no_repeat_ngram_size": args.no_repeat_ngram_size,
+        "copy_bias": args.copy_bias,
+        "source_bias": args.source_bias,
+        "source_half_life": args.source_half_life,
         "num_beams": args.num_beams,
         "length_penalty": args.length_penalty,
         "num_return_sequences": args.num_return_sequences,

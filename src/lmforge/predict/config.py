@@ -71,6 +71,16 @@ class GenerationConfig:
     truncate_prompt: bool = False
     """A prompt that does not fit the model's context together with its new tokens is cut from the LEFT
     (its last tokens kept). False: such a prompt raises :class:`GenerationError`."""
+    copy_bias: float = 0.0
+    """lmforge's decoding-time copy mechanism (prompt lookup): added to the score of each token that continues
+    the longest suffix of the completion found in the prompt, i.e. the token(s) that followed it there
+    (:class:`~lmforge.predict.processors.CopyBiasProcessor`; 0: off)."""
+    source_bias: float = 0.0
+    """Added to the score of every token that occurs in the prompt (the other half of the copy mechanism;
+    0: off)."""
+    source_half_life: int = 0
+    """``source_bias`` halves every this many tokens from the start of the prompt (by a token's first
+    occurrence): a lead bias, as summaries draw on a text's beginning (0: the same bias everywhere)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -88,12 +98,14 @@ class GenerationConfig:
         for name in ("do_sample", "truncate_prompt"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be True or False")
-        for name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):
+        for name in ("temperature", "top_p", "repetition_penalty", "length_penalty", "copy_bias", "source_bias"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise bad(name, "must be a finite number")
         if self.temperature < 0:
             raise bad("temperature", "must be >= 0 (0 means greedy)")
+        if not is_int(self.source_half_life) or self.source_half_life < 0:
+            raise bad("source_half_life", "must be a non-negative integer (0 is off)")
         if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 0):
             raise bad("top_k", "must be a non-negative integer or None")
         if not 0.0 < self.top_p <= 1.0:

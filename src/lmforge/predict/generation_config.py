@@ -4,6 +4,11 @@
 (:func:`save_generation_defaults`); ``generate``, ``eval``, ``serve`` and ``export`` start from them
 (:func:`load_generation_defaults`, then :func:`with_defaults`), and a flag or request field still wins.
 
+lmforge's own settings, the copy mechanism's ``copy_bias``, ``source_bias`` and ``source_half_life``
+(:class:`~lmforge.predict.processors.CopyBiasProcessor`), are stored as ``lmforge_copy_bias``,
+``lmforge_source_bias`` and ``lmforge_source_half_life`` (:data:`FILE_KEYS`): keys Hugging Face does not know and keeps as plain attributes,
+so an exported model still loads there (its ``generate`` does not apply them).
+
 Only the keys below are decoding *choices*; the token ids Hugging Face keeps in the same file
 (``bos_token_id``, ``eos_token_id``, ``pad_token_id``) are kept when the file is rewritten but never become
 defaults here: lmforge takes them from the tokenizer.
@@ -34,8 +39,23 @@ DEFAULT_KEYS: tuple[str, ...] = (
     "num_beams",
     "length_penalty",
     "early_stopping",
+    "copy_bias",
+    "source_bias",
+    "source_half_life",
 )
 """The :class:`GenerationConfig` fields a model's ``generation_config.json`` may set as defaults."""
+
+FILE_KEYS: dict[str, str] = {
+    "copy_bias": "lmforge_copy_bias",
+    "source_bias": "lmforge_source_bias",
+    "source_half_life": "lmforge_source_half_life",
+}
+"""Fields stored under another key in the file (lmforge's own, prefixed so no Hugging Face key is taken)."""
+
+
+def file_key(name: str) -> str:
+    """The key of :class:`GenerationConfig` field ``name`` in ``generation_config.json``."""
+    return FILE_KEYS.get(name, name)
 
 
 class GenerationDefaultsError(LmforgeError):
@@ -73,12 +93,12 @@ def load_generation_defaults(path: str | Path) -> dict[str, Any]:
         raise GenerationDefaultsError(f"{f}: not a readable JSON file ({e})") from None
     if not isinstance(raw, dict):
         raise GenerationDefaultsError(f"{f}: expected a JSON object, got {type(raw).__name__}")
-    out = {k: raw[k] for k in DEFAULT_KEYS if k in raw and raw[k] is not None}
+    out = {k: raw[file_key(k)] for k in DEFAULT_KEYS if raw.get(file_key(k)) is not None}
     for k, v in out.items():
         try:
             GenerationConfig(**{k: v})
         except (GenerationError, TypeError) as e:
-            raise GenerationDefaultsError(f"{f}: key {k!r}: {e}") from None
+            raise GenerationDefaultsError(f"{f}: key {file_key(k)!r}: {e}") from None
     try:
         GenerationConfig(**out)
     except GenerationError as e:
@@ -101,10 +121,10 @@ def save_generation_defaults(model_dir: str | Path, settings: dict[str, Any], **
         try:
             loaded = json.loads(f.read_text(encoding="utf-8"))
             if isinstance(loaded, dict):
-                data = {k: v for k, v in loaded.items() if k not in DEFAULT_KEYS}
+                data = {k: v for k, v in loaded.items() if k not in {file_key(d) for d in DEFAULT_KEYS}}
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             data = {}
-    data.update(settings)
+    data.update({file_key(k): v for k, v in settings.items()})
     data.update(extra)
     atomic_write_json(f, data)
     return f

@@ -5,7 +5,7 @@ left padding and are ignored. ``scores`` (B, V) float are the next-token logits 
 beam search). A processor returns new scores and never changes its inputs.
 
 :func:`build_processors` assembles them in the order HF applies them: repetition penalty,
-no-repeat-ngram, then, only when sampling, temperature, top-k, top-p.
+no-repeat-ngram, (lmforge's own) the copy bias, then, only when sampling, temperature, top-k, top-p.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
+import numpy as np
 import torch
 
 from lmforge.predict.config import GenerationConfig
@@ -156,6 +157,87 @@ class NoRepeatNGramProcessor:
         return scores.masked_fill(banned[:, :-1], float("-inf"))
 
 
+class CopyBiasProcessor:
+    """A decoding-time copy mechanism (prompt lookup, in the spirit of a pointer network's copy switch, for
+    any model family): ``copy_bias`` is added to the score of each token that follows, in the prompt, the
+    longest suffix of the completion found there with a token after it (the prompt ``5 6 7 5 8`` and the
+    completion ``... 5`` boost 6 and 8; ``... 5 6`` boosts 7 alone, its match of two tokens being the
+    longest), and ``source_bias`` to every token of the prompt (halving every ``source_half_life`` tokens
+    from the prompt's start, by the token's first occurrence, when that is > 0). Nothing is boosted before
+    the completion's first token occurs in the prompt, except by ``source_bias``.
+
+    Coverage (as pointer-generator networks' coverage, against loops): a prompt position whose token was
+    boosted and then produced counts as copied, and is not boosted again; so a copy that reaches the end of
+    a span does not start it over.
+
+    A row's prompt is what it holds when the processor first sees it (:class:`RowStates`); its state is the
+    length of the match ending at each prompt position, advanced by one comparison per token (the longest
+    common suffix recurrence), and the copied positions, so a step costs O(prompt length) whatever the
+    completion's length."""
+
+    def __init__(self, copy_bias: float = 0.0, source_bias: float = 0.0, source_half_life: int = 0) -> None:
+        self.copy_bias = float(copy_bias)
+        self.source_bias = float(source_bias)
+        self.source_half_life = int(source_half_life)
+        self.rows: RowStates[tuple[np.ndarray, np.ndarray, np.ndarray]] = RowStates(self._start, self._advance)
+        self.source_weights: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @staticmethod
+    def _start(tokens: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        source = np.asarray(tokens, dtype=np.int64)  # (L,)
+        match = np.zeros(len(source), dtype=np.int64)  # match[i]: completion suffix ending at source[i]
+        return source, match, np.zeros(len(source), dtype=bool)  # copied[i]: source[i] was copied
+
+    @staticmethod
+    def _targets(match: np.ndarray, copied: np.ndarray) -> np.ndarray:
+        """(L,) bool: the positions whose token continues the longest match and was not copied yet."""
+        targets = np.zeros(len(match), dtype=bool)
+        if len(match) < 2:
+            return targets
+        open_ = ~copied[1:]  # continuation i + 1 of a match ending at i
+        longest = int(match[:-1][open_].max()) if open_.any() else 0
+        if longest > 0:
+            targets[1:] = (match[:-1] == longest) & open_
+        return targets
+
+    @classmethod
+    def _advance(
+        cls, state: tuple[np.ndarray, np.ndarray, np.ndarray], token: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        source, match, copied = state
+        copied = copied | (cls._targets(match, copied) & (source == token))
+        new = (source == token).astype(np.int64)
+        new[1:] *= match[:-1] + 1  # a match ending at i extends the one that ended at i - 1
+        return source, new, copied
+
+    def _source_boost(self, source: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the prompt's distinct tokens, the bias of each), kept per prompt."""
+        key = tuple(source.tolist())
+        found = self.source_weights.get(key)
+        if found is None:
+            tokens, first = np.unique(source, return_index=True)
+            weight = np.full(len(tokens), self.source_bias)
+            if self.source_half_life > 0:
+                weight = weight * 0.5 ** (first / self.source_half_life)
+            found = (torch.from_numpy(tokens), torch.from_numpy(weight))
+            if len(self.source_weights) >= self.rows.capacity:
+                self.source_weights.clear()
+            self.source_weights[key] = found
+        return found
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        bias = torch.zeros_like(scores)
+        for b, (_, (source, match, copied)) in enumerate(self.rows(input_ids)):
+            if self.source_bias and len(source):
+                tokens, weight = self._source_boost(source)
+                bias[b, tokens.to(scores.device)] += weight.to(scores.device, scores.dtype)
+            if self.copy_bias:
+                follow = np.unique(source[self._targets(match, copied)])  # what came after each longest match
+                if len(follow):
+                    bias[b, torch.from_numpy(follow).to(scores.device)] += self.copy_bias
+        return scores + bias
+
+
 class LogitsProcessorList(list):
     """Apply processors in order; an empty list returns the scores unchanged."""
 
@@ -184,6 +266,8 @@ def build_processors(config: GenerationConfig, num_eos: int = 0) -> LogitsProces
         procs.append(RepetitionPenaltyProcessor(config.repetition_penalty))
     if config.no_repeat_ngram_size > 0:
         procs.append(NoRepeatNGramProcessor(config.no_repeat_ngram_size))
+    if config.copy_bias or config.source_bias:
+        procs.append(CopyBiasProcessor(config.copy_bias, config.source_bias, config.source_half_life))
     if config.do_sample and config.temperature > 0:
         keep = num_eos + 1 if config.num_beams > 1 else 1
         if config.temperature != 1.0:
