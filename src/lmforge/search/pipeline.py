@@ -31,7 +31,7 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,7 @@ from lmforge.search.study import (
     storage_url,
 )
 from lmforge.search.summary import SUMMARY_FILE, build_summary, select_best, summary_text, write_outputs
+from lmforge.search.ticker import LEDGER_SAVE_S, ticking
 from lmforge.search.worker import search_done
 
 __all__ = [
@@ -100,7 +101,6 @@ RESUME_KEYS = (
     "strategy",
 )
 """Options a run keeps from its first command line (given anew on a resume, they are ignored with a note)."""
-LEDGER_SAVE_S = 2.0
 """Seconds between saves of the time ledger while a step runs (a SIGKILL loses at most this much of it)."""
 
 
@@ -183,26 +183,14 @@ class _Pipeline:
             self.state["steps"][step].update(fields)
             self.save()
 
-    @contextlib.contextmanager
-    def ledger_clock(self) -> Iterator[None]:
+    def ledger_clock(self) -> contextlib.AbstractContextManager[None]:
         """While the steps run: tick and save the ledger every ``LEDGER_SAVE_S`` seconds from a thread, so
         time spent inside a long trial, evaluation or final training survives a SIGKILL."""
-        stop = threading.Event()
 
-        def loop() -> None:
-            while not stop.wait(LEDGER_SAVE_S):
-                try:
-                    self.tick(save=True)
-                except OSError as err:  # a full or read-only disk: the steps' own saves report it
-                    self.log(f"warning: cannot save {self.run_dir / STATE_FILE}: {err}")
+        def warn(err: OSError) -> None:  # a full or read-only disk: the steps' own saves report it
+            self.log(f"warning: cannot save {self.run_dir / STATE_FILE}: {err}")
 
-        thread = threading.Thread(target=loop, daemon=True, name="lmforge-ledger")
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join(timeout=10)
+        return ticking(lambda: self.tick(save=True), warn, name="lmforge-ledger")
 
     # -- entry --------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:

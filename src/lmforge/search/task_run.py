@@ -3,7 +3,7 @@ charges wall time to the step that runs, each step's allowance, and the records 
 
 The budget is wall-clock time; each step may spend up to its cumulative share (``state["shares"]``) minus
 what all steps spent so far, so time one step leaves passes on. A thread saves the ledger every
-:data:`LEDGER_SAVE_S` seconds, so a killed run has charged (almost) all it spent.
+:data:`~lmforge.search.ticker.LEDGER_SAVE_S` seconds, so a killed run has charged (almost) all it spent.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,8 @@ from lmforge.atomic import atomic_write_json
 from lmforge.data.tasks import get_task, read_located_records
 from lmforge.search.budget import Budget
 from lmforge.search.task_plan import STATE_FILE, TASK_STEPS, TaskPipelineError, TaskTuneOptions
+from lmforge.search.ticker import ticking
 
-LEDGER_SAVE_S = 2.0
 MIN_TRIAL_S = 3.0
 """The shortest training run a step starts (less is not worth the start-up)."""
 VAL_METRIC_RECORDS = 32
@@ -89,22 +89,10 @@ class TaskRun:
         cum = sum(shares[s] for s in TASK_STEPS[: TASK_STEPS.index(step) + 1])
         return max(0.0, self.budget_s * cum - sum(self.state["spent_s"].values()))
 
-    @contextlib.contextmanager
-    def ledger_clock(self) -> Iterator[None]:
-        stop = threading.Event()
-
-        def loop() -> None:
-            while not stop.wait(LEDGER_SAVE_S):
-                with contextlib.suppress(OSError):
-                    self.tick(save=True)
-
-        thread = threading.Thread(target=loop, daemon=True, name="lmforge-task-ledger")
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join(timeout=10)
+    def ledger_clock(self) -> contextlib.AbstractContextManager[None]:
+        """While the steps run: tick and save the ledger every ``LEDGER_SAVE_S`` seconds (the steps' own
+        saves report a disk that cannot be written)."""
+        return ticking(lambda: self.tick(save=True), lambda err: None, name="lmforge-task-ledger")
 
     # -- data -----------------------------------------------------------------------------------------
     def records(self, split: str) -> list[dict[str, Any]]:
