@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -157,6 +157,17 @@ class NoRepeatNGramProcessor:
         return scores.masked_fill(banned[:, :-1], float("-inf"))
 
 
+class _CopyState(NamedTuple):
+    """A row's copy state: its prompt, the match length ending at each prompt position, which positions
+    were copied, the positions the next token would continue, and the source boost (tokens, bias)."""
+
+    source: np.ndarray
+    match: np.ndarray
+    copied: np.ndarray
+    targets: np.ndarray
+    boost: tuple[torch.Tensor, torch.Tensor]
+
+
 class CopyBiasProcessor:
     """A decoding-time copy mechanism (prompt lookup, in the spirit of a pointer network's copy switch, for
     any model family): ``copy_bias`` is added to the score of each token that follows, in the prompt, the
@@ -179,14 +190,19 @@ class CopyBiasProcessor:
         self.copy_bias = float(copy_bias)
         self.source_bias = float(source_bias)
         self.source_half_life = int(source_half_life)
-        self.rows: RowStates[tuple[np.ndarray, np.ndarray, np.ndarray]] = RowStates(self._start, self._advance)
-        self.source_weights: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.rows: RowStates[_CopyState] = RowStates(self._start, self._advance)
 
-    @staticmethod
-    def _start(tokens: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _start(self, tokens: tuple[int, ...]) -> _CopyState:
         source = np.asarray(tokens, dtype=np.int64)  # (L,)
         match = np.zeros(len(source), dtype=np.int64)  # match[i]: completion suffix ending at source[i]
-        return source, match, np.zeros(len(source), dtype=bool)  # copied[i]: source[i] was copied
+        copied = np.zeros(len(source), dtype=bool)  # copied[i]: source[i] was copied
+        # the prompt's distinct tokens and the source bias of each, once per row
+        distinct, first = np.unique(source, return_index=True)
+        weight = np.full(len(distinct), self.source_bias)
+        if self.source_half_life > 0:
+            weight = weight * 0.5 ** (first / self.source_half_life)
+        boost = (torch.from_numpy(distinct), torch.from_numpy(weight))
+        return _CopyState(source, match, copied, self._targets(match, copied), boost)
 
     @staticmethod
     def _targets(match: np.ndarray, copied: np.ndarray) -> np.ndarray:
@@ -201,38 +217,21 @@ class CopyBiasProcessor:
         return targets
 
     @classmethod
-    def _advance(
-        cls, state: tuple[np.ndarray, np.ndarray, np.ndarray], token: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        source, match, copied = state
-        copied = copied | (cls._targets(match, copied) & (source == token))
+    def _advance(cls, state: _CopyState, token: int) -> _CopyState:
+        source = state.source
+        copied = state.copied | (state.targets & (source == token))
         new = (source == token).astype(np.int64)
-        new[1:] *= match[:-1] + 1  # a match ending at i extends the one that ended at i - 1
-        return source, new, copied
-
-    def _source_boost(self, source: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the prompt's distinct tokens, the bias of each), kept per prompt."""
-        key = tuple(source.tolist())
-        found = self.source_weights.get(key)
-        if found is None:
-            tokens, first = np.unique(source, return_index=True)
-            weight = np.full(len(tokens), self.source_bias)
-            if self.source_half_life > 0:
-                weight = weight * 0.5 ** (first / self.source_half_life)
-            found = (torch.from_numpy(tokens), torch.from_numpy(weight))
-            if len(self.source_weights) >= self.rows.capacity:
-                self.source_weights.clear()
-            self.source_weights[key] = found
-        return found
+        new[1:] *= state.match[:-1] + 1  # a match ending at i extends the one that ended at i - 1
+        return _CopyState(source, new, copied, cls._targets(new, copied), state.boost)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         bias = torch.zeros_like(scores)
-        for b, (_, (source, match, copied)) in enumerate(self.rows(input_ids)):
-            if self.source_bias and len(source):
-                tokens, weight = self._source_boost(source)
+        for b, (_, st) in enumerate(self.rows(input_ids)):
+            if self.source_bias and len(st.source):
+                tokens, weight = st.boost
                 bias[b, tokens.to(scores.device)] += weight.to(scores.device, scores.dtype)
             if self.copy_bias:
-                follow = np.unique(source[self._targets(match, copied)])  # what came after each longest match
+                follow = np.unique(st.source[st.targets])  # what came after each longest match
                 if len(follow):
                     bias[b, torch.from_numpy(follow).to(scores.device)] += self.copy_bias
         return scores + bias
