@@ -11,14 +11,18 @@ points before this script) and ``--random`` configurations drawn (seeded) from t
 ``lmforge tune`` narrows it for ``--ref-budget`` seconds on this machine (the size cap of
 ``search/sizing.py``; dropout fixed at 0, as for a short run). Each candidate trains like a search trial
 (``search.context.trial_config``: warmup-stable, validation on the search's fixed blocks) for ``--tokens``
-tokens, on one thread; its score is its last validation loss.
+tokens, or (``--seconds S``, the default) for ``S`` seconds of wall clock, on one thread; its score is its last
+validation loss. Equal seconds is the horizon a time budget pays in: a deep recurrent model that is good per
+token but slow per second on a CPU loses to a faster one here, as it does in a search (at equal tokens, the
+first derivation picked 5-layer GRU / LSTM start points that stayed on the unigram plateau for a whole
+90-second benchmark trial).
 
 Per family the start point is the candidate with the best mean rank over all corpora
 (:func:`lmforge.search.priors.pick`); ``--write`` puts them into ``default_space.yaml``. The
 leave-one-corpus-out table scores the rule: the pick made without corpus X, evaluated on X, beside the
 hand-set point and the random candidates on X.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/derive_priors.py --jobs 2 --write
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/derive_priors.py --jobs 2 --param-cap 327438 --write
 
 Prints the tables and a final ``RESULT`` JSON line; losses are cached in ``--out/losses-CORPUS.json`` (a rerun
 only trains what is missing).
@@ -128,6 +132,8 @@ def score_corpus(job: tuple[str, Path, dict[str, dict[str, dict[str, Any]]], int
     from lmforge.train.loop import train
 
     name, path, cands, tokens, max_time, seed, out = job
+    if tokens <= 0:  # an equal-seconds horizon: train to the clock, evaluated once where it stops
+        tokens = 10**12
     torch.set_num_threads(1)
     cache = out / f"losses-{name}.json"
     done: dict[str, Any] = json.loads(cache.read_text()) if cache.is_file() else {}
@@ -176,8 +182,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpora", default=",".join(PRIOR_CORPORA))
     ap.add_argument("--random", type=int, default=6, help="random candidates per family")
-    ap.add_argument("--tokens", type=int, default=96 * 12 * 128, help="training tokens per candidate")
-    ap.add_argument("--max-time", type=float, default=60.0, help="seconds a candidate may train at most")
+    ap.add_argument("--seconds", type=float, default=10.0, help="horizon: seconds of training per candidate")
+    ap.add_argument("--tokens", type=int, default=None, help="horizon: training tokens per candidate instead")
+    ap.add_argument("--max-time", type=float, default=60.0, help="with --tokens: seconds a candidate may train at most")
     ap.add_argument("--ref-budget", type=float, default=180.0, help="narrow the space as tune does for this many s")
     ap.add_argument("--param-cap", type=int, default=None, help="instead of measuring: this size cap")
     ap.add_argument("--max-bytes", type=int, default=600_000, help="bytes per corpus")
@@ -186,6 +193,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/priors")
     ap.add_argument("--write", action="store_true", help="write the start points into default_space.yaml")
     args = ap.parse_args()
+    horizon = f"{args.tokens:,} tokens" if args.tokens else f"{args.seconds:g} s"
+    tokens, max_time = (args.tokens, args.max_time) if args.tokens else (0, args.seconds)
 
     from lmforge.search import priors
     from lmforge.search.space import DEFAULT_SPACE_FILE, load_space
@@ -208,8 +217,8 @@ def main() -> None:
         cands = candidates(space, args.random, args.seed)
         cached.write_text(json.dumps({"param_cap": cap, "random": args.random, "seed": args.seed, "candidates": cands}))
     print(f"size cap {cap:,} parameters ({args.ref_budget:.0f} s reference budget); {len(names)} corpora x "
-          f"{sum(len(c) for c in cands.values())} candidates x {args.tokens:,} tokens", file=sys.stderr)  # fmt: skip
-    jobs = [(n, paths[n], cands, args.tokens, args.max_time, args.seed, out) for n in names]
+          f"{sum(len(c) for c in cands.values())} candidates x {horizon}", file=sys.stderr)  # fmt: skip
+    jobs = [(n, paths[n], cands, tokens, max_time, args.seed, out) for n in names]
     if args.jobs > 1:
         with mp.get_context("spawn").Pool(args.jobs) as pool:
             results = pool.map(score_corpus, jobs)
@@ -219,7 +228,7 @@ def main() -> None:
 
     searched = {d.path for d in load_space().dists}  # fixed values (schedule.name...) are not start values
     starts: dict[str, dict[str, Any]] = {}
-    report: dict[str, Any] = {"param_cap": cap, "tokens": args.tokens, "corpora": names, "families": {}}
+    report: dict[str, Any] = {"param_cap": cap, "horizon": horizon, "corpora": names, "families": {}}
     loo_all: list[tuple[str, Any]] = []
     for fam in FAMILIES:
         losses = {
@@ -273,8 +282,8 @@ def main() -> None:
         header = [
             f"Derived {time.strftime('%Y-%m-%d')} by `python benchmarks/derive_priors.py --write` (issue #13): per family, the",
             f"candidate (the hand-set default-grid point, or one of {args.random} seeded random draws from this space as a",
-            f"{args.ref_budget:.0f}-second budget narrows it) with the best mean rank of validation loss after {args.tokens:,}",
-            f"training tokens on {len(names)} corpora that no benchmark uses: {', '.join(names)} (benchmarks/local_corpora.py).",
+            f"{args.ref_budget:.0f}-second budget narrows it) with the best mean rank of validation loss after {horizon}",
+            f"of training (one thread) on {len(names)} corpora that no benchmark uses: {', '.join(names)} (benchmarks/local_corpora.py).",
             "Families in the order of their pick's mean loss over these corpora (the search tries them in this order).",
             "Not Tiny Shakespeare, not the demo corpus, not the benchmark's third corpus (info). Leave-one-corpus-out",
             "numbers: benchmarks/RESULTS.md. A value outside the (narrowed) space moves to the nearest allowed one;",

@@ -376,3 +376,54 @@ fixed:
     assert isinstance(model, HFCausalLM) and cfg.model.path == str(hf_dir)
     assert summary["best"]["params"] == sum(p.numel() for p in model.parameters())
     assert summary["steps"]["evaluate"] == "done" and math.isfinite(summary["best"]["test_loss"])
+
+
+
+def test_a_trial_too_slow_for_its_time_share_stops_after_a_few_steps(tmp_path):
+    """The trial's own speed projects past its time share: it stops at the first check, not at the share."""
+    from lmforge.search.speed_guard import SPEED_STEPS, TOO_SLOW, SpeedGuard
+    from lmforge.train.callbacks import LoopState
+
+    def run(step_s: float) -> tuple[int, str | None]:
+        guard = SpeedGuard(share_s=10.0, max_tokens=1000)
+        state = LoopState(config=None, out_dir=tmp_path, model=None)  # type: ignore[arg-type]
+        for step in range(1, 101):
+            state.step, state.tokens = step, 10 * step
+            state.elapsed_s = 4.0 + step_s * (step - 1)  # the first step is slow (allocations, a compile)
+            if guard.on_step(state):
+                return step, guard.too_slow
+        return 100, guard.too_slow
+
+    # 10 tokens per 0.2 s: 1000 tokens need about 24 s of a 10 s share -> stopped at the first check
+    step, why = run(0.2)
+    assert step == 1 + SPEED_STEPS and why is not None and why.startswith(f"{TOO_SLOW} of 10s") and "24s" in why
+    # 10 tokens per 0.05 s: about 9 s, within the share -> trains on (the slow first step is not counted)
+    assert run(0.05) == (100, None)
+    assert SpeedGuard(share_s=None, max_tokens=1000).on_step(LoopState(None, tmp_path, None)) is False  # type: ignore[arg-type]
+
+
+def test_a_trial_the_speed_guard_stops_fails_for_its_time_share_after_those_steps(tmp_path, monkeypatch):
+    from lmforge.search.speed_guard import TOO_SLOW, SpeedGuard
+
+    def stop_slow_lr(self, state):  # stands in for a configuration too slow for its share
+        if state.config.optim.lr == 2e-3 and state.step >= 2:
+            self.too_slow = f"{TOO_SLOW} of 5s: (test)"
+            return True
+        return False
+
+    monkeypatch.setattr(SpeedGuard, "on_step", stop_slow_lr)
+    opts = options(
+        tmp_path,
+        "params:\n  optim.lr: [1.0e-3, 2.0e-3]\n",
+        budget="2ktok",
+        sampler="grid",
+        pruner="none",
+        trial_tokens=3 * TPS,
+    )
+    summary = run_pipeline(opts)
+    by_lr = {t.params["optim.lr"]: t for t in load_study(Path(opts.out)).trials}
+    slow, ok = by_lr[2e-3], by_lr[1e-3]
+    assert slow.state == TrialState.FAIL and slow.user_attrs["fail_reason"].startswith(TOO_SLOW)
+    assert slow.user_attrs["tokens"] == 2 * TPS  # stopped where the guard said, not at its length
+    # not a candidate for the final step, even if its two steps scored better
+    assert ok.state == TrialState.COMPLETE and summary["best"]["trial"] == ok.number

@@ -282,6 +282,21 @@ def test_callback_can_stop(corpus, tmp_path):
     assert res.stop_reason == "callback" and res.step == 10 and cb.seen == [5, 10]
 
 
+def test_a_step_callback_stops_at_its_step_and_the_stop_is_evaluated(corpus, tmp_path):
+    class StopAfter(Callback):
+        def on_step(self, state):
+            return state.step >= 7
+
+    res = train(
+        cfg_for(corpus, "--train.max_steps", "100", "--train.eval_interval", "5"),
+        tmp_path / "r",
+        callbacks=[StopAfter()],
+        verbose=False,
+    )
+    assert res.stop_reason == "callback" and res.step == 7
+    assert [r["step"] for r in res.history if r.get("val_loss") is not None][-1] == 7  # scored where it stopped
+
+
 @pytest.mark.parametrize("opt", ["gd", "sgd", "momentum", "adam", "adamw", "muon"])
 def test_every_optimizer_lowers_the_loss(corpus, tmp_path, opt):
     lr = {"gd": "0.5", "sgd": "0.5", "momentum": "0.1", "muon": "3e-3"}.get(opt, "3e-3")

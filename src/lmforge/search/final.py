@@ -50,6 +50,7 @@ from lmforge.search.context import SearchContext, SearchData, fixed_val_batches
 from lmforge.search.curves import Prediction, predict
 from lmforge.search.disk import MARKER
 from lmforge.search.sizing import LossSurface, Speed, fit_loss_surface, fit_speed, optimal_size
+from lmforge.search.speed_guard import SLOW_FAIL
 from lmforge.train.loop import TrainResult, evaluate_loss, resolve_device, train
 
 FINAL_PATIENCE = 6
@@ -59,8 +60,6 @@ FINAL_STEP_CAP = 3
 (the clock, and its learning-rate decay, end it)."""
 DECAY_SHARE = 0.4
 """The final training of a warmup-stable trial decays its learning rate over this share of its own length."""
-SLOW_FAIL = "exceeded its time share"
-"""How :mod:`lmforge.search.objective` words a trial stopped for running over its time share."""
 RESCORE_TOP = 3
 """Candidates re-scored on the whole validation split before the choice."""
 RESCORE_MAX_TOKENS = 131_072

@@ -34,10 +34,10 @@ from lmforge.search.budget import Fidelity, budget_spent, tokens_used
 from lmforge.search.context import SearchContext, SearchData, fixed_val_batches, trial_config, trial_dir
 from lmforge.search.evaluation import measure_latency
 from lmforge.search.failure import failure_reason
-from lmforge.search.final import SLOW_FAIL
 from lmforge.search.freeze_thaw import maybe_thaw
 from lmforge.search.sizing import count_params
 from lmforge.search.space import SearchSpace
+from lmforge.search.speed_guard import SLOW_FAIL, SpeedGuard
 from lmforge.search.study import fail_and_retry, heartbeat, process_identity
 from lmforge.train.callbacks import LiveCurves
 from lmforge.train.loop import Callback, LoopState, train
@@ -280,7 +280,8 @@ def _train_once(
         if cfg.train.max_time is None or cap < cfg.train.max_time:
             cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_time": cap})})
     reporter = _Reporter(trial, ctx, prune, used_before, hook, offset)
-    live: list[Callback] = []
+    # a trial whose speed cannot finish it within its share stops after a few steps (not at the share)
+    live: list[Callback] = [guard := SpeedGuard(None if offset or ctx.cv >= 2 else ctx.time_share_s, fid.max_tokens)]
     if ctx.report_to:  # --report-to: the trial's curve to TensorBoard / MLflow as it trains
         name = out.relative_to(ctx.run_dir).as_posix().replace("/", "-")
         live.append(LiveCurves(ctx.report_to, Path(ctx.run_dir) / "tensorboard", name, dict(trial.params)))
@@ -294,7 +295,7 @@ def _train_once(
         val_batches=fixed_val_batches(val, cfg, trial_eval_blocks(fid, ctx.eval_blocks, cfg.data.block_size)),
         # checkpoints where the trial can be resumed (its rungs, and where it stops), best/ where it ends
         checkpoint_steps=rung_steps(fid, tc.eval_interval, tc.batch_size * cfg.data.block_size * tc.grad_accum,
-                                    tc.max_steps or fid.max_steps),
+                                    tc.max_steps or fid.max_steps),  # fmt: skip
     )
     reporter.tokens = result.tokens
     # the trial's wall time by phase (summed over folds), for the report's overhead table
@@ -306,6 +307,8 @@ def _train_once(
         raise _Interrupted()
     if reporter.pruned:
         raise TrialStop("pruned", "")
+    if guard.too_slow:
+        raise TrialStop("fail", guard.too_slow)
     past_deadline = ctx.deadline_unix is not None and time.time() >= ctx.deadline_unix - 1.0
     if reporter.budget_stop or (result.stop_reason == "max_time" and past_deadline):
         raise TrialStop("pruned", f"search budget exhausted at {result.tokens:,} tokens")

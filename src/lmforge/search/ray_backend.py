@@ -49,6 +49,7 @@ from lmforge.search.disk import enforce_disk_cap
 from lmforge.search.failure import failure_reason
 from lmforge.search.sizing import count_params
 from lmforge.search.space import parse_space
+from lmforge.search.speed_guard import SLOW_FAIL, SpeedGuard
 from lmforge.search.study import MAX_RETRY, SearchError, make_sampler, open_storage, trial_storage
 from lmforge.train.loop import Callback, LoopState, train
 
@@ -365,11 +366,13 @@ def ray_trial(config: dict[str, Any], ctx: dict[str, Any], data: SearchData, thr
         with restored.as_directory() as d:
             _adopt_checkpoint(Path(d), out)
     chunk = EndAtEval()
+    guard = SpeedGuard(sctx.time_share_s, fid.max_tokens)
     val_batches = fixed_val_batches(data.prepared.val, cfg, sctx.eval_blocks)
     while True:
         chunk.record = None
         try:
-            result = train(cfg, out, data=data.prepared, callbacks=[chunk], verbose=False, val_batches=val_batches)
+            result = train(cfg, out, data=data.prepared, callbacks=[chunk, guard], verbose=False,
+                           val_batches=val_batches)  # fmt: skip
         except Exception as err:  # the trial fails with its reason; the experiment goes on
             out.mkdir(parents=True, exist_ok=True)
             (out / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
@@ -381,7 +384,7 @@ def ray_trial(config: dict[str, Any], ctx: dict[str, Any], data: SearchData, thr
             if not done:
                 return end(int(result.tokens), fail_reason="no evaluation")
             rec = done[-1]
-        final = result.stop_reason != "callback"
+        final = result.stop_reason != "callback" or guard.too_slow is not None
         metrics: dict[str, Any] = {
             "tokens": int(rec["tokens"]),
             "tokens_trained": int(rec["tokens"]),
@@ -390,9 +393,11 @@ def ray_trial(config: dict[str, Any], ctx: dict[str, Any], data: SearchData, thr
             "best_val_loss": float(result.best_val_loss),
             "done": final,
         }
-        if final and result.stop_reason == "max_time" and result.tokens < fid.max_tokens:
+        if guard.too_slow is not None:
+            metrics["fail_reason"] = guard.too_slow
+        elif final and result.stop_reason == "max_time" and result.tokens < fid.max_tokens:
             metrics["fail_reason"] = (
-                f"exceeded its time share of {cfg.train.max_time:.0f}s at {result.tokens:,} of {fid.max_tokens:,} tokens"
+                f"{SLOW_FAIL} of {cfg.train.max_time:.0f}s at {result.tokens:,} of {fid.max_tokens:,} tokens"
             )
         elif final and not math.isfinite(result.best_val_loss):
             metrics["fail_reason"] = "no finite validation loss"

@@ -35,10 +35,15 @@ class LoopState:
 
 
 class Callback:
-    """Hooks of the loop. ``on_eval`` returning True stops training (reason ``callback``)."""
+    """Hooks of the loop. ``on_eval`` or ``on_step`` returning True stops training (reason ``callback``).
+    ``on_step`` runs after every optimizer step: it must be cheap, and decide from ``state`` alone (its
+    step, tokens and clock are the same on every rank, so every rank stops at the same step)."""
 
     def on_train_start(self, state: LoopState) -> None:  # noqa: B027 (optional hook)
         pass
+
+    def on_step(self, state: LoopState) -> bool:
+        return False
 
     def on_eval(self, state: LoopState, record: dict[str, Any]) -> bool:
         return False

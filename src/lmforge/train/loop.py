@@ -578,6 +578,8 @@ class _Trainer:
                 state.elapsed_s, terminate = dist.agree_on_stop(state.elapsed_s, term.requested)
                 self.scheduler.set_elapsed(state.elapsed_s)
                 reason = self.stop_reason()
+                if reason is None and any([cb.on_step(state) for cb in self.callbacks]):
+                    reason = "callback"
                 if terminate:
                     reason = "sigterm"
 
