@@ -176,6 +176,7 @@ def test_start_points_are_shrunk_to_fit_the_cap():
     space, _ = cap_space(load_space(), {}, 106, cap)
     assert any(size(p) > cap for p in space.starts)  # what the test is about: some do not fit as written
     shrunk, notes = shrink_starts(space, {}, 106, cap)
+    dists = {d.path: d for d in space.dists if d.path in ("model.d_model", "model.n_layer")}
     assert len(shrunk.starts) == len(space.starts) and notes
     for before, after in zip(space.starts, shrunk.starts, strict=True):
         assert after["model.family"] == before["model.family"]
@@ -183,8 +184,10 @@ def test_start_points_are_shrunk_to_fit_the_cap():
         assert {k: v for k, v in after.items() if k not in ("model.d_model", "model.n_layer")} == {
             k: v for k, v in before.items() if k not in ("model.d_model", "model.n_layer")
         }
-        if size(before) <= cap:  # a point that fits keeps its size
-            assert after == before
+        # a point that fits keeps its size, once moved into the narrowed space (its nearest allowed values)
+        moved = {k: (dists[k].nearest(v) if k in dists else v) for k, v in before.items()}
+        if size(moved) <= cap:
+            assert after == moved
         else:  # the largest depth that fits at the point's width was kept (depth goes first)
             if after["model.d_model"] == before["model.d_model"]:
                 assert size({**after, "model.n_layer": after["model.n_layer"] + 1}) > cap
