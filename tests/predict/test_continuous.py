@@ -14,7 +14,8 @@ from lmforge.data.tokenizer import char_tokenizer
 from lmforge.models import build_model
 from lmforge.predict import GenerationConfig, GenerationError, generate, generate_text
 from lmforge.predict.config import TokenLogprob
-from lmforge.predict.continuous import ContinuousScheduler, Request
+from lmforge.predict.continuous import ContinuousScheduler
+from lmforge.predict.requests import Request
 from support.generate import TinyGRU
 
 FAMILIES = ["transformer", "lstm", "gru", "rcnn"]

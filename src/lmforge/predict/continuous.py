@@ -42,117 +42,21 @@ import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from lmforge.models.base import DecodingModel
-from lmforge.predict.config import GenerationConfig, GenerationError, GenerationOutput, TokenLogprob
+from lmforge.predict.config import GenerationError, GenerationOutput, TokenLogprob
 from lmforge.predict.decoding import EOS, FINISH_REASONS, LENGTH, STOP, RowStateError, RowStates, row_states
 from lmforge.predict.engine import _check_ids, _model_device, _plan, _resolve_eos, _vocab_size
-from lmforge.predict.processors import LogitsProcessor, LogitsProcessorList, build_processors
+from lmforge.predict.processors import build_processors
+from lmforge.predict.requests import Prefill, Request, RequestTiming, Row
 from lmforge.predict.streaming import GenerationTokenizer, RowText, finalize_text
-
-TokenCallback = Callable[[int, list[int], list[TokenLogprob] | None], None]
-"""``on_tokens(row, ids, logprobs)``: new ids of a row (``row = prompt * n + sequence``), with one
-:class:`TokenLogprob` per id when the request asked for ``logprobs``."""
 
 DEFAULT_PREFILL_CHUNK = 256
 """Prompt tokens (padding included) prefilled per decoding step."""
-
-
-@dataclass(frozen=True)
-class RequestTiming:
-    """How long one request took (seconds from :meth:`ContinuousScheduler.submit`)."""
-
-    ttft_s: float | None
-    """Until its first generated token (None: it ended before producing one, e.g. cancelled)."""
-    e2e_s: float
-    """Until it ended (answered, failed or cancelled)."""
-    prompt_tokens: int
-    completion_tokens: int
-    """Tokens generated over all its rows (eos included)."""
-    outcome: str
-    """``"done"``, ``"error"`` or ``"cancelled"``."""
-    steps_to_first_token: int | None = None
-    """Scheduler steps from its submission to its first token (1: it started at the next step)."""
-
-
-@dataclass(eq=False)
-class Request:
-    """Prompts to complete with one config: ``len(prompts) * config.num_return_sequences`` rows.
-
-    ``on_done(output, logprobs)`` receives the :class:`GenerationOutput` of these prompts (as ``generate``
-    returns it) and, when ``logprobs`` is not None, per row the :class:`TokenLogprob` of each returned id;
-    ``on_error(exc)`` a failure. Both are called at most once, and neither after :meth:`cancel`."""
-
-    prompts: list[list[int]]
-    config: GenerationConfig
-    processors: Sequence[LogitsProcessor] = ()
-    """Extra processors, after the built-in ones, called per row with (1, T) ids and (1, V) scores."""
-    logprobs: int | None = None
-    """k: report each generated token's logprob and the k best alternatives (0: the token's only)."""
-    on_tokens: TokenCallback | None = None
-    on_done: Callable[[GenerationOutput, list[list[TokenLogprob]] | None], None] | None = None
-    on_error: Callable[[BaseException], None] | None = None
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    # filled by the scheduler
-    submitted: float = 0.0
-    first_token: float | None = None
-    submit_step: int = 0
-    first_token_step: int | None = None
-    budgets: list[int] = field(default_factory=list)
-    eos: list[int] = field(default_factory=list)
-    procs: LogitsProcessorList = field(default_factory=LogitsProcessorList)
-    generator: torch.Generator | None = None
-    sampling: bool = False
-    rows: list[_Row] = field(default_factory=list)
-    finished: int = 0
-    generated: int = 0
-    ended: bool = False
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-    @property
-    def num_rows(self) -> int:
-        return len(self.prompts) * self.config.num_return_sequences
-
-
-@dataclass(eq=False)
-class _Row:
-    """One decoding row: a completion of one prompt of a request."""
-
-    req: Request
-    index: int
-    """``prompt * n + sequence`` within the request."""
-    budget: int
-    history: list[int]
-    """Prompt then generated ids (only read when a processor needs them)."""
-    tracker: RowText
-    lps: list[TokenLogprob] = field(default_factory=list)
-    sent: int = 0
-    """Ids already streamed."""
-    n_new: int = 0
-    score: float = 0.0
-    reason: int = LENGTH
-    ids: list[int] = field(default_factory=list)
-    text: str | None = None
-
-
-@dataclass(eq=False)
-class _Prefill:
-    """A group of requests whose prompts are being prefilled, ``chunk`` columns at a time."""
-
-    requests: list[Request]
-    ids: torch.Tensor
-    """(G, L) left-padded prompts, one row per prompt of the group's requests."""
-    valid: torch.Tensor | None
-    state: Any
-    offset: int = 0
-    logits: torch.Tensor | None = None
 
 
 class ContinuousScheduler:
@@ -199,8 +103,8 @@ class ContinuousScheduler:
         self._wake = threading.Condition(self._lock)
         self._incoming: deque[Request] = deque()
         self._waiting: deque[Request] = deque()
-        self._prefill: _Prefill | None = None
-        self._rows: list[_Row] = []
+        self._prefill: Prefill | None = None
+        self._rows: list[Row] = []
         self._state: Any = None
         self._logits: torch.Tensor | None = None
         """(rows, V) next-token logits of the running rows, from the last forward."""
@@ -381,7 +285,7 @@ class ContinuousScheduler:
         self._prefill = None
         self._admit(p, logits[:, -1, :])
 
-    def _start_group(self) -> _Prefill | None:
+    def _start_group(self) -> Prefill | None:
         """The waiting requests (oldest first) whose rows fit next to the running ones, as a prefill group."""
         free = self.max_rows - len(self._rows)
         group: list[Request] = []
@@ -421,12 +325,12 @@ class ContinuousScheduler:
         if reserve is not None:
             budget = max(b for r in group for b in r.budgets)
             reserve(state, L + budget if self.max_seq_len is None else min(self.max_seq_len, L + budget))
-        return _Prefill(requests=group, ids=ids, valid=valid, state=state)
+        return Prefill(requests=group, ids=ids, valid=valid, state=state)
 
-    def _admit(self, p: _Prefill, logits: torch.Tensor) -> None:
+    def _admit(self, p: Prefill, logits: torch.Tensor) -> None:
         """The prefilled group's live rows join the running batch (n rows per prompt)."""
         expand: list[int] = []
-        new_rows: list[_Row] = []
+        new_rows: list[Row] = []
         first = 0
         for r in p.requests:
             n = r.config.num_return_sequences
@@ -456,8 +360,8 @@ class ContinuousScheduler:
         for row in new_rows:
             row.req.rows.append(row)
 
-    def _new_row(self, req: Request, index: int, prompt: list[int], budget: int) -> _Row:
-        row = _Row(req=req, index=index, budget=budget, history=list(prompt), tracker=None)  # type: ignore[arg-type]
+    def _new_row(self, req: Request, index: int, prompt: list[int], budget: int) -> Row:
+        row = Row(req=req, index=index, budget=budget, history=list(prompt), tracker=None)  # type: ignore[arg-type]
 
         def stream(_: int, ids: list[int]) -> None:
             if req.on_tokens is None or req.cancelled.is_set():
@@ -538,7 +442,7 @@ class ContinuousScheduler:
         self._logits = logits[:, -1, :]
         self.decode_steps += 1
 
-    def _pick(self, rows: list[_Row], scores: torch.Tensor) -> list[int]:
+    def _pick(self, rows: list[Row], scores: torch.Tensor) -> list[int]:
         """Each row's next token: its processors on its own (1, V) scores, then argmax, or a draw from
         its request's generator (the rows sharing one draw together, in row order, as ``generate``)."""
         toks: list[int | None] = [None] * len(rows)
@@ -621,7 +525,7 @@ class ContinuousScheduler:
             self._ended(r, "cancelled")
 
     # ------------------------------------------------------------------------------------ results
-    def _finish_row(self, row: _Row) -> None:
+    def _finish_row(self, row: Row) -> None:
         tok = self.tokenizer
         stops = list(row.req.config.stop_strings or [])
         ids, text, stop = row.tracker.result(0)

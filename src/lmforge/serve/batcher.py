@@ -44,8 +44,9 @@ import torch
 from lmforge.models.base import DecodingModel
 from lmforge.predict import GenerationConfig, GenerationError, GenerationOutput, generate
 from lmforge.predict.config import TokenLogprob
-from lmforge.predict.continuous import DEFAULT_PREFILL_CHUNK, ContinuousScheduler, Request
+from lmforge.predict.continuous import DEFAULT_PREFILL_CHUNK, ContinuousScheduler
 from lmforge.predict.processors import LogitsProcessor
+from lmforge.predict.requests import Request
 from lmforge.serve.protocols import ServedTokenizer
 
 log = logging.getLogger("lmforge.serve")
