@@ -121,3 +121,27 @@ def test_choice_prefers_the_late_winner(tmp_path):
         got = candidates(study2, ctx, allowance=270_000, budget_kind="tokens", ref_tps=1.0)
         assert len(got) == int(kept)
     assert min(cands, key=lambda c: c.trial.values[0]).trial.user_attrs["name"] == "fast"  # raw loss disagrees
+
+
+def test_a_final_shorter_than_the_trials_warm_up_still_trains(tmp_path):
+    """A trial stopped during its warm-up (32 steps, stopped at 4), continued by a final of 8 steps: the
+    final must not be refused for a warm-up longer than its schedule (it was, and crashed a benchmark)."""
+    from lmforge.config import apply_overrides, build_config
+    from lmforge.search.context import SearchContext, prepare_search_data
+    from lmforge.search.final import plan_final, train_final
+    from lmforge.train.loop import train
+    from support.search import BASE, write_docs
+
+    base = apply_overrides({}, ["--data.path", str(write_docs(tmp_path / "docs.jsonl")), *BASE])
+    data = prepare_search_data(base, 0, 0)
+    trial_raw = apply_overrides(base, ["--schedule.name", "constant", "--schedule.warmup_steps", "32",
+                                       "--train.max_steps", "4", "--train.eval_interval", "2"])  # fmt: skip
+    src = tmp_path / "trial"
+    train(build_config(trial_raw), src, data=data.prepared, verbose=False)
+    plan = plan_final(src, 0, cv=0, allowance=8 * TPS, budget_kind="tokens", reference_tokens_per_s=1e4)
+    assert plan["schedule"]["name"] == "wsd" and plan["max_steps"] == 12
+    ctx = SearchContext(run_dir=str(tmp_path), base_config=base, space={}, fidelity={})
+    res = train_final(plan, src, tmp_path / "final", ctx, data, False)
+    assert res.step == 12 and math.isfinite(res.best_val_loss)
+    lrs = _lrs(tmp_path / "final")
+    assert lrs[-1][1] < max(lr for _, lr in lrs)  # it still decays at its end

@@ -376,6 +376,10 @@ def train_final(
     sched["horizon"] = plan.get("horizon", "steps")
     if sched.get("name") == "wsd":
         sched["total_steps"] = None  # the decay follows the final's own length (train.max_steps or the clock)
+    if sched.get("name") != "constant" and int(sched.get("warmup_steps") or 0) >= int(plan["max_steps"]):
+        # a trial stopped during its warm-up, continued by a final shorter than that warm-up (a short
+        # budget on a loaded machine): the warm-up ends at the final's last step, not after it
+        sched["warmup_steps"] = max(0, int(plan["max_steps"]) - 1)
     cfg = build_config(cfg_raw)
     return train(
         cfg,
