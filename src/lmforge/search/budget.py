@@ -286,7 +286,8 @@ def plan_fidelity(
     trials at the first rung and all but ``1/eta`` at the next ones spends about one first-rung length per
     rung per configuration, so ``r`` rungs of shortest length ``m`` fit ``search / (m (1 + r))``
     configurations; the plan takes the most rungs whose longest trial (``m * eta**r``) stays within
-    ``search_tokens / full_trials``, with ``m`` as short as ``configs`` needs (never under ``min_steps``).
+    ``search_tokens / full_trials``, with ``m`` as short as ``configs`` needs (never under ``min_steps``);
+    when not even one rung fits, the plan is the one without ``configs``.
     Breadth at a short first rung is what wins at moderate budgets (the one-pass top-K baseline of
     ``benchmarks/search_vs_baselines.py`` screens about 70 configurations in 10 minutes; the eight-full-trials
     plan gave 10-13 there).
@@ -295,10 +296,11 @@ def plan_fidelity(
     if configs is not None and max_tokens is None:
         total = search_tokens / tps
         ceiling = max(min_steps, total / max(1.0, full_trials))
-        for r in range(max_rungs, -1, -1):
+        for r in range(max_rungs, 0, -1):
             m = max(min_steps, int(total / (configs * (1 + r))))
-            if m * eta**r <= ceiling or r == 0:
+            if m * eta**r <= ceiling:
                 return Fidelity(min_tokens=m * tps, max_tokens=m * eta**r * tps, eta=eta, rungs=r, tokens_per_step=tps)
+        # no rung fits: one trial length, as long as the ceiling allows (as without ``configs``)
     longest = max_tokens if max_tokens is not None else search_tokens / max(1.0, full_trials)
     max_steps = max(min_steps, int(longest // tps))
     rungs = 0
