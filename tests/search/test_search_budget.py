@@ -138,3 +138,21 @@ def test_throughput_probe_takes_its_fastest_window(monkeypatch):
     flops, tok_s = sizing.measure_throughput(base, tokens, 30, seconds=0.6)
     assert tok_s == pytest.approx(4 * 16 / 0.001)  # 64 tokens per 1 ms step, the stall left out
     assert flops > 0
+
+
+def test_fidelity_plan_aims_for_a_number_of_configurations():
+    """Successive halving spends about one first-rung length per rung per configuration: the plan's rungs
+    and first-rung length fit about ``configs`` configurations, the longest trial within search / full_trials."""
+    tps = 768
+    for steps in (500, 1300, 2700, 6500, 26000, 130000):
+        fid = plan_fidelity(steps * tps, tps, min_steps=16, configs=64)
+        m, r = fid.min_tokens // tps, fid.rungs
+        assert m >= 16 and fid.max_tokens == m * 3**r * tps
+        assert fid.max_tokens <= max(16, steps / 8) * tps
+        if m > 16:  # not held up by the shortest rung: about 64 configurations
+            assert 56 <= steps / (m * (1 + r)) <= 72
+    # at about 2,700 steps of search the plan of eight full trials fits about 24 configurations; this one 56
+    # a budget where no rung fits keeps the single length of the plan without configs
+    assert plan_fidelity(300 * tps, tps, min_steps=16, configs=64) == plan_fidelity(300 * tps, tps, min_steps=16)
+    old, new = plan_fidelity(2700 * tps, tps, min_steps=16), plan_fidelity(2700 * tps, tps, min_steps=16, configs=64)
+    assert 2700 / ((new.min_tokens // tps) * (1 + new.rungs)) > 2 * 2700 / ((old.min_tokens // tps) * (1 + old.rungs))

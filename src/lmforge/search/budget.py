@@ -274,14 +274,33 @@ def plan_fidelity(
     max_rungs: int = 3,
     min_steps: int = 4,
     max_tokens: int | None = None,
+    configs: float | None = None,
 ) -> Fidelity:
     """Trial length for a search that can train about ``search_tokens`` in all.
 
     The longest trial gets ``search_tokens / full_trials`` (the search can afford about that many full-length
     trials; successive halving fits many more short ones: with eta 3 and 3 rungs, about 27 starts per full
     trial); the shortest rung keeps at least ``min_steps`` optimizer steps. ``max_tokens`` forces the length.
+
+    ``configs``: aim for about that many configurations instead. Successive halving that stops half of the
+    trials at the first rung and all but ``1/eta`` at the next ones spends about one first-rung length per
+    rung per configuration, so ``r`` rungs of shortest length ``m`` fit ``search / (m (1 + r))``
+    configurations; the plan takes the most rungs whose longest trial (``m * eta**r``) stays within
+    ``search_tokens / full_trials``, with ``m`` as short as ``configs`` needs (never under ``min_steps``);
+    when not even one rung fits, the plan is the one without ``configs``.
+    Breadth at a short first rung is what wins at moderate budgets (the one-pass top-K baseline of
+    ``benchmarks/search_vs_baselines.py`` screens about 70 configurations in 10 minutes; the eight-full-trials
+    plan gave 10-13 there).
     """
     tps = max(1, int(tokens_per_step))
+    if configs is not None and max_tokens is None:
+        total = search_tokens / tps
+        ceiling = max(min_steps, total / max(1.0, full_trials))
+        for r in range(max_rungs, 0, -1):
+            m = max(min_steps, int(total / (configs * (1 + r))))
+            if m * eta**r <= ceiling:
+                return Fidelity(min_tokens=m * tps, max_tokens=m * eta**r * tps, eta=eta, rungs=r, tokens_per_step=tps)
+        # no rung fits: one trial length, as long as the ceiling allows (as without ``configs``)
     longest = max_tokens if max_tokens is not None else search_tokens / max(1.0, full_trials)
     max_steps = max(min_steps, int(longest // tps))
     rungs = 0

@@ -14,6 +14,8 @@ from lmforge.search.space import SearchSpace
 
 RUNG_MIN_STEPS = 16
 """Optimizer steps of the shortest rung (unless --trial-tokens sets the trial length)."""
+CONFIGS = 64
+"""Configurations the trial plan aims for (:func:`lmforge.search.budget.plan_fidelity`'s ``configs``)."""
 
 
 @dataclass
@@ -63,8 +65,9 @@ def plan_capacity(
     # the first rung needs enough optimizer steps to rank trials by more than their initialization; a
     # trial length set by the user (--trial-tokens) gets as many rungs as fit it
     fid = plan_fidelity(
-        search_tokens_est, tps, max_tokens=trial_tokens, min_steps=4 if trial_tokens else RUNG_MIN_STEPS
-    )
+        search_tokens_est, tps, max_tokens=trial_tokens, min_steps=4 if trial_tokens else RUNG_MIN_STEPS,
+        configs=None if trial_tokens else CONFIGS,
+    )  # fmt: skip
     plan.update(param_cap=cap, fidelity=fid.to_dict())
     return CapacityPlan(fidelity=fid, param_cap=cap, final_model_tokens=final_model_tokens, record=plan)
 
