@@ -94,6 +94,11 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         same = info.get("task") == task
         fields = args.fields or (info.get("fields") if same else None)
         records = read_task_records(args.data, task, fields, hf_split=args.split, max_records=args.max_examples)
+        if same:  # the training examples the model's prompts show (its retrieval.json), as in training
+            from lmforge.data.retrieval import attach
+            from lmforge.runs import load_retrieval
+
+            records = attach(load_retrieval(args.model), records)
         labels = [s.strip() for s in args.labels.split(",") if s.strip()] if args.labels else None
         if task == "classification" and labels is None and same and info.get("labels"):
             labels = list(info["labels"])

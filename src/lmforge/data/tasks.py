@@ -69,6 +69,10 @@ class TokenizerLike(Protocol):
     def eot_id(self) -> int: ...
 
 
+RETRIEVED = "retrieved"
+"""Record key of retrieved training examples (role dicts, :mod:`lmforge.data.retrieval`): each is written
+before the prompt as its own prompt and completion and a blank line, untrained."""
+
 Segment = tuple[Any, bool]
 """``(text or EOT, trained)``."""
 
@@ -100,7 +104,10 @@ class Task:
         if self.name == "chat":
             segs = chat_segments(record["messages"][: _last_assistant(record["messages"])], add_generation_prompt=True)
             return "".join(eot_text if s is EOT else s for s, _ in segs)
-        return self.prompt.format(**record)
+        shown = "".join(
+            self.prompt.format(**ex) + self.completion.format(**ex) + "\n\n" for ex in record.get(RETRIEVED, ())
+        )
+        return shown + self.prompt.format(**record)
 
     def reference(self, record: dict[str, Any]) -> str:
         """The expected output (for chat: the last assistant turn)."""
