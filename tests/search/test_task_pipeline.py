@@ -88,9 +88,7 @@ def test_tune_task_classification_from_gpt2_init(tmp_path: Path, gpt2_dir: Path)
     assert state["steps"]["search"]["lr_range"] == [1e-5, 5e-4]
 
 
-def test_tune_task_translation_with_retrieval(
-    tmp_path: Path, gpt2_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_tune_task_translation_with_retrieval(tmp_path: Path, gpt2_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Prompts with a retrieved training example: the model directory keeps the index, and ``lmforge eval``
     of the run directory builds the same test prompts and reproduces the pipeline's test metric."""
     import lmforge.search.task_search as ts
@@ -120,6 +118,9 @@ def test_tune_task_translation_with_retrieval(
     again = json.loads((tmp_path / "eval.json").read_text())
     assert [e["prompt"] for e in again["examples"]] == [e["prompt"] for e in report["examples"]]
     assert again["metrics"]["bleu"] == pytest.approx(summary["test"]["bleu"])
+    # an exported model keeps its index
+    assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "retrieval.json").read_text()) == saved
 
 
 @pytest.mark.slow

@@ -167,8 +167,7 @@ def validate_and_plan(opts: TaskTuneOptions, log: Callable[[str], None]) -> dict
             tok = build_tokenizer(TokenizerConfig(kind=cand["kind"], vocab_size=cand["vocab_size"]), texts)
             check_fits_context(task, located, tok, MAX_BLOCK + 1, opts.fields)
             lengths = [
-                len(tok.encode(task.format_prompt(r))) + len(tok.encode(" " + task.reference(r))) + 1
-                for r in sample
+                len(tok.encode(task.format_prompt(r))) + len(tok.encode(" " + task.reference(r))) + 1 for r in sample
             ]
             candidates.append({**cand, "block_size": block_size(lengths)})
         plan["candidates"] = candidates
