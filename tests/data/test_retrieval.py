@@ -102,3 +102,22 @@ def test_retrieval_file_round_trip(tmp_path: Path) -> None:
 def test_refuses_a_task_without_retrieval() -> None:
     with pytest.raises(TaskDataError, match="retrieval"):
         build_index("summarization", [{"document": "a b", "summary": "a"}])
+
+
+def test_copy_mechanism_copies_from_the_retrieved_target() -> None:
+    """The copy mechanism sees the whole prompt: once the completion starts as the example's target does, the
+    target's next token is boosted (and nothing from the record's own source, which has no match)."""
+    import torch
+
+    from lmforge.predict.processors import CopyBiasProcessor
+
+    task = get_task("translation")
+    (rec,) = attach(build_index(task, TRAIN), [{"source": "close this window", "target": "?"}])
+    tok = build_tokenizer(TokenizerConfig(kind="char", vocab_size=256), [r["source"] + r["target"] for r in TRAIN])
+    prompt = prompt_ids(task, rec, tok)
+    done = tok.encode(" das Fenster sch")  # the completion so far: the example target's start
+    proc = CopyBiasProcessor(copy_bias=3.0)
+    vocab = tok.vocab_size
+    for n in range(len(done) + 1):  # one decoding step per token; the first call holds the prompt
+        scores = proc(torch.tensor([prompt + done[:n]]), torch.zeros(1, vocab))[0]
+    assert torch.nonzero(scores).flatten().tolist() == tok.encode("l")  # "schl" in "das Fenster schließen"
