@@ -16,6 +16,9 @@ generation         prompt, completion       ``{prompt}|{completion}<eot>``      
 chat               messages                 ``User: ..\\nAssistant:| ..<eot>\\n`` turns  ROUGE, exact match
 =================  =======================  ==========================================  ================
 
+A record may carry retrieved training examples under :data:`RETRIEVED` (:mod:`lmforge.data.retrieval`):
+its prompt then starts with each example's prompt and completion and a blank line, all untrained.
+
 Records come from JSONL (one object per line), JSON (a list of objects), CSV/TSV (a header row) or
 ``hf:NAME[:CONFIG]``. The role names above are also the default field names; ``--fields
 document=article,summary=highlights`` maps roles to other field names. A chat record holds
