@@ -281,6 +281,17 @@ def run_manual(
 
 
 # ---------------------------------------------------------------------------------------- report
+def tune_choices(summary: dict) -> str:
+    """What tune chose: retrieved examples per prompt, and the re-ranked trials' validation scores."""
+    key = summary.get("primary_metric", "?")
+    rerank = (summary.get("search") or {}).get("rerank") or {}
+    trials = "; ".join(
+        f"trial {n} (retrieval {r['params'].get('retrieval', 0)}): {r[key]:.2f}" for n, r in sorted(rerank.items())
+    )
+    k = (summary.get("retrieval") or {}).get("k")
+    return f"tune: retrieval k={k}; re-ranking on its validation records ({key}): {trials or 'none'}"
+
+
 def goal(task: str, rows: dict[str, dict[str, float]]) -> tuple[str, float | None]:
     """The issue's goal for ``task`` and the gap of the tune row to it (positive: met by that much)."""
     tune = next((v for k, v in rows.items() if k.startswith("lmforge tune")), None)
@@ -355,6 +366,8 @@ def main() -> None:
                 print(err, file=sys.stderr)
         goal_text, gap = goal(task, rows) if "baselines" in systems else ("(baselines not run)", None)
         print_table(task, info, rows, goal_text, gap)
+        if "tune" in extra:
+            print(tune_choices(extra["tune"].get("tune_summary") or {}))
         results["tasks"][task] = {
             "data": {k: info[k] for k in ("name", "records", "train", "test")},
             "rows": rows,

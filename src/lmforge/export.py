@@ -37,7 +37,7 @@ from lmforge.models.hf_mapping import HFMappingError, to_hf_state_dict
 from lmforge.models.transformer import TransformerModel
 from lmforge.predict.generation_config import load_generation_defaults, save_generation_defaults
 from lmforge.predict.loading import load_pretrained
-from lmforge.runs import read_task_file, save_checkpoint
+from lmforge.runs import RETRIEVAL_FILE, find_retrieval_file, read_task_file, save_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TOKENIZER_SIDE_FILES = (
@@ -91,6 +91,9 @@ def export_model(
         defaults = load_generation_defaults(model_dir)
         if defaults:  # the model's decoding defaults (lmforge tune --task's decode step) travel with it
             save_generation_defaults(staging, defaults)
+        retrieval = find_retrieval_file(model_dir)
+        if retrieval is not None:  # the retrieval index its task prompts are built with (lmforge eval reads it)
+            shutil.copy2(retrieval, staging / RETRIEVAL_FILE)
         if read_task_file(model_dir).get("task") == "chat" and (staging / "tokenizer_config.json").is_file():
             write_chat_template(staging)  # the trained chat format, for apply_chat_template and servers
         if out.exists():

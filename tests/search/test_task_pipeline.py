@@ -21,7 +21,7 @@ from lmforge.predict.generation_config import load_generation_defaults
 from lmforge.report import build_report
 from lmforge.search.task_pipeline import TaskPipelineError, TaskTuneOptions, run_task_pipeline
 from support.finetune import make_gpt2_dir
-from support.tasks import classification_records, summarization_records, write_records
+from support.tasks import classification_records, summarization_records, translation_records, write_records
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
@@ -86,6 +86,41 @@ def test_tune_task_classification_from_gpt2_init(tmp_path: Path, gpt2_dir: Path)
     assert set(preds) <= {"pos", "neg"}  # label scoring: always a label
     # the fine-tuning started from the pretrained-start defaults (a small lr, linear decay)
     assert state["steps"]["search"]["lr_range"] == [1e-5, 5e-4]
+
+
+def test_tune_task_translation_with_retrieval(tmp_path: Path, gpt2_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompts with a retrieved training example: the model directory keeps the index, and ``lmforge eval``
+    of the run directory builds the same test prompts and reproduces the pipeline's test metric."""
+    import lmforge.search.task_search as ts
+    from lmforge.cli import main
+
+    monkeypatch.setattr(ts, "RETRIEVAL_K", (1,))  # the choice itself is the search's: here it is forced
+    records = translation_records(40)
+    data = write_records(tmp_path / "tr.jsonl", records)
+    run = tmp_path / "run"
+    summary = _run(_opts(run, data, "translation", "15s", init=str(gpt2_dir)))
+    _check_outputs(run, records, "translation")
+    state = json.loads((run / "pipeline.json").read_text())
+    assert state["steps"]["search"]["winner_params"]["retrieval"] == 1
+    assert summary["retrieval"] == {"k": 1, "searched": True} and state["steps"]["final"]["retrieval"] == 1
+    saved = json.loads((run / "best" / "retrieval.json").read_text())
+    # the index holds the training records only: no validation or test record can be retrieved
+    assert saved["records"] == [records[i] for i in state["split"]["train"]]
+    test = [records[i] for i in state["split"]["test"]]
+    report = json.loads((run / "test_report.json").read_text())
+    for ex, rec in zip(report["examples"], test, strict=True):
+        shown, own = ex["prompt"].rsplit("\n\n", 1)
+        assert own == f"{rec['source']}\nTranslation:"
+        src, tgt = shown.split("\nTranslation: ")
+        assert {"source": src, "target": tgt} in saved["records"] and src != rec["source"]
+    test_file = write_records(tmp_path / "test.jsonl", test)
+    assert main(["eval", str(run), "--data", str(test_file), "--json", str(tmp_path / "eval.json")]) == 0
+    again = json.loads((tmp_path / "eval.json").read_text())
+    assert [e["prompt"] for e in again["examples"]] == [e["prompt"] for e in report["examples"]]
+    assert again["metrics"]["bleu"] == pytest.approx(summary["test"]["bleu"])
+    # an exported model keeps its index
+    assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "retrieval.json").read_text()) == saved
 
 
 @pytest.mark.slow

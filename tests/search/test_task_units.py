@@ -81,3 +81,29 @@ def test_decode_candidates_are_a_coordinate_search() -> None:
     assert any(v["settings"]["num_beams"] == 4 for v in tried.values())
     # each later stage varied the best of the earlier ones: every 9-token candidate blocks repeats
     assert all(v["settings"]["no_repeat_ngram_size"] == 3 for v in tried.values() if v["settings"]["max_new_tokens"] == 9)
+
+
+def test_rerank_takes_the_best_trial_of_each_retrieval_setting() -> None:
+    """Retrieval is chosen by the task metric: the best trial (by loss) of each setting is re-ranked even when
+    the other setting fills the top of the loss ranking."""
+    import optuna
+
+    from lmforge.search.task_search import RERANK_TOP, rerank_candidates
+
+    def trial(number: int, k: int, loss: float) -> optuna.trial.FrozenTrial:
+        t = optuna.trial.create_trial(
+            params={"retrieval": k},
+            distributions={"retrieval": optuna.distributions.CategoricalDistribution([0, 1])},
+            value=loss,
+        )
+        t.number = number
+        return t
+
+    complete = [trial(0, 0, 1.0), trial(1, 0, 1.1), trial(2, 0, 1.2), trial(3, 0, 1.3), trial(4, 1, 1.4)]
+    must, rest = rerank_candidates(complete)
+    assert [t.number for t in must] == [0, 4]
+    assert [t.number for t in rest] == [1, 2][: RERANK_TOP - 1]
+    # a task without retrieval (no such parameter): the best trial, then the next of the top
+    plain = [optuna.trial.create_trial(params={}, distributions={}, value=v) for v in (1.0, 2.0)]
+    must, rest = rerank_candidates(plain)
+    assert must == plain[:1] and rest == plain[1:]

@@ -35,3 +35,22 @@ def summarization_records(n: int = 40, seed: int = 0) -> list[dict]:
 def write_records(path: Path, records: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_jsonl(path, records)
+
+
+GERMAN = (
+    "der katze sass auf einer matte und hund lief zu grossem rotem haus waehrend kleiner vogel sang nahe altem baum"
+)
+LEXICON = dict(zip(WORDS, GERMAN.split(), strict=True))
+
+
+def translation_records(n: int = 40, seed: int = 0) -> list[dict]:
+    """Word-by-word "translations" of random phrases (distinct sources: retrieval never finds the same one)."""
+    rng = random.Random(seed)
+    out, seen = [], set()
+    while len(out) < n:
+        words = [rng.choice(WORDS) for _ in range(rng.randint(3, 5))]
+        src = " ".join(words)
+        if src not in seen:
+            seen.add(src)
+            out.append({"source": src, "target": " ".join(LEXICON[w] for w in words)})
+    return out

@@ -3,8 +3,9 @@
 ``--task lm`` scores a corpus (perplexity, bits per byte); a task predicts every record and scores the
 predictions (ROUGE, BLEU/chrF, accuracy/macro-F1, exact match) and the reference completions'
 perplexity. Without ``--task``, the task (fields, label set) a model was fine-tuned on is read from its
-run's ``task.json``, else ``lm``. ``--json`` writes the report with every example's prompt, reference,
-prediction and scores.
+run's ``task.json``, else ``lm``. A model trained with retrieved examples in its prompts (``lmforge tune
+--task`` wrote its ``retrieval.json``) gets them here too, from the same index. ``--json`` writes the report
+with every example's prompt, reference, prediction and scores.
 """
 
 from __future__ import annotations
@@ -94,6 +95,12 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         same = info.get("task") == task
         fields = args.fields or (info.get("fields") if same else None)
         records = read_task_records(args.data, task, fields, hf_split=args.split, max_records=args.max_examples)
+        from lmforge.data.retrieval import attach
+        from lmforge.runs import load_retrieval
+
+        index = load_retrieval(args.model)  # the training examples its prompts showed in training, if any
+        if index is not None and index.task.name == task:
+            records = attach(index, records)
         labels = [s.strip() for s in args.labels.split(",") if s.strip()] if args.labels else None
         if task == "classification" and labels is None and same and info.get("labels"):
             labels = list(info["labels"])

@@ -16,6 +16,9 @@ generation         prompt, completion       ``{prompt}|{completion}<eot>``      
 chat               messages                 ``User: ..\\nAssistant:| ..<eot>\\n`` turns  ROUGE, exact match
 =================  =======================  ==========================================  ================
 
+A record may carry retrieved training examples under :data:`RETRIEVED` (:mod:`lmforge.data.retrieval`):
+its prompt then starts with each example's prompt and completion and a blank line, all untrained.
+
 Records come from JSONL (one object per line), JSON (a list of objects), CSV/TSV (a header row) or
 ``hf:NAME[:CONFIG]``. The role names above are also the default field names; ``--fields
 document=article,summary=highlights`` maps roles to other field names. A chat record holds
@@ -69,6 +72,10 @@ class TokenizerLike(Protocol):
     def eot_id(self) -> int: ...
 
 
+RETRIEVED = "retrieved"
+"""Record key of retrieved training examples (role dicts, :mod:`lmforge.data.retrieval`): each is written
+before the prompt as its own prompt and completion and a blank line, untrained."""
+
 Segment = tuple[Any, bool]
 """``(text or EOT, trained)``."""
 
@@ -100,7 +107,10 @@ class Task:
         if self.name == "chat":
             segs = chat_segments(record["messages"][: _last_assistant(record["messages"])], add_generation_prompt=True)
             return "".join(eot_text if s is EOT else s for s, _ in segs)
-        return self.prompt.format(**record)
+        shown = "".join(
+            self.prompt.format(**ex) + self.completion.format(**ex) + "\n\n" for ex in record.get(RETRIEVED, ())
+        )
+        return shown + self.prompt.format(**record)
 
     def reference(self, record: dict[str, Any]) -> str:
         """The expected output (for chat: the last assistant turn)."""

@@ -40,6 +40,13 @@ from lmforge.runs.out_dir import (
     describe_os_error,
     mark_run,
 )
+from lmforge.runs.retrieval_file import (
+    RETRIEVAL_FILE,
+    RetrievalFileError,
+    find_retrieval_file,
+    load_retrieval,
+    save_retrieval,
+)
 from lmforge.runs.task_file import TASK_FILE, TaskFileError, read_task_file, task_file_path, write_task_file
 
 __all__ = [
@@ -50,6 +57,7 @@ __all__ = [
     "META_FILE",
     "METRICS_FILE",
     "MODEL_FILE",
+    "RETRIEVAL_FILE",
     "RUN_FILE",
     "TASK_FILE",
     "TRAINER_FILE",
@@ -58,6 +66,7 @@ __all__ = [
     "CheckpointWarning",
     "MetricsError",
     "OutDirError",
+    "RetrievalFileError",
     "RunLockedError",
     "TaskFileError",
     "append_metrics",
@@ -75,9 +84,12 @@ __all__ = [
     "mark_run",
     "prune_checkpoints",
     "read_metrics",
+    "find_retrieval_file",
+    "load_retrieval",
     "read_task_file",
     "restore_rng_state",
     "run_lock",
+    "save_retrieval",
     "save_best",
     "save_checkpoint",
     "snapshot_weights",

@@ -30,7 +30,7 @@ def step_decode(run: TaskRun) -> None:
             reason="classification scores the label set (no free generation): nothing to search",
         )
         return
-    recs = run.val_metric_records()
+    recs = run.val_metric_records(run.retrieval_k())
     key = D.primary(run.task)
     budgets = D.length_budgets(run.task, run.records("train"), tok)
     ngram = D.repeat_ngram_size(run.task, run.records("train"), tok)

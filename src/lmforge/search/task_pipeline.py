@@ -6,7 +6,10 @@ records' train/val/test split, deterministic in ``--seed``, is recorded there to
 1. ``pretrain`` (:mod:`~lmforge.search.task_pretrain`; skipped with ``--init``): a language model on the
    task's own text, per tokenizer candidate of the plan (:mod:`~lmforge.search.task_plan`).
 2. ``search`` (:mod:`~lmforge.search.task_search`): fine-tuning hyperparameters by validation completion
-   loss, the best few re-ranked by the task metric on validation records.
+   loss, the best few re-ranked by the task metric on validation records. For translation, classification
+   and semantic parsing this includes whether each prompt shows its nearest training record
+   (:mod:`lmforge.data.retrieval`), decided by the task metric; the index is saved with the model
+   (``DIR/best/retrieval.json``) so that ``lmforge eval`` builds the same prompts.
 3. ``final`` (same module): the winner's settings fine-tuned again with the rest of the fine-tuning share;
    ``DIR/best`` is the better of that and the winner's trial.
 4. ``decode`` (:mod:`~lmforge.search.task_decode`): decoding settings (copy mechanism, repeats, length,

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from lmforge.config import TASK_NAMES, TokenizerConfig
+from lmforge.data.retrieval import RETRIEVAL_TASKS, attach, build_index
 from lmforge.data.sources import read_documents
 from lmforge.data.tasks import (
     Task,
@@ -47,6 +48,9 @@ SHARES_INIT = {"pretrain": 0.0, "search": 0.45, "final": 0.25, "decode": 0.15, "
 MAX_BLOCK = 512
 """The longest context a model pretrained here gets (examples are truncated from the left to it)."""
 MIN_BLOCK = 64
+LENGTH_SAMPLE = 2000
+"""Training records (a regular sample) whose token lengths, with a retrieved example, set the context of a
+model pretrained here for a task of :data:`~lmforge.data.retrieval.RETRIEVAL_TASKS`."""
 BPE_CHARS_PER_TOKEN = 200
 """The BPE vocabulary grows with the training text: one token per this many characters (within bounds)."""
 BPE_VOCAB = (512, 4096)
@@ -156,12 +160,15 @@ def validate_and_plan(opts: TaskTuneOptions, log: Callable[[str], None]) -> dict
     else:
         texts = [record_text(task, r) for r in train_recs] + corpus_docs
         candidates = []
+        # the context covers prompts with a retrieved example when the search may choose them
+        sample = train_recs
+        if task.name in RETRIEVAL_TASKS:  # a regular sample: retrieving for every record takes seconds
+            sample = attach(build_index(task, train_recs), train_recs[:: max(1, len(train_recs) // LENGTH_SAMPLE)], 1)
         for cand in plan_tokenizers(texts):
             tok = build_tokenizer(TokenizerConfig(kind=cand["kind"], vocab_size=cand["vocab_size"]), texts)
             check_fits_context(task, located, tok, MAX_BLOCK + 1, opts.fields)
             lengths = [
-                len(tok.encode(task.format_prompt(r))) + len(tok.encode(" " + task.reference(r))) + 1
-                for r in train_recs
+                len(tok.encode(task.format_prompt(r))) + len(tok.encode(" " + task.reference(r))) + 1 for r in sample
             ]
             candidates.append({**cand, "block_size": block_size(lengths)})
         plan["candidates"] = candidates

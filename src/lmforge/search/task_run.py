@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.atomic import atomic_write_json
+from lmforge.data.retrieval import RETRIEVAL_TASKS, RetrievalIndex, attach, build_index
 from lmforge.data.tasks import get_task, read_located_records
 from lmforge.search.budget import Budget
 from lmforge.search.task_plan import STATE_FILE, TASK_STEPS, TaskPipelineError, TaskTuneOptions
@@ -52,6 +53,8 @@ class TaskRun:
         self.step = pending[0] if pending else TASK_STEPS[-1]
         self.lock = threading.RLock()
         self._records: list[dict[str, Any]] | None = None
+        self._index: RetrievalIndex | None = None
+        self._with_examples: dict[tuple[str, int], list[dict[str, Any]]] = {}
 
     # -- state and ledger -----------------------------------------------------------------------------
     def save(self) -> None:
@@ -106,9 +109,36 @@ class TaskRun:
                 )
         return [self._records[i] for i in self.state["split"][split]]
 
-    def val_metric_records(self) -> list[dict[str, Any]]:
+    def val_metric_records(self, k: int = 0) -> list[dict[str, Any]]:
         n = VAL_CLASSIFY_RECORDS if self.task.name == "classification" else VAL_METRIC_RECORDS
-        return self.records("val")[:n]
+        return self.prompt_records("val", k)[:n]
+
+    # -- retrieval ------------------------------------------------------------------------------------
+    @property
+    def uses_retrieval(self) -> bool:
+        """Whether the search tries prompts with retrieved training examples (:mod:`lmforge.data.retrieval`)."""
+        return self.task.name in RETRIEVAL_TASKS
+
+    def retrieval_index(self, k: int = 1) -> RetrievalIndex:
+        """The index of the training records (built once per process)."""
+        if self._index is None:
+            self._index = build_index(self.task, self.records("train"), k)
+        self._index.k = k
+        return self._index
+
+    def prompt_records(self, split: str, k: int) -> list[dict[str, Any]]:
+        """The records of ``split`` with their ``k`` nearest training records attached (``k`` 0: as they are),
+        as training, the decoding search, the evaluation and ``lmforge eval`` of the model see them."""
+        if k == 0:
+            return self.records(split)
+        if (split, k) not in self._with_examples:
+            self._with_examples[split, k] = attach(self.retrieval_index(k), self.records(split), k)
+        return self._with_examples[split, k]
+
+    def retrieval_k(self) -> int:
+        """The retrieved examples per prompt of the search's winner (0: none)."""
+        params = self.state["steps"]["search"].get("winner_params") or {}
+        return int(params.get("retrieval", 0))
 
     def task_info(self) -> dict[str, Any]:
         return {"task": self.task.name, "fields": self.state["fields"], "labels": self.state["labels"]}

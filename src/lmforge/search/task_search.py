@@ -3,10 +3,14 @@
 ``search``: fine-tuning hyperparameters (the pretrained start, i.e. the tokenizer; lr, epochs, batch size)
 by an Optuna TPE study (``DIR/finetune.journal``), each trial a fine-tune in ``DIR/ft/NNNN`` scored by its
 best validation completion loss in nats per byte (comparable across tokenizers); the :data:`RERANK_TOP`
-best are re-ranked by the task metric on validation records, because loss and metric disagree.
+best are re-ranked by the task metric on validation records, because loss and metric disagree. Tasks of
+:data:`~lmforge.data.retrieval.RETRIEVAL_TASKS` also search ``retrieval`` (:data:`RETRIEVAL_K`: training
+examples shown in each prompt); the best trial of each setting is always re-ranked, by the best of a few
+decodings with the copy mechanism (:data:`RERANK_COPY`), which is what copies from a retrieved example.
 
 ``final``: the winner's settings fine-tuned again from the start model for the rest of the fine-tuning
-share (``DIR/final``, trained until its clock or an early stop, not for the trial's epochs); ``DIR/best`` is the better (validation loss) of that and the winner's trial checkpoint.
+share (``DIR/final``, trained until its clock or an early stop, not for the trial's epochs); ``DIR/best`` is the better (validation loss) of that and the winner's trial checkpoint, with the retrieval index
+its prompts need (``DIR/best/retrieval.json``, :mod:`lmforge.runs.retrieval_file`; none without retrieval).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from lmforge.evaluate import metrics as M
 from lmforge.models.base import DecodingModel
 from lmforge.predict.loading import load_pretrained
 from lmforge.predict.tasks import predict_records
-from lmforge.runs import write_task_file
+from lmforge.runs import save_retrieval, write_task_file
 from lmforge.search import decode_search as D
 from lmforge.search.final import install_dir
 from lmforge.search.finetune import finetune_config, set_schedule_length, train_on_task
@@ -36,6 +40,12 @@ from lmforge.train.callbacks import TrainResult
 
 RERANK_TOP = 3
 """The best trials by validation loss that are re-ranked by the task metric."""
+RETRIEVAL_K = (0, 1)
+"""Retrieved training examples per prompt the search chooses between (tasks of
+:data:`lmforge.data.retrieval.RETRIEVAL_TASKS`); the first two trials differ only in it."""
+RERANK_COPY: tuple[dict[str, float], ...] = ({}, {"copy_bias": 8.0}, {"copy_bias": 16.0, "source_bias": 0.5})
+"""Decodings whose best scores a trial in the re-ranking of a task with retrieval (greedy, then the copy
+mechanism of :mod:`lmforge.predict.processors`; values of the decoding search's grid)."""
 PLANNED_TRIALS = 4
 """The search's time is planned for this many trials (each gets its share as its clock)."""
 MAX_FAILED_TRIALS = 3
@@ -90,7 +100,12 @@ def val_metric(run: TaskRun, model: DecodingModel, tok: Any, recs: list[dict[str
     if run.task.name == "classification":
         return classify_metric(model, tok, run, recs)
     budgets = D.length_budgets(run.task, run.records("train"), tok)
-    return D.score_settings(model, tok, run.task, recs, {"max_new_tokens": budgets[0]})
+    if not run.uses_retrieval:
+        return D.score_settings(model, tok, run.task, recs, {"max_new_tokens": budgets[0]})
+    # a retrieved example pays through the copy mechanism (its target's words copied): each trial is scored
+    # by the best of greedy and a few copy settings, as the decoding search will then choose among them
+    scored = [D.score_settings(model, tok, run.task, recs, {"max_new_tokens": budgets[0], **c}) for c in RERANK_COPY]
+    return max(scored, key=lambda agg: agg[D.primary(run.task)])
 
 
 def step_search(run: TaskRun) -> None:
@@ -105,7 +120,10 @@ def step_search(run: TaskRun) -> None:
     lr_param = ("lr", *plan["lr_range"], plan["lr"]) if plan.get("init") else ("lr_factor", 1 / 30, 1.0, 1 / 3)
     if not study.trials:
         first = {lr_param[0]: lr_param[3], "epochs": 3, "batch_size": 8}
-        study.enqueue_trial({**first, "start": names[0]} if len(names) > 1 else first)
+        first = {**first, "start": names[0]} if len(names) > 1 else first
+        # with retrieval, then the same settings without: the one comparison the choice rests on
+        for k in RETRIEVAL_K[::-1] if run.uses_retrieval else [None]:
+            study.enqueue_trial(first if k is None else {**first, "retrieval": k})
     run.set_step("search", status="running", lr_range=[lr_param[1], lr_param[2]], lr_param=lr_param[0])
     total = run.allowance("search")
     trial_s = max(MIN_TRIAL_S, total / PLANNED_TRIALS)
@@ -123,12 +141,13 @@ def step_search(run: TaskRun) -> None:
         trial.suggest_float(lr_param[0], lr_param[1], lr_param[2], log=True)
         epochs = trial.suggest_int("epochs", 1, 6)
         batch = trial.suggest_categorical("batch_size", [4, 8, 16])
+        k = int(trial.suggest_categorical("retrieval", list(RETRIEVAL_K))) if run.uses_retrieval else 0
         start, lr = _settings(run, trial.params)
         out = trial_dir(run.run_dir, trial.number)
         shutil.rmtree(out, ignore_errors=True)  # a trial never resumes: it starts over
         clock = max(MIN_TRIAL_S, min(trial_s, left))
         try:
-            result, value = finetune(run, out, start, lr=lr, epochs=epochs, batch=batch, max_time=clock)
+            result, value = finetune(run, out, start, lr=lr, epochs=epochs, batch=batch, max_time=clock, k=k)
         except TaskDataError:
             raise
         except Exception as err:  # a diverged or failed trial: recorded, the search goes on
@@ -143,7 +162,7 @@ def step_search(run: TaskRun) -> None:
             continue
         study.tell(trial, value)
         run.log(
-            f"[search] trial {trial.number}: {start}, lr {lr:.2e}, {epochs} epochs, batch {batch}: "
+            f"[search] trial {trial.number}: {start}, lr {lr:.2e}, {epochs} epochs, batch {batch}, retrieval {k}: "
             f"val completion loss {value:.4f} nats/byte ({result.stop_reason})"
         )
     complete = sorted(
@@ -153,15 +172,15 @@ def step_search(run: TaskRun) -> None:
     if not complete:
         raise TaskPipelineError("search: no fine-tuning trial finished; give a larger --budget")
     rerank = dict(run.state["steps"]["search"].get("rerank") or {})
-    recs = run.val_metric_records()
     key = D.primary(run.task)
-    for t in complete[:RERANK_TOP]:
+    must, rest = rerank_candidates(complete)
+    for t in must + rest:
         if str(t.number) in rerank:
             continue
-        if rerank and run.allowance("search") <= 0:
+        if t in rest and rerank and run.allowance("search") <= 0:
             break
         model, tok, _ = load_pretrained(trial_dir(run.run_dir, t.number) / "best")
-        agg = val_metric(run, model, tok, recs)
+        agg = val_metric(run, model, tok, run.val_metric_records(int(t.params.get("retrieval", 0))))
         rerank[str(t.number)] = {"val_loss": t.value, key: agg[key], "params": t.params}
         run.set_step("search", rerank=rerank)
         run.log(f"[search] re-rank: trial {t.number}: validation {key} {agg[key]:.2f}")
@@ -177,14 +196,25 @@ def step_search(run: TaskRun) -> None:
     )
 
 
+def rerank_candidates(
+    complete: list[optuna.trial.FrozenTrial],
+) -> tuple[list[optuna.trial.FrozenTrial], list[optuna.trial.FrozenTrial]]:
+    """The trials re-ranked by the task metric, from ``complete`` (sorted by validation loss): (those re-ranked
+    whatever the time: the best, or the best of each retrieval setting, so that retrieval is chosen by the
+    task metric and not the loss; the rest of the :data:`RERANK_TOP` best, while the step has time)."""
+    firsts = [next((t for t in complete if t.params.get("retrieval") == k), None) for k in RETRIEVAL_K]
+    must = [t for t in complete if t in firsts] or complete[:1]
+    return must, [t for t in complete[:RERANK_TOP] if t not in must]
+
+
 def finetune(
     run: TaskRun, out: Path, start: str, *, lr: float, epochs: int, batch: int, max_time: float,
-    patience: int | None = None, fill_time: bool = False,
+    patience: int | None = None, fill_time: bool = False, k: int = 0,
 ) -> tuple[TrainResult, float]:
     """Fine-tune the start model of candidate ``start`` -> (the training result, its best validation
     completion loss in nats per byte of the references: comparable across tokenizers). ``fill_time``:
     train until ``max_time`` (or ``patience``) rather than for ``epochs``, the learning rate decaying over
-    the time (the warm-up as for ``epochs``)."""
+    the time (the warm-up as for ``epochs``). ``k``: training examples retrieved into each prompt."""
     model, tokenizer, model_cfg = load_pretrained(run.start_model(start))
     raw = finetune_config(model_cfg, None, [], run.state["plan"]["data"])
     block = int(run.candidates()[start]["block_size"])
@@ -193,7 +223,8 @@ def finetune(
         block = min(block, int(ctx))
     raw["data"]["block_size"] = block
     td = task_data_from_records(
-        run.task, run.records("train"), run.records("val"), tokenizer, block, source=run.state["plan"]["data"]
+        run.task, run.prompt_records("train", k), run.prompt_records("val", k), tokenizer, block,
+        source=run.state["plan"]["data"],
     )
     n_train = len(td.train)
     steps_per_epoch = max(1, math.ceil(n_train / batch))
@@ -240,11 +271,13 @@ def step_final(run: TaskRun) -> None:
         # best checkpoint (by validation loss) and the early stop guard against training too long
         _, final_loss = finetune(
             run, final, start, lr=lr, epochs=p["epochs"], batch=p["batch_size"], max_time=allowance * 0.9,
-            patience=4, fill_time=True,
+            patience=4, fill_time=True, k=run.retrieval_k(),
         )
         if (final / "best" / "COMPLETE").is_file() and math.isfinite(final_loss) and final_loss <= trial_loss:
             chosen = final / "best"
     install_dir(chosen, run.run_dir / "best")
+    k = run.retrieval_k()
+    save_retrieval(run.run_dir / "best", run.retrieval_index(k) if k else None)  # eval builds the same prompts
     write_task_file(run.run_dir, run.task_info())  # --task chat: also the trained chat template
     run.set_step(
         "final",
@@ -253,4 +286,5 @@ def step_final(run: TaskRun) -> None:
         val_loss=final_loss if chosen != trial_best else trial_loss,
         trial_val_loss=trial_loss,
         final_val_loss=final_loss,
+        retrieval=k,
     )

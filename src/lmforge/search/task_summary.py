@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.atomic import atomic_write_json, atomic_write_text
+from lmforge.data.retrieval import attach
 from lmforge.evaluate.baselines import baselines
 from lmforge.evaluate.runner import evaluate_task
 from lmforge.predict.generation_config import load_generation_defaults, with_defaults
 from lmforge.predict.loading import load_pretrained
+from lmforge.runs import load_retrieval
 from lmforge.search import decode_search as D
 from lmforge.search.task_plan import KIND, TASK_STEPS
 from lmforge.search.task_run import TaskRun
@@ -28,7 +30,9 @@ def step_evaluate(run: TaskRun) -> dict[str, Any]:
     test = run.records("test")
     labels = run.state["labels"]
     gen = None if run.task.name == "classification" else with_defaults(load_generation_defaults(best), {})
-    report = evaluate_task(model, tok, run.task, test, labels=labels, config=gen)
+    # the prompts of `lmforge eval DIR`: the retrieval index saved with the model, as the final step saved it
+    prompts = attach(load_retrieval(best), test)
+    report = evaluate_task(model, tok, run.task, prompts, labels=labels, config=gen)
     report.info.update(model=str(best), data=run.state["plan"]["data"], split="test")
     report.save(run.run_dir / "test_report.json")
     base = baselines(run.task, run.records("train") + run.records("val"), test, labels=labels)
@@ -59,6 +63,7 @@ def step_evaluate(run: TaskRun) -> dict[str, Any]:
         "baselines": {b.name: {**b.metrics, **b.detail} for b in base},
         "beats_baselines": all(report.metrics[key] > b.metrics[key] for b in base),
         "decode": steps["decode"].get("settings"),
+        "retrieval": {"k": run.retrieval_k(), "searched": run.uses_retrieval},
         "best": str(best),
         "start": run.start_model(),
         "pretrain": {k: v for k, v in steps["pretrain"].items() if k != "status"},
