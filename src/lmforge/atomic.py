@@ -3,7 +3,8 @@
 Every writer of a file that another process may read while it is written (run state, config, reports,
 figures, cache entries) goes through :func:`atomic_write`: a uniquely named hidden sibling is written,
 flushed and fsynced, then renamed over the target, so a reader sees the old file or the new one, never a
-torn one, and a killed writer leaves at most a stray temporary file.
+torn one, and a killed writer leaves at most a stray temporary file. :func:`read_json_object` reads such a
+JSON file back with one rule for a file that is missing its object.
 """
 
 from __future__ import annotations
@@ -76,3 +77,15 @@ def atomic_write_text(path: str | Path, text: str, *, durable: bool = True) -> N
 def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = 1) -> None:
     """``obj`` as JSON (non-JSON values through ``str``), newline-terminated."""
     atomic_write_text(path, json.dumps(obj, indent=indent, default=str) + "\n")
+
+
+def read_json_object(path: str | Path, error: Callable[[str], Exception]) -> dict[str, Any]:
+    """The JSON object in ``path``; an unreadable file, bad JSON or another JSON value raises ``error(message)``
+    with a one-line message naming the file."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise error(f"cannot read {path}: {err}") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lmforge.atomic import atomic_write_json
+from lmforge.atomic import atomic_write_json, read_json_object
 from lmforge.data.tasks import CHAT_ROLES, TaskDataError
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -64,13 +64,7 @@ def write_chat_template(model_dir: Path) -> None:
     path = Path(model_dir) / TOKENIZER_CONFIG
     config: dict[str, Any] = {}
     if path.is_file():
-        try:
-            loaded = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise TaskDataError(f"cannot read {path}: {err}") from None
-        if not isinstance(loaded, dict):
-            raise TaskDataError(f"{path}: expected a JSON object")
-        config = loaded
+        config = read_json_object(path, TaskDataError)
     config["chat_template"] = CHAT_TEMPLATE
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, config)

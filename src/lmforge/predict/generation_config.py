@@ -21,7 +21,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from lmforge.atomic import atomic_write_json
+from lmforge.atomic import atomic_write_json, read_json_object
 from lmforge.config import LmforgeError
 from lmforge.predict.config import GenerationConfig, GenerationError
 from lmforge.runs import BEST_DIR
@@ -87,12 +87,7 @@ def load_generation_defaults(path: str | Path) -> dict[str, Any]:
     f = path if Path(path).name == GENERATION_CONFIG_FILE else find_generation_config(path)
     if f is None or not Path(f).is_file():
         return {}
-    try:
-        raw = json.loads(Path(f).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GenerationDefaultsError(f"{f}: not a readable JSON file ({e})") from None
-    if not isinstance(raw, dict):
-        raise GenerationDefaultsError(f"{f}: expected a JSON object, got {type(raw).__name__}")
+    raw = read_json_object(f, GenerationDefaultsError)
     out = {k: raw[file_key(k)] for k in DEFAULT_KEYS if raw.get(file_key(k)) is not None}
     for k, v in out.items():
         try:

@@ -5,10 +5,9 @@ and ``lmforge tune --task`` read it to build the prompts the model was trained o
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from lmforge.atomic import atomic_write_json
+from lmforge.atomic import atomic_write_json, read_json_object
 from lmforge.config import LmforgeError
 from lmforge.data.retrieval import RetrievalIndex
 from lmforge.data.tasks import TaskDataError
@@ -35,12 +34,7 @@ def load_retrieval(model_dir: str | Path) -> RetrievalIndex | None:
     f = find_retrieval_file(model_dir)
     if f is None:
         return None
-    try:
-        d = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RetrievalFileError(f"cannot read {f}: {err}") from None
-    if not isinstance(d, dict):
-        raise RetrievalFileError(f"{f}: expected a JSON object")
+    d = read_json_object(f, RetrievalFileError)
     try:
         return RetrievalIndex.from_dict(d, str(f))
     except TaskDataError as err:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from lmforge.atomic import atomic_write_json
+from lmforge.atomic import atomic_write_json, read_json_object
 from lmforge.config import LmforgeError
 from lmforge.data.chat_template import write_chat_template
 
@@ -31,13 +30,7 @@ def read_task_file(model_dir: str | Path) -> dict[str, Any]:
     path = task_file_path(model_dir)
     if path is None:
         return {}
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise TaskFileError(f"cannot read {path}: {err}") from None
-    if not isinstance(info, dict):
-        raise TaskFileError(f"{path}: expected a JSON object")
-    return info
+    return read_json_object(path, TaskFileError)
 
 
 def write_task_file(out_dir: str | Path, info: dict[str, Any]) -> Path:
