@@ -156,3 +156,30 @@ def test_fidelity_plan_aims_for_a_number_of_configurations():
     assert plan_fidelity(300 * tps, tps, min_steps=16, configs=64) == plan_fidelity(300 * tps, tps, min_steps=16)
     old, new = plan_fidelity(2700 * tps, tps, min_steps=16), plan_fidelity(2700 * tps, tps, min_steps=16, configs=64)
     assert 2700 / ((new.min_tokens // tps) * (1 + new.rungs)) > 2 * 2700 / ((old.min_tokens // tps) * (1 + old.rungs))
+
+
+def test_a_time_budget_whose_plan_has_no_rung_gives_half_its_search_to_the_final(tmp_path, monkeypatch):
+    """One-point curves cannot be extrapolated: a plan without rungs keeps NO_RUNG_SEARCH of the search's
+    share and moves the rest to the final training; a plan with rungs keeps the budget's shares."""
+    from lmforge.config import apply_overrides, build_config
+    from lmforge.search import plan as plan_mod
+    from lmforge.search.context import prepare_search_data
+    from support.search import BASE, write_docs
+
+    base = apply_overrides({}, ["--data.path", str(write_docs(tmp_path / "d.jsonl")), *BASE])
+    data = prepare_search_data(base, 0, 0)
+    budget = Budget(seconds=90)
+    full = Ledger(budget).shares
+
+    def plan(tok_s: float) -> plan_mod.CapacityPlan:
+        monkeypatch.setattr(plan_mod.sizing, "measure_throughput", lambda *a, **k: (tok_s * 1e6, tok_s))
+        return plan_mod.plan_capacity(base, build_config(base), data, budget, n_jobs=1, trial_tokens=None)
+
+    slow, fast = plan(300.0), plan(300_000.0)
+    assert slow.fidelity.rungs == 0 and fast.fidelity.rungs >= 1
+    assert fast.split == full
+    assert slow.split["search"] == pytest.approx(full["search"] * plan_mod.NO_RUNG_SEARCH)
+    assert slow.split["final"] == pytest.approx(full["final"] + full["search"] * (1 - plan_mod.NO_RUNG_SEARCH))
+    assert sum(slow.split.values()) == pytest.approx(1.0) and "search_share_cut" in slow.record
+    led = Ledger(budget, split=slow.split)  # what the pipeline rebuilds from its state
+    assert led.allowance("search") == pytest.approx(90 * slow.split["search"])

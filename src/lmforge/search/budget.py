@@ -190,12 +190,28 @@ def split_budget(budget: Budget, has_task: bool = False) -> dict[str, Budget]:
     return {step: budget.scaled(f) for step, f in shares(budget, has_task).items()}
 
 
-class Ledger:
-    """What each step spent, against the budget; persisted by the pipeline as a plain dict."""
+def search_to_final(split: dict[str, float], keep: float) -> dict[str, float]:
+    """``split`` with the search keeping ``keep`` of its share and the rest moved to the final training."""
+    out = dict(split)
+    moved = out["search"] * (1.0 - keep)
+    out["search"] -= moved
+    out["final"] += moved
+    return out
 
-    def __init__(self, budget: Budget, has_task: bool = False, spent: dict[str, float] | None = None) -> None:
+
+class Ledger:
+    """What each step spent, against the budget; persisted by the pipeline as a plain dict. ``split``: the
+    shares the run planned (stored in its state), else :func:`shares` of the budget."""
+
+    def __init__(
+        self,
+        budget: Budget,
+        has_task: bool = False,
+        spent: dict[str, float] | None = None,
+        split: dict[str, float] | None = None,
+    ) -> None:
         self.budget = budget
-        self.shares = shares(budget, has_task)
+        self.shares = dict(split) if split else shares(budget, has_task)
         self.spent: dict[str, float] = {s: 0.0 for s in STEPS}
         self.spent.update(spent or {})
 

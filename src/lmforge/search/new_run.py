@@ -63,7 +63,7 @@ def start_run(opts: TuneOptions, run_dir: Path, log: Callable[[str], None]) -> t
         grid = space.grid()
         notes.append(f"grid search over {len(grid)} configurations")
 
-    led = Ledger(budget)
+    led = Ledger(budget, split=capacity.split)
     name = o.study_name or run_dir.name
     url = storage_url(o.storage, run_dir)
     ctx = SearchContext(
@@ -107,6 +107,7 @@ def start_run(opts: TuneOptions, run_dir: Path, log: Callable[[str], None]) -> t
         "study_name": name,
         "storage": url,
         "budget": budget.to_dict(),
+        "shares": led.shares,
         "spent_s": {s: 0.0 for s in STEPS},
         "spent_tokens": {s: 0.0 for s in STEPS},
         "plan": capacity.record,

@@ -168,7 +168,7 @@ class _Pipeline:
 
     def ledger(self) -> Ledger:
         key = "spent_s" if self.budget.kind == "time" else "spent_tokens"
-        return Ledger(self.budget, spent=self.state[key])
+        return Ledger(self.budget, spent=self.state[key], split=self.state.get("shares"))
 
     def tick(self, step: str | None = None, save: bool = False) -> None:
         """Charge the wall-clock time since the last tick to the current step."""

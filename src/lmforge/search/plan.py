@@ -8,7 +8,7 @@ from typing import Any
 
 from lmforge.config import RunConfig
 from lmforge.search import sizing
-from lmforge.search.budget import Budget, Fidelity, Ledger, plan_fidelity
+from lmforge.search.budget import Budget, Fidelity, Ledger, plan_fidelity, search_to_final
 from lmforge.search.context import SearchData
 from lmforge.search.space import SearchSpace
 
@@ -16,6 +16,12 @@ RUNG_MIN_STEPS = 16
 """Optimizer steps of the shortest rung (unless --trial-tokens sets the trial length)."""
 CONFIGS = 64
 """Configurations the trial plan aims for (:func:`lmforge.search.budget.plan_fidelity`'s ``configs``)."""
+NO_RUNG_SEARCH = 0.5
+"""Share of its search time a time budget keeps when its plan has no rung (the rest goes to the final
+training). With no rung, trials are one short length each and their one-point curves cannot be extrapolated;
+a handful of such trials buys less than the same seconds of training the chosen model: in the 90-second
+benchmark on a loaded machine (benchmarks/RESULTS.md, session 7) the default configuration trained alone beat
+every search, lmforge's by 0.17-0.22 nats, and lmforge's plan had no rung in every run."""
 
 
 @dataclass
@@ -28,6 +34,8 @@ class CapacityPlan:
     final_model_tokens: float
     record: dict[str, Any]
     """The plan as recorded in ``pipeline.json`` (``plan``)."""
+    split: dict[str, float]
+    """The budget's shares per step (:class:`lmforge.search.budget.Ledger`), stored in the run's state."""
 
 
 def plan_capacity(
@@ -69,7 +77,11 @@ def plan_capacity(
         configs=None if trial_tokens else CONFIGS,
     )  # fmt: skip
     plan.update(param_cap=cap, fidelity=fid.to_dict())
-    return CapacityPlan(fidelity=fid, param_cap=cap, final_model_tokens=final_model_tokens, record=plan)
+    split = led.shares
+    if budget.kind == "time" and fid.rungs == 0 and not trial_tokens:
+        split = search_to_final(split, NO_RUNG_SEARCH)
+        plan["search_share_cut"] = f"no rung fits: the search keeps {NO_RUNG_SEARCH:.0%} of its share, the final gets the rest"
+    return CapacityPlan(fidelity=fid, param_cap=cap, final_model_tokens=final_model_tokens, record=plan, split=split)
 
 
 def narrow_default_space(

@@ -87,7 +87,7 @@ def build_summary(
         "budget": {
             "total": str(budget),
             **budget.to_dict(),
-            "shares": Ledger(budget).shares,
+            "shares": Ledger(budget, split=state.get("shares")).shares,
             "spent_s": {k: round(v, 2) for k, v in state["spent_s"].items()},
             "spent_tokens": state["spent_tokens"],
         },
