@@ -51,6 +51,8 @@ class RetrievalIndex:
     task: Task
     records: list[dict[str, Any]]
     k: int = 1
+    inputs: list[str] = field(init=False, repr=False)
+    """Each record's input text (what a neighbour's input is compared with)."""
     vocab: dict[str, int] = field(init=False, repr=False)
     idf: np.ndarray = field(init=False, repr=False)
     indptr: np.ndarray = field(init=False, repr=False)

@@ -37,7 +37,7 @@ from lmforge.search.failure import failure_reason
 from lmforge.search.freeze_thaw import maybe_thaw
 from lmforge.search.sizing import count_params
 from lmforge.search.space import SearchSpace
-from lmforge.search.speed_guard import SLOW_FAIL, SpeedGuard
+from lmforge.search.speed_guard import SpeedGuard, overran
 from lmforge.search.study import fail_and_retry, heartbeat, process_identity
 from lmforge.train.callbacks import LiveCurves
 from lmforge.train.loop import Callback, LoopState, train
@@ -313,10 +313,7 @@ def _train_once(
     if reporter.budget_stop or (result.stop_reason == "max_time" and past_deadline):
         raise TrialStop("pruned", f"search budget exhausted at {result.tokens:,} tokens")
     if result.stop_reason == "max_time" and result.tokens < fid.max_tokens:
-        raise TrialStop(
-            "fail",
-            f"{SLOW_FAIL} of {cfg.train.max_time:.0f}s at {result.tokens:,} of {fid.max_tokens:,} tokens",
-        )
+        raise TrialStop("fail", overran(cfg.train.max_time, result.tokens, fid.max_tokens))
     if not math.isfinite(result.best_val_loss):
         raise TrialStop("fail", "no finite validation loss")
     return float(result.best_val_loss), reporter.trained

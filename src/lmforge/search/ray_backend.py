@@ -49,7 +49,7 @@ from lmforge.search.disk import enforce_disk_cap
 from lmforge.search.failure import failure_reason
 from lmforge.search.sizing import count_params
 from lmforge.search.space import parse_space
-from lmforge.search.speed_guard import SLOW_FAIL, SpeedGuard
+from lmforge.search.speed_guard import SpeedGuard, overran
 from lmforge.search.study import MAX_RETRY, SearchError, make_sampler, open_storage, trial_storage
 from lmforge.train.loop import Callback, LoopState, train
 
@@ -396,9 +396,7 @@ def ray_trial(config: dict[str, Any], ctx: dict[str, Any], data: SearchData, thr
         if guard.too_slow is not None:
             metrics["fail_reason"] = guard.too_slow
         elif final and result.stop_reason == "max_time" and result.tokens < fid.max_tokens:
-            metrics["fail_reason"] = (
-                f"{SLOW_FAIL} of {cfg.train.max_time:.0f}s at {result.tokens:,} of {fid.max_tokens:,} tokens"
-            )
+            metrics["fail_reason"] = overran(cfg.train.max_time, result.tokens, fid.max_tokens)
         elif final and not math.isfinite(result.best_val_loss):
             metrics["fail_reason"] = "no finite validation loss"
         ckpts = list_checkpoints(out)

@@ -21,6 +21,11 @@ SLOW_MARGIN = 1.25
 SLOW_FAIL = "exceeded its time share"
 """How a trial stopped for running (or being projected to run) over its time share is worded; the final
 step still counts such a trial as a candidate when it has a curve and a checkpoint."""
+def overran(max_time: float | None, tokens: int, max_tokens: int) -> str:
+    """The failure reason of a trial whose clock (``train.max_time``) stopped it short of its length."""
+    return f"{SLOW_FAIL} of {max_time or 0:.0f}s at {tokens:,} of {max_tokens:,} tokens"
+
+
 TOO_SLOW = "too slow for its time share"
 """How a trial stopped by :class:`SpeedGuard` is worded."""
 
